@@ -1,0 +1,1 @@
+"""patchattn's compute kernels (installed as ``patchattn.kernels``): a PyTorch reference per op, Triton beside it."""

@@ -1,0 +1,212 @@
+"""HyperAttention (Han et al., arXiv 2310.05869) in plain PyTorch: the reference every kernel is tested against.
+
+Shapes follow the GQA layout used everywhere in patchattn: queries ``[b, hk, g, n, d]`` (``hk`` key/value heads, ``g``
+query heads per key/value head), keys and values ``[b, hk, n, d]``. Keys are hashed and sorted once per key/value
+head and shared by the ``g`` query heads of their group; they are never expanded.
+
+The estimator, per query:
+  * exact attention to the keys that land in the same sorted block (angular LSH, Gray-code ranked buckets);
+  * plus ``sample_size`` keys drawn uniformly (with replacement) from the valid keys, each weighted by
+    ``n_valid / sample_size``, where sampled keys that already sit in the query's own block are dropped, so the
+    block part and the sampled part estimate disjoint sets of keys;
+  * both parts merged exactly through their log-sum-exp.
+The causal case splits the sequence in halves recursively (top-left and bottom-right stay causal, the bottom-left
+block is all visible and uses the estimator) down to exact causal attention at ``min_seq_len``.
+
+Padding is exact: keys marked invalid by ``key_valid`` are sorted to the end, never enter a softmax and are never
+sampled; sequences that are not a multiple of the block size are handled by masking, not by zero keys.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class HyperSettings:
+    lsh_num_projs: int = 7
+    block_size: int = 256
+    sample_size: int = 256
+    min_seq_len: int = 4096
+    seed: int = 0
+
+
+def gray_rank(bits: torch.Tensor) -> torch.Tensor:
+    """Map sign bits ``[..., r]`` (bool) to the bucket's rank in the reflected Gray-code sequence.
+
+    Consecutive ranks differ in exactly one sign bit, so neighbouring buckets in sort order are Hamming neighbours
+    (angularly close). The rank of code ``c`` is the inverse Gray transform: ``c ^ c>>1 ^ c>>2 ^ ...``.
+    """
+    r = bits.shape[-1]
+    weights = 2 ** torch.arange(r, device=bits.device, dtype=torch.int64)
+    code = (bits.to(torch.int64) * weights).sum(-1)
+    rank = code.clone()
+    for shift in range(1, r):
+        rank ^= code >> shift
+    return rank
+
+
+def lsh_projections(d: int, num_projs: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian projections ``[d, r]``, reproducible from ``seed`` on every device."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(d, num_projs, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def lsh_rank(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Gray-code bucket rank of every row of ``x [..., n, d]``."""
+    return gray_rank((x.float() @ proj.float()) > 0)
+
+
+def _scores(q, k, scaling, softcap):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _softmax_with_lse(s: torch.Tensor, v: torch.Tensor):
+    """Row softmax of already masked scores times ``v``; rows with no visible key give 0 output and -inf lse."""
+    lse = torch.logsumexp(s, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe.unsqueeze(-1))
+    return torch.matmul(p, v.float()), lse
+
+
+def merge_lse(o1, lse1, o2, lse2):
+    """Combine two partial attentions over disjoint key sets (outputs normalised, with their log-sum-exps)."""
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(lse1 - safe).nan_to_num(0.0).unsqueeze(-1)
+    w2 = torch.exp(lse2 - safe).nan_to_num(0.0).unsqueeze(-1)
+    return o1 * w1 + o2 * w2, lse
+
+
+def exact_attention_lse(q, k, v, scaling, *, causal, key_valid=None, softcap=None):
+    """Exact attention with log-sum-exp. q ``[b,hk,g,nq,d]``, k/v ``[b,hk,nk,d]``; causal aligns the last query
+    with the last key. Returns fp32 ``(out [b,hk,g,nq,d], lse [b,hk,g,nq])``."""
+    s = _scores(q, k.unsqueeze(2), scaling, softcap)
+    nq, nk = q.shape[-2], k.shape[-2]
+    if causal:
+        qi = torch.arange(nq, device=q.device).unsqueeze(-1) + (nk - nq)
+        kj = torch.arange(nk, device=q.device)
+        s = s.masked_fill(kj > qi, NEG_INF)
+    if key_valid is not None:
+        s = s.masked_fill(~key_valid[:, None, None, None, :], NEG_INF)
+    return _softmax_with_lse(s, v.unsqueeze(2))
+
+
+def _split_blocks(x: torch.Tensor, num_blocks: int, dim: int, fill=0):
+    """Pad ``x`` along ``dim`` to ``num_blocks * ceil(n / num_blocks)`` and split it into ``num_blocks`` blocks."""
+    n = x.shape[dim]
+    size = -(-n // num_blocks)
+    pad = num_blocks * size - n
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_full(shape, fill)], dim=dim)
+    shape = list(x.shape)
+    shape[dim : dim + 1] = [num_blocks, size]
+    return x.reshape(shape), size
+
+
+def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_valid=None, softcap=None,
+                              level: int = 0):
+    """All queries see all (valid) keys. Returns fp32 ``(out, lse)`` in the original query order."""
+    b, hk, g, nq, d = q.shape
+    nk = k.shape[-2]
+    num_blocks = max(1, -(-max(nq, nk) // settings.block_size))
+    if num_blocks == 1:
+        return exact_attention_lse(q, k, v, scaling, causal=False, key_valid=key_valid, softcap=softcap)
+
+    proj = lsh_projections(d, settings.lsh_num_projs, settings.seed + 1_000_003 * level, q.device)
+    q_rank = lsh_rank(q, proj)  # [b, hk, g, nq]
+    k_rank = lsh_rank(k, proj)  # [b, hk, nk]
+    if key_valid is not None:  # invalid keys sort after every real bucket
+        k_rank = k_rank.masked_fill(~key_valid[:, None, :], 2**settings.lsh_num_projs)
+    q_order = torch.sort(q_rank, dim=-1, stable=True).indices
+    k_order = torch.sort(k_rank, dim=-1, stable=True).indices
+    q_sorted = q.gather(-2, q_order.unsqueeze(-1).expand(-1, -1, -1, -1, d))
+    k_sorted = k.gather(-2, k_order.unsqueeze(-1).expand(-1, -1, -1, d))
+    v_sorted = v.gather(-2, k_order.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
+    if key_valid is None:
+        valid_sorted = torch.ones(b, hk, nk, dtype=torch.bool, device=q.device)
+    else:
+        valid_sorted = key_valid[:, None, :].expand(b, hk, nk).gather(-1, k_order)
+
+    # Block-diagonal part on the sorted sequences.
+    qb, _ = _split_blocks(q_sorted, num_blocks, dim=3)  # [b,hk,g,B,bq,d]
+    kb, _ = _split_blocks(k_sorted, num_blocks, dim=2)  # [b,hk,B,bk,d]
+    vb, _ = _split_blocks(v_sorted, num_blocks, dim=2)
+    mb, bk = _split_blocks(valid_sorted, num_blocks, dim=2, fill=False)  # [b,hk,B,bk]
+    s = _scores(qb, kb.unsqueeze(2), scaling, softcap)  # [b,hk,g,B,bq,bk]
+    s = s.masked_fill(~mb[:, :, None, :, None, :], NEG_INF)
+    o_blk, lse_blk = _softmax_with_lse(s, vb.unsqueeze(2))
+    o_blk = o_blk.flatten(3, 4)[..., :nq, :]
+    lse_blk = lse_blk.flatten(3, 4)[..., :nq]
+
+    # Uniformly sampled residual, keys of the query's own block excluded, reweighted by n_valid / m.
+    if settings.sample_size > 0:
+        n_valid = valid_sorted.sum(-1)  # [b,hk]; invalid keys are at the end of the sorted order
+        gen = torch.Generator(device="cpu").manual_seed(settings.seed + 7919 * (level + 1))
+        u = torch.rand(b, hk, settings.sample_size, generator=gen).to(q.device)
+        idx = (u * n_valid.unsqueeze(-1)).long().clamp_max(max(nk - 1, 0))  # sorted positions
+        ks = k_sorted.gather(-2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        vs = v_sorted.gather(-2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
+        bq = -(-nq // num_blocks)
+        q_block = torch.arange(nq, device=q.device) // bq  # block of each sorted query
+        s_block = idx // bk  # block of each sampled key  [b,hk,m]
+        same = q_block[None, None, :, None] == s_block[:, :, None, :]  # [b,hk,nq,m]
+        ss = _scores(q_sorted, ks.unsqueeze(2), scaling, softcap)
+        ss = ss.masked_fill(same.unsqueeze(2), NEG_INF)
+        ss = ss.masked_fill((n_valid == 0)[:, :, None, None, None], NEG_INF)
+        o_smp, lse_smp = _softmax_with_lse(ss, vs.unsqueeze(2))
+        weight = torch.log(n_valid.clamp_min(1).float() / settings.sample_size)[:, :, None, None]
+        o_blk, lse_blk = merge_lse(o_blk, lse_blk, o_smp, lse_smp + weight)
+
+    # Back to the original query order.
+    out = torch.empty_like(o_blk)
+    out.scatter_(-2, q_order.unsqueeze(-1).expand_as(o_blk), o_blk)
+    lse = torch.empty_like(lse_blk)
+    lse.scatter_(-1, q_order, lse_blk)
+    return out, lse
+
+
+def hyper_attention_causal(q, k, v, scaling, settings: HyperSettings, *, key_valid=None, softcap=None,
+                           level: int = 0):
+    """Causal HyperAttention by recursive halving (queries and keys of equal length)."""
+    n = q.shape[-2]
+    if n <= settings.min_seq_len:
+        return exact_attention_lse(q, k, v, scaling, causal=True, key_valid=key_valid, softcap=softcap)
+    h = n // 2
+    kv1 = None if key_valid is None else key_valid[:, :h]
+    kv2 = None if key_valid is None else key_valid[:, h:]
+    o1, l1 = hyper_attention_causal(q[..., :h, :], k[..., :h, :], v[..., :h, :], scaling, settings,
+                                    key_valid=kv1, softcap=softcap, level=level + 1)
+    o_off, l_off = hyper_attention_noncausal(q[..., h:, :], k[..., :h, :], v[..., :h, :], scaling, settings,
+                                             key_valid=kv1, softcap=softcap, level=level)
+    o_diag, l_diag = hyper_attention_causal(q[..., h:, :], k[..., h:, :], v[..., h:, :], scaling, settings,
+                                            key_valid=kv2, softcap=softcap, level=level + 1)
+    o2, l2 = merge_lse(o_off, l_off, o_diag, l_diag)
+    return torch.cat([o1, o2], dim=-2), torch.cat([l1, l2], dim=-1)
+
+
+def hyper_attention(q, k, v, scaling=None, settings: HyperSettings = HyperSettings(), *, causal=True,
+                    key_valid=None, softcap=None):
+    """Public reference entry point.
+
+    q ``[b, h, n, d]``, k/v ``[b, hk, n, d]`` with ``h % hk == 0``; ``key_valid`` ``[b, n]`` bool or None.
+    Returns ``(out [b, h, n, d] in q's dtype, lse [b, h, n] fp32)``.
+    """
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    scaling = d**-0.5 if scaling is None else scaling
+    qg = q.reshape(b, hk, h // hk, n, d)
+    fn = hyper_attention_causal if causal else hyper_attention_noncausal
+    out, lse = fn(qg, k, v, scaling, settings, key_valid=key_valid, softcap=softcap)
+    return out.reshape(b, h, n, v.shape[-1]).to(q.dtype), lse.reshape(b, h, n)

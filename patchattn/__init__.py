@@ -1,0 +1,47 @@
+"""patchattn: efficient attention variants for pretrained Hugging Face models.
+
+    import patchattn
+    patchattn.patch_model(model, "hyper", layers="last:16", block_size=256, sample_size=256)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .families import FAMILIES
+from .logging_utils import logger
+from .variants import VARIANTS, describe_params
+from .patching import is_patched, patch_model, patched_layers, register_attention_functions, unpatch_model
+from .loading import from_pretrained
+from .models import register_models
+
+register_models()
+register_attention_functions()
+
+
+def list_variants() -> list[dict]:
+    """Every variant: name, description, kind, supported families, parameters with defaults and ranges."""
+    return [
+        {
+            "name": cls.name,
+            "description": cls.description,
+            "kind": "trainable" if cls.trainable else "training-free",
+            "families": list(cls.families) if cls.families is not None else sorted(FAMILIES),
+            "params": describe_params(cls),
+            "attn_implementation": None if cls.trainable else f"patchattn_{cls.name}",
+        }
+        for cls in VARIANTS.values()
+    ]
+
+
+def list_families() -> list[dict]:
+    """Every model family: name, model types, description, features honoured."""
+    return [
+        {"name": f.name, "model_types": list(f.model_types), "description": f.description, "features": list(f.features)}
+        for f in FAMILIES.values()
+    ]
+
+
+__all__ = [
+    "__version__", "patch_model", "unpatch_model", "is_patched", "patched_layers", "from_pretrained",
+    "list_variants", "list_families", "logger",
+]

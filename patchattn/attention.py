@@ -1,0 +1,73 @@
+"""Exact attention on transformers' tensors, and the helpers every variant shares.
+
+transformers hands an attention function ``query [b, h, q, d]``, ``key``/``value`` ``[b, hk, k, d]`` (GQA heads not
+expanded) and a mask made by the mask interface registered under the same name: patchattn registers sdpa's, so
+the mask is ``None`` (plain causal, no padding) or a boolean ``[b, 1, q, k]`` (True = may attend). Outputs go back
+as ``[b, q, h, d]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+def causal_bool_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """Causal mask aligned so the last query sees the last key (decode steps and chunked prefill)."""
+    qi = torch.arange(q_len, device=device).unsqueeze(-1) + (k_len - q_len)
+    return torch.arange(k_len, device=device) <= qi
+
+
+def eager_attention(module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None):
+    """Materialised attention (returns the weights); the only exact path that honours ``softcap``."""
+    b, h, q_len, d = query.shape
+    hk, k_len = key.shape[1], key.shape[2]
+    qg = query.reshape(b, hk, h // hk, q_len, d)
+    scores = torch.matmul(qg, key.unsqueeze(2).transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        attention_mask = causal_bool_mask(q_len, k_len, query.device) if q_len > 1 else None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~_grouped(attention_mask), torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + _grouped(attention_mask)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value.unsqueeze(2)).reshape(b, h, q_len, -1)
+    return out.transpose(1, 2).contiguous(), weights.reshape(b, h, q_len, k_len)
+
+
+def _grouped(mask: torch.Tensor) -> torch.Tensor:
+    """``[b, 1|h, q, k]`` mask → broadcastable against grouped scores ``[b, hk, g, q, k]``."""
+    return mask.unsqueeze(2) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], -1, 1, *mask.shape[2:])
+
+
+def exact_attention(module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None,
+                    output_attentions=False, **kwargs):
+    """Unmodified attention: fused SDPA where possible, eager where softcap or the weights are needed."""
+    if softcap is not None or output_attentions:
+        return eager_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                               softcap=softcap)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+def key_padding_from_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int) -> tuple[bool, torch.Tensor | None]:
+    """Is ``attention_mask`` exactly "causal AND key padding"? Returns ``(ok, key_valid [b, k] or None)``.
+
+    Variants that only understand causal attention with padded keys use this to decide whether they may run or
+    must fall back; anything else (sliding windows, packed sequences, custom masks) answers ``ok=False``.
+    """
+    if attention_mask is None:
+        return True, None
+    if attention_mask.dtype != torch.bool or attention_mask.shape[1] != 1:
+        return False, None
+    key_valid = attention_mask[:, 0, -1, :]  # the last query sees every valid key under a causal mask
+    expected = causal_bool_mask(q_len, k_len, attention_mask.device) & key_valid[:, None, :]
+    # Rows of padded queries see nothing (or everything, depending on the mask maker); they never matter.
+    query_valid = key_valid[:, k_len - q_len:]
+    same = (attention_mask[:, 0] == expected) | ~query_valid[:, :, None]
+    if not bool(same.all()):
+        return False, None
+    return True, (None if bool(key_valid.all()) else key_valid)

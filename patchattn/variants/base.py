@@ -1,0 +1,116 @@
+"""The variant interface: one class per attention variant, one instance per patched layer.
+
+A variant is an ``nn.Module`` attached to a patched attention module under ``patchattn_layer`` (so any parameters
+it adds land in the model's state dict, and PEFT/FSDP see them as ordinary submodules). transformers calls
+patchattn's dispatcher for every attention layer; the dispatcher hands patched layers to ``Variant.attention``.
+
+Variants that change more than the attention function (gates, routers, new norms, their own KV cache) override
+``attach``/``detach`` to modify the attention module and undo it exactly. Adding a variant is one new file in
+``patchattn/variants/`` that subclasses ``Variant`` and is decorated with ``@register_variant``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+VARIANTS: dict[str, type["Variant"]] = {}
+
+
+def param(default, *, low=None, high=None, help: str = "", choices=None):
+    """A variant parameter: default, allowed range (inclusive) or choices, and a one-line help."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high, "help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class VariantParams:
+    """Base of every variant's parameter dataclass; validation is driven by the ``param`` metadata."""
+
+    variant_name: ClassVar[str] = "variant"
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            where = f"{self.variant_name}: parameter {f.name!r}"
+            if meta.get("choices") is not None:
+                if value not in meta["choices"]:
+                    raise ValueError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
+                continue
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{where} must be True or False, got {value!r}")
+                continue
+            if isinstance(f.default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{where} must be an integer, got {value!r}")
+            if isinstance(f.default, float) and not isinstance(value, (int, float)):
+                raise ValueError(f"{where} must be a number, got {value!r}")
+            low, high = meta.get("low"), meta.get("high")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(f"{where} must be in [{low}, {'inf' if high is None else high}], got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Variant(nn.Module):
+    """Base class; subclasses set the class attributes and implement ``attention``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    trainable: ClassVar[bool] = False
+    Params: ClassVar[type[VariantParams]] = VariantParams
+    #: model families this variant supports; None means every registered family
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, params: VariantParams, layer_idx: int):
+        super().__init__()
+        self.params = params
+        self.layer_idx = layer_idx
+
+    @classmethod
+    def make_params(cls, **kwargs) -> VariantParams:
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown parameter(s) {unknown}; known parameters: {sorted(known)}")
+        params = cls.Params(**kwargs)
+        params.validate()
+        return params
+
+    def attach(self, attention_module: nn.Module) -> None:
+        """Modify the attention module beyond its attention function (default: nothing)."""
+
+    def detach(self, attention_module: nn.Module) -> None:
+        """Undo ``attach`` exactly."""
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        """Same contract as a transformers attention function: returns ``(out [b, q, h, d], weights | None)``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
+
+
+def register_variant(cls: type[Variant]) -> type[Variant]:
+    if cls.name in VARIANTS:
+        raise ValueError(f"variant {cls.name!r} is registered twice")
+    cls.Params.variant_name = cls.name
+    VARIANTS[cls.name] = cls
+    return cls
+
+
+def get_variant(name: str) -> type[Variant]:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; known variants: {sorted(VARIANTS)}") from None
+
+
+def describe_params(cls: type[Variant]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for f in dataclasses.fields(cls.Params):
+        meta = f.metadata
+        rng = meta.get("choices") or (meta.get("low"), meta.get("high"))
+        out[f.name] = {"default": f.default, "range": rng, "help": meta.get("help", "")}
+    return out

@@ -1,0 +1,60 @@
+"""`hyper`: HyperAttention (Han et al., arXiv 2310.05869), training-free near-linear causal prefill.
+
+Runs only where it is an approximation worth making: causal prefill (queries == keys) longer than
+``min_seq_len`` under a plain causal mask with optional key padding. Everything else (decode steps over the
+cache, chunked prefill, sliding-window layers longer than their window, packed/custom masks) takes exact
+attention; the unexpected cases are logged once.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..attention import exact_attention, key_padding_from_mask
+from ..logging_utils import warn_once
+from .base import Variant, VariantParams, param, register_variant
+from patchattn.kernels.hyper import HyperSettings, hyper_attention
+
+
+@dataclasses.dataclass
+class HyperParams(VariantParams):
+    lsh_num_projs: int = param(7, low=1, high=16, help="sign bits of the angular LSH (2^r buckets)")
+    block_size: int = param(256, low=1, help="sorted-block size for exact attention inside buckets")
+    sample_size: int = param(256, low=0, help="uniformly sampled keys for the residual (0 = none)")
+    min_seq_len: int = param(4096, low=1, help="causal recursion stops here and uses exact attention")
+    seed: int = param(0, low=0, help="seed of hash projections and samples (offset by layer index)")
+
+
+@register_variant
+class HyperAttention(Variant):
+    name = "hyper"
+    description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
+    Params = HyperParams
+
+    def settings(self) -> HyperSettings:
+        p = self.params
+        return HyperSettings(p.lsh_num_projs, p.block_size, p.sample_size, p.min_seq_len,
+                             seed=p.seed + 10_007 * self.layer_idx)
+
+    def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
+                  softcap=None, **kwargs):
+        q_len, k_len = query.shape[2], key.shape[2]
+        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
+                                        dropout=dropout, softcap=softcap, **kwargs)
+        if q_len != k_len:
+            if q_len > 1:
+                warn_once("hyper: prefill over a non-empty cache (chunked prefill) uses exact attention")
+            return exact()
+        if q_len <= self.params.min_seq_len:
+            return exact()  # the recursion would end in exact attention anyway
+        if sliding_window is not None and k_len > sliding_window:
+            warn_once(f"hyper: sliding-window layers (window {sliding_window}) keep exact attention")
+            return exact()
+        ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
+        if not ok:
+            warn_once("hyper: attention mask is not causal+padding (packed or custom mask); using exact attention")
+            return exact()
+        if dropout:
+            warn_once("hyper: attention dropout is not applied inside HyperAttention")
+        out, _ = hyper_attention(query, key, value, scaling, self.settings(), causal=True, key_valid=key_valid,
+                                 softcap=softcap)
+        return out.transpose(1, 2).contiguous(), None
