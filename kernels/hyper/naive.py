@@ -61,6 +61,14 @@ def lsh_rank(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     return gray_rank((x.float() @ proj.float()) > 0)
 
 
+def sample_positions(n_valid: torch.Tensor, sample_size: int, seed: int, level: int) -> torch.Tensor:
+    """Uniform sorted-key positions ``[b, hk, m]`` in ``[0, n_valid)``, with replacement, reproducible from
+    ``seed`` and the recursion ``level`` (kernels draw the same samples as the reference)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7919 * (level + 1))
+    u = torch.rand(*n_valid.shape, sample_size, generator=gen).to(n_valid.device)
+    return (u * n_valid.unsqueeze(-1)).long().clamp_max((n_valid - 1).clamp_min(0).unsqueeze(-1))
+
+
 def _scores(q, k, scaling, softcap):
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
     if softcap is not None:
@@ -151,9 +159,7 @@ def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_
     # Uniformly sampled residual, keys of the query's own block excluded, reweighted by n_valid / m.
     if settings.sample_size > 0:
         n_valid = valid_sorted.sum(-1)  # [b,hk]; invalid keys are at the end of the sorted order
-        gen = torch.Generator(device="cpu").manual_seed(settings.seed + 7919 * (level + 1))
-        u = torch.rand(b, hk, settings.sample_size, generator=gen).to(q.device)
-        idx = (u * n_valid.unsqueeze(-1)).long().clamp_max(max(nk - 1, 0))  # sorted positions
+        idx = sample_positions(n_valid, settings.sample_size, settings.seed, level)
         ks = k_sorted.gather(-2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
         vs = v_sorted.gather(-2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
         bq = -(-nq // num_blocks)
