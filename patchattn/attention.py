@@ -27,7 +27,7 @@ def eager_attention(module, query, key, value, attention_mask, *, scaling, dropo
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
-        attention_mask = causal_bool_mask(q_len, k_len, query.device) if q_len > 1 else None
+        attention_mask = causal_bool_mask(q_len, k_len, query.device)[None, None] if q_len > 1 else None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~_grouped(attention_mask), torch.finfo(scores.dtype).min)

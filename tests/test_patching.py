@@ -1,0 +1,188 @@
+"""patch_model on every family: plumbing exactness, full-budget hyper == exact, generate, padding, unpatch,
+save/load round trip, attn_implementation registration, and the error messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+import patchattn
+from tiny_models import BUILDERS, VOCAB, tiny_model
+
+FAMILIES = sorted(BUILDERS)
+# hyper settings that run the whole machinery (recursion, sorting, LSE merges) but with one block per level, so the
+# estimator is exact: any difference from exact attention is a plumbing bug.
+FULL_BUDGET = dict(min_seq_len=16, block_size=4096, sample_size=16)
+# a real approximation on 64-token prompts
+APPROX = dict(min_seq_len=16, block_size=8, sample_size=8)
+
+
+def tokens(batch=2, n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def left_padded(seed=2):
+    ids = tokens(3, 48, seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 7, 20]):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def logits(model, ids, mask=None):
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_variant_matches_unpatched(family):
+    model = tiny_model(family)
+    ids, mask = left_padded()
+    ref, ref_pad = logits(model, tokens()), logits(model, ids, mask)
+    patchattn.patch_model(model, "exact")
+    torch.testing.assert_close(logits(model, tokens()), ref, atol=1e-5, rtol=0)
+    valid = mask.bool()
+    torch.testing.assert_close(logits(model, ids, mask)[valid], ref_pad[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hyper_full_budget_equals_exact(family):
+    model = tiny_model(family)
+    ref = logits(model, tokens())
+    patchattn.patch_model(model, "hyper", **FULL_BUDGET)
+    torch.testing.assert_close(logits(model, tokens()), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mistral"])  # mistral slides everywhere
+def test_hyper_approximates_on_global_layers_only(family):
+    """A real budget changes the logits (hyper runs) and stays finite; sliding layers keep exact attention."""
+    model = tiny_model(family)
+    ref = logits(model, tokens())
+    patchattn.patch_model(model, "hyper", **APPROX)
+    out = logits(model, tokens())
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() > 1e-4, "hyper did not run"
+
+
+def test_sliding_window_layers_fall_back_to_exact():
+    """Mistral slides on every layer: hyper must leave it exact (and the window must reach the function)."""
+    model = tiny_model("mistral")
+    ref = logits(model, tokens())
+    patchattn.patch_model(model, "hyper", **APPROX)
+    torch.testing.assert_close(logits(model, tokens()), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_unchanged_below_min_seq_len(family):
+    model = tiny_model(family)
+    prompt = tokens(1, 12)
+    ref = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    patchattn.patch_model(model, "hyper", layers="last:2")  # default min_seq_len 4096 >> prompt
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_left_padded_batched_generate(family):
+    model = tiny_model(family)
+    ids, mask = left_padded()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    patchattn.patch_model(model, "hyper", **FULL_BUDGET)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
+    patchattn.unpatch_model(model)
+    patchattn.patch_model(model, "hyper", **APPROX)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores_bit_for_bit(family):
+    model = tiny_model(family)
+    impl = model.config._attn_implementation
+    keys = set(model.state_dict())
+    ref = logits(model, tokens())
+    patchattn.patch_model(model, "hyper", layers=[0, -1], **APPROX)
+    patchattn.unpatch_model(model)
+    assert model.config._attn_implementation == impl
+    assert set(model.state_dict()) == keys
+    assert not hasattr(model.config, "patchattn")
+    assert torch.equal(logits(model, tokens()), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_save_and_from_pretrained_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    patchattn.patch_model(model, "hyper", layers="last:2", **APPROX)
+    ref = logits(model, tokens())
+    model.save_pretrained(tmp_path)
+    loaded = patchattn.from_pretrained(str(tmp_path))
+    assert loaded.config.patchattn["variant"] == "hyper"
+    assert loaded.config.patchattn["layers"] == [2, 3]
+    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    torch.testing.assert_close(logits(loaded, tokens()), ref, atol=0, rtol=0)
+
+
+def test_attn_implementation_name_registered(tmp_path):
+    model = tiny_model("llama")
+    ref = logits(model, tokens())
+    model.save_pretrained(tmp_path)
+    exact = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="patchattn_exact").eval()
+    assert exact.config._attn_implementation == "patchattn_exact"
+    torch.testing.assert_close(logits(exact, tokens()), ref, atol=1e-5, rtol=0)
+    hyper = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="patchattn_hyper").eval()
+    torch.testing.assert_close(logits(hyper, tokens()), ref, atol=1e-5, rtol=0)  # 64 tokens < default min_seq_len
+
+
+def test_layer_selection():
+    model = tiny_model("llama")
+    patchattn.patch_model(model, "exact", layers="first:3")
+    assert patchattn.patched_layers(model) == [0, 1, 2]
+    layers = model.model.layers
+    assert [hasattr(l.self_attn, "patchattn_layer") for l in layers] == [True, True, True, False]
+
+
+def test_list_variants_and_families():
+    variants = {v["name"]: v for v in patchattn.list_variants()}
+    assert {"exact", "hyper"} <= set(variants)
+    hyper = variants["hyper"]
+    assert hyper["kind"] == "training-free"
+    assert {k: p["default"] for k, p in hyper["params"].items()} == {
+        "lsh_num_projs": 7, "block_size": 256, "sample_size": 256, "min_seq_len": 4096, "seed": 0}
+    families = {f["name"] for f in patchattn.list_families()}
+    assert {"llama", "mistral", "gemma", "gemma2", "gemma3", "qwen", "chatglm2"} <= families
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: patchattn.patch_model(m, "nope"), r"unknown variant 'nope'; known variants: \[.*'hyper'"),
+    (lambda m: patchattn.patch_model(m, "hyper", block_size=0), r"hyper: parameter 'block_size' must be in \[1,"),
+    (lambda m: patchattn.patch_model(m, "hyper", block_size=2.5), r"'block_size' must be an integer"),
+    (lambda m: patchattn.patch_model(m, "hyper", bucket=3), r"unknown parameter\(s\) \['bucket'\]"),
+    (lambda m: patchattn.patch_model(m, "hyper", layers=[7]), r"layer index 7 is out of range .* 4 layers"),
+    (lambda m: patchattn.patch_model(m, "hyper", layers="last:9"), r"N must be in \[1, 4\]"),
+    (lambda m: patchattn.patch_model(m, "hyper", layers="middle"), r"not understood"),
+    (lambda m: patchattn.unpatch_model(m), r"not patched"),
+])
+def test_bad_input_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_model("llama"))
+
+
+def test_patching_twice_is_an_error():
+    model = tiny_model("llama")
+    patchattn.patch_model(model, "exact")
+    with pytest.raises(ValueError, match="already patched with .exact.; call patchattn.unpatch_model"):
+        patchattn.patch_model(model, "hyper")
+
+
+def test_unsupported_and_encoder_models_are_rejected():
+    bert = BertModel(BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    with pytest.raises(ValueError, match="unsupported model type 'bert'; supported model types: .*llama"):
+        patchattn.patch_model(bert, "hyper")
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=32, d_ff=32, num_layers=1, num_heads=2,
+                                             d_kv=16))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        patchattn.patch_model(t5, "hyper")
+    with pytest.raises(TypeError, match="expects a transformers PreTrainedModel"):
+        patchattn.patch_model(torch.nn.Linear(2, 2), "hyper")

@@ -1,0 +1,38 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _build(config_cls, model_cls, **overrides):
+    config = config_cls(**{**COMMON, **overrides})
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+BUILDERS = {
+    "llama": lambda: _build(LlamaConfig, LlamaForCausalLM, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
+    "mistral": lambda: _build(MistralConfig, MistralForCausalLM, sliding_window=24, head_dim=16),
+    "gemma": lambda: _build(GemmaConfig, GemmaForCausalLM, head_dim=16, num_key_value_heads=1),
+    "gemma2": lambda: _build(Gemma2Config, Gemma2ForCausalLM, head_dim=16, sliding_window=24,
+                             query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
+    "gemma3": lambda: _build(Gemma3TextConfig, Gemma3ForCausalLM, head_dim=16, sliding_window=24,
+                             query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2),
+    "qwen2": lambda: _build(Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": lambda: _build(Qwen3Config, Qwen3ForCausalLM, head_dim=16),
+}
+
+
+def tiny_model(family: str):
+    return BUILDERS[family]()
