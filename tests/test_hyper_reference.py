@@ -115,3 +115,30 @@ def test_seed_reproducible_and_matters():
     c, _ = hyper_attention(q, k, v, settings=HyperSettings(min_seq_len=64, block_size=32, sample_size=16, seed=1))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("levers", [dict(sink_tokens=4), dict(local_window=40), dict(sink_tokens=3, local_window=33),
+                                    dict(center_keys=True)])
+def test_levers_keep_full_budget_exact(levers):
+    q, k, v = qkv(n=515)
+    for settings in (HyperSettings(min_seq_len=515, **levers), HyperSettings(min_seq_len=64, block_size=515, **levers)):
+        out, _ = hyper_attention(q, k, v, settings=settings)
+        torch.testing.assert_close(out, exact(q, k, v), atol=2e-5, rtol=0)
+
+
+def test_window_covering_everything_is_exact():
+    q, k, v = qkv(n=300)
+    settings = HyperSettings(min_seq_len=32, block_size=16, sample_size=8, local_window=300)
+    out, _ = hyper_attention(q, k, v, settings=settings)
+    torch.testing.assert_close(out, exact(q, k, v), atol=2e-5, rtol=0)
+
+
+def test_sinks_and_window_are_exact_with_padding():
+    q, k, v = qkv(n=400)
+    valid = torch.ones(2, 400, dtype=torch.bool)
+    valid[0, :50] = False
+    settings = HyperSettings(min_seq_len=32, block_size=400, sample_size=8, sink_tokens=5, local_window=24)
+    out, _ = hyper_attention(q, k, v, settings=settings, key_valid=valid)
+    mask = torch.ones(400, 400, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    torch.testing.assert_close(out[0, :, 50:], exact(q, k, v, mask)[0, :, 50:], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[1], exact(q, k, v)[1], atol=2e-5, rtol=0)

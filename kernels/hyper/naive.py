@@ -33,6 +33,22 @@ class HyperSettings:
     sample_size: int = 256
     min_seq_len: int = 4096
     seed: int = 0
+    # Quality levers (defaults reproduce the published method). Every query also attends exactly to the first
+    # ``sink_tokens`` keys and to the ``local_window`` keys ending at itself; those keys are excluded from every
+    # estimated part, and both parts are merged by log-sum-exp.
+    sink_tokens: int = 0
+    local_window: int = 0
+    #: hash keys after subtracting their mean (softmax is invariant to a shift of all keys)
+    center_keys: bool = False
+
+
+def exact_set_mask(qpos: torch.Tensor, kpos: torch.Tensor, settings: HyperSettings) -> torch.Tensor | None:
+    """True where key position ``kpos`` belongs to the exactly-attended set of query position ``qpos``
+    (sinks or local window, causal), broadcasting the two position tensors; None when the set is empty."""
+    if not settings.sink_tokens and not settings.local_window:
+        return None
+    exact = (kpos < settings.sink_tokens) | (kpos > qpos - settings.local_window)
+    return exact & (kpos <= qpos)
 
 
 def gray_rank(bits: torch.Tensor) -> torch.Tensor:
@@ -93,18 +109,48 @@ def merge_lse(o1, lse1, o2, lse2):
     return o1 * w1 + o2 * w2, lse
 
 
-def exact_attention_lse(q, k, v, scaling, *, causal, key_valid=None, softcap=None):
+def exact_attention_lse(q, k, v, scaling, *, causal, key_valid=None, softcap=None, exclude=None):
     """Exact attention with log-sum-exp. q ``[b,hk,g,nq,d]``, k/v ``[b,hk,nk,d]``; causal aligns the last query
-    with the last key. Returns fp32 ``(out [b,hk,g,nq,d], lse [b,hk,g,nq])``."""
+    with the last key; ``exclude`` ``[nq, nk]`` drops pairs computed elsewhere.
+    Returns fp32 ``(out [b,hk,g,nq,d], lse [b,hk,g,nq])``."""
     s = _scores(q, k.unsqueeze(2), scaling, softcap)
     nq, nk = q.shape[-2], k.shape[-2]
     if causal:
         qi = torch.arange(nq, device=q.device).unsqueeze(-1) + (nk - nq)
         kj = torch.arange(nk, device=q.device)
         s = s.masked_fill(kj > qi, NEG_INF)
+    if exclude is not None:
+        s = s.masked_fill(exclude, NEG_INF)
     if key_valid is not None:
         s = s.masked_fill(~key_valid[:, None, None, None, :], NEG_INF)
     return _softmax_with_lse(s, v.unsqueeze(2))
+
+
+def sinks_and_window_lse(q, k, v, scaling, settings: HyperSettings, *, key_valid=None, softcap=None):
+    """Exact attention of every query to its exact set (sinks + local window) in O(n * (sinks + window)):
+    query chunks of ``C`` see the keys ``[t0 - W, t0 + C)`` plus the sinks that lie before that range."""
+    n, d = q.shape[-2], q.shape[-1]
+    W, S = settings.local_window, settings.sink_tokens
+    nb = -(-n // max(W, 64))
+    C = -(-n // nb)  # the chunk size _split_blocks will use
+    t0 = torch.arange(nb, device=q.device) * C
+    win = t0[:, None] - W + torch.arange(W + C, device=q.device)  # [nb, W+C] key positions
+    sink = torch.arange(S, device=q.device).expand(nb, S)
+    kpos = torch.cat([sink, win], dim=-1)  # [nb, S+W+C]
+    in_range = torch.cat([sink < (t0[:, None] - W), (win >= 0) & (win < n)], dim=-1)
+    qpos = t0[:, None] + torch.arange(C, device=q.device)  # [nb, C]
+    allowed = in_range[:, None, :] & exact_set_mask(qpos[:, :, None], kpos[:, None, :], settings)
+    idx = kpos.clamp(0, n - 1).reshape(-1)
+    kc = k[..., idx, :].reshape(*k.shape[:2], nb, -1, d)  # [b,hk,nb,K,d]
+    vc = v[..., idx, :].reshape(*v.shape[:2], nb, -1, v.shape[-1])
+    qc, _ = _split_blocks(q, nb, dim=3)  # [b,hk,g,nb,C,d]
+    s = _scores(qc, kc.unsqueeze(2), scaling, softcap)  # [b,hk,g,nb,C,K]
+    mask = allowed[None, None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, idx].reshape(-1, 1, 1, nb, 1, kpos.shape[-1])
+    s = s.masked_fill(~mask, NEG_INF)
+    o, lse = _softmax_with_lse(s, vc.unsqueeze(2))
+    return o.flatten(3, 4)[..., :n, :], lse.flatten(3, 4)[..., :n]
 
 
 def _split_blocks(x: torch.Tensor, num_blocks: int, dim: int, fill=0):
@@ -122,17 +168,21 @@ def _split_blocks(x: torch.Tensor, num_blocks: int, dim: int, fill=0):
 
 
 def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_valid=None, softcap=None,
-                              level: int = 0):
-    """All queries see all (valid) keys. Returns fp32 ``(out, lse)`` in the original query order."""
+                              level: int = 0, q_offset: int = 0, k_offset: int = 0):
+    """All queries see all (valid) keys except their exact set (offsets give absolute positions for it).
+    Returns fp32 ``(out, lse)`` in the original query order."""
     b, hk, g, nq, d = q.shape
     nk = k.shape[-2]
+    qpos = q_offset + torch.arange(nq, device=q.device)
+    kpos = k_offset + torch.arange(nk, device=q.device)
     num_blocks = max(1, -(-max(nq, nk) // settings.block_size))
     if num_blocks == 1:
-        return exact_attention_lse(q, k, v, scaling, causal=False, key_valid=key_valid, softcap=softcap)
+        return exact_attention_lse(q, k, v, scaling, causal=False, key_valid=key_valid, softcap=softcap,
+                                   exclude=exact_set_mask(qpos[:, None], kpos[None, :], settings))
 
     proj = lsh_projections(d, settings.lsh_num_projs, settings.seed + 1_000_003 * level, q.device)
     q_rank = lsh_rank(q, proj)  # [b, hk, g, nq]
-    k_rank = lsh_rank(k, proj)  # [b, hk, nk]
+    k_rank = lsh_rank(_centred(k, key_valid) if settings.center_keys else k, proj)  # [b, hk, nk]
     if key_valid is not None:  # invalid keys sort after every real bucket
         k_rank = k_rank.masked_fill(~key_valid[:, None, :], 2**settings.lsh_num_projs)
     q_order = torch.sort(q_rank, dim=-1, stable=True).indices
@@ -144,6 +194,7 @@ def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_
         valid_sorted = torch.ones(b, hk, nk, dtype=torch.bool, device=q.device)
     else:
         valid_sorted = key_valid[:, None, :].expand(b, hk, nk).gather(-1, k_order)
+    qpos_sorted, kpos_sorted = qpos[q_order], kpos[k_order]  # [b,hk,g,nq], [b,hk,nk]
 
     # Block-diagonal part on the sorted sequences.
     qb, _ = _split_blocks(q_sorted, num_blocks, dim=3)  # [b,hk,g,B,bq,d]
@@ -152,6 +203,11 @@ def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_
     mb, bk = _split_blocks(valid_sorted, num_blocks, dim=2, fill=False)  # [b,hk,B,bk]
     s = _scores(qb, kb.unsqueeze(2), scaling, softcap)  # [b,hk,g,B,bq,bk]
     s = s.masked_fill(~mb[:, :, None, :, None, :], NEG_INF)
+    qpb, _ = _split_blocks(qpos_sorted, num_blocks, dim=3)
+    kpb, _ = _split_blocks(kpos_sorted, num_blocks, dim=2)
+    excluded = exact_set_mask(qpb[..., :, None], kpb[:, :, None, :, None, :], settings)
+    if excluded is not None:
+        s = s.masked_fill(excluded, NEG_INF)
     o_blk, lse_blk = _softmax_with_lse(s, vb.unsqueeze(2))
     o_blk = o_blk.flatten(3, 4)[..., :nq, :]
     lse_blk = lse_blk.flatten(3, 4)[..., :nq]
@@ -169,6 +225,9 @@ def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_
         ss = _scores(q_sorted, ks.unsqueeze(2), scaling, softcap)
         ss = ss.masked_fill(same.unsqueeze(2), NEG_INF)
         ss = ss.masked_fill((n_valid == 0)[:, :, None, None, None], NEG_INF)
+        excluded = exact_set_mask(qpos_sorted[..., None], kpos_sorted.gather(-1, idx)[:, :, None, None, :], settings)
+        if excluded is not None:
+            ss = ss.masked_fill(excluded, NEG_INF)
         o_smp, lse_smp = _softmax_with_lse(ss, vs.unsqueeze(2))
         weight = torch.log(n_valid.clamp_min(1).float() / settings.sample_size)[:, :, None, None]
         o_blk, lse_blk = merge_lse(o_blk, lse_blk, o_smp, lse_smp + weight)
@@ -181,21 +240,31 @@ def hyper_attention_noncausal(q, k, v, scaling, settings: HyperSettings, *, key_
     return out, lse
 
 
+def _centred(k: torch.Tensor, key_valid) -> torch.Tensor:
+    if key_valid is None:
+        return k - k.mean(dim=-2, keepdim=True)
+    w = key_valid[:, None, :, None].to(k.dtype)
+    return k - (k * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)
+
+
 def hyper_attention_causal(q, k, v, scaling, settings: HyperSettings, *, key_valid=None, softcap=None,
-                           level: int = 0):
-    """Causal HyperAttention by recursive halving (queries and keys of equal length)."""
+                           level: int = 0, offset: int = 0):
+    """Causal HyperAttention by recursive halving (queries and keys of equal length, starting at ``offset``)."""
     n = q.shape[-2]
     if n <= settings.min_seq_len:
-        return exact_attention_lse(q, k, v, scaling, causal=True, key_valid=key_valid, softcap=softcap)
+        pos = offset + torch.arange(n, device=q.device)
+        return exact_attention_lse(q, k, v, scaling, causal=True, key_valid=key_valid, softcap=softcap,
+                                   exclude=exact_set_mask(pos[:, None], pos[None, :], settings))
     h = n // 2
     kv1 = None if key_valid is None else key_valid[:, :h]
     kv2 = None if key_valid is None else key_valid[:, h:]
     o1, l1 = hyper_attention_causal(q[..., :h, :], k[..., :h, :], v[..., :h, :], scaling, settings,
-                                    key_valid=kv1, softcap=softcap, level=level + 1)
+                                    key_valid=kv1, softcap=softcap, level=level + 1, offset=offset)
     o_off, l_off = hyper_attention_noncausal(q[..., h:, :], k[..., :h, :], v[..., :h, :], scaling, settings,
-                                             key_valid=kv1, softcap=softcap, level=level)
+                                             key_valid=kv1, softcap=softcap, level=level,
+                                             q_offset=offset + h, k_offset=offset)
     o_diag, l_diag = hyper_attention_causal(q[..., h:, :], k[..., h:, :], v[..., h:, :], scaling, settings,
-                                            key_valid=kv2, softcap=softcap, level=level + 1)
+                                            key_valid=kv2, softcap=softcap, level=level + 1, offset=offset + h)
     o2, l2 = merge_lse(o_off, l_off, o_diag, l_diag)
     return torch.cat([o1, o2], dim=-2), torch.cat([l1, l2], dim=-1)
 
@@ -211,8 +280,13 @@ def hyper_attention(q, k, v, scaling=None, settings: HyperSettings = HyperSettin
     hk = k.shape[1]
     if h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if not causal and (settings.sink_tokens or settings.local_window):
+        raise ValueError("sink_tokens / local_window are causal-only levers")
     scaling = d**-0.5 if scaling is None else scaling
     qg = q.reshape(b, hk, h // hk, n, d)
     fn = hyper_attention_causal if causal else hyper_attention_noncausal
     out, lse = fn(qg, k, v, scaling, settings, key_valid=key_valid, softcap=softcap)
+    if causal and (settings.sink_tokens or settings.local_window):
+        o_exact, l_exact = sinks_and_window_lse(qg, k, v, scaling, settings, key_valid=key_valid, softcap=softcap)
+        out, lse = merge_lse(out, lse, o_exact, l_exact)
     return out.reshape(b, h, n, v.shape[-1]).to(q.dtype), lse.reshape(b, h, n)
