@@ -22,6 +22,9 @@ class HyperParams(VariantParams):
     sample_size: int = param(256, low=0, help="uniformly sampled keys for the residual (0 = none)")
     min_seq_len: int = param(4096, low=1, help="causal recursion stops here and uses exact attention")
     seed: int = param(0, low=0, help="seed of hash projections and samples (offset by layer index)")
+    sink_tokens: int = param(0, low=0, help="first keys every query attends to exactly (attention sinks)")
+    local_window: int = param(0, low=0, help="keys before each query attended exactly (0 = none)")
+    center_keys: bool = param(False, help="hash keys after subtracting their mean")
 
 
 @register_variant
@@ -33,7 +36,8 @@ class HyperAttention(Variant):
     def settings(self) -> HyperSettings:
         p = self.params
         return HyperSettings(p.lsh_num_projs, p.block_size, p.sample_size, p.min_seq_len,
-                             seed=p.seed + 10_007 * self.layer_idx)
+                             seed=p.seed + 10_007 * self.layer_idx, sink_tokens=p.sink_tokens,
+                             local_window=p.local_window, center_keys=p.center_keys)
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
                   softcap=None, **kwargs):
