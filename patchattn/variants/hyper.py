@@ -50,6 +50,10 @@ class HyperAttention(Variant):
             return exact()
         if q_len <= self.params.min_seq_len:
             return exact()  # the recursion would end in exact attention anyway
+        from patchattn.kernels.hyper import exact_is_faster
+
+        if query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
+            return exact()  # below the measured crossover, fused SDPA is faster than the estimator
         if sliding_window is not None and k_len > sliding_window:
             warn_once(f"hyper: sliding-window layers (window {sliding_window}) keep exact attention")
             return exact()

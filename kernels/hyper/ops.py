@@ -1,0 +1,275 @@
+"""Host side of the Triton HyperAttention: launches, the autograd Function and the public Triton entry point.
+
+``hyper_attention_triton(q, k, v, scaling, settings, causal=..., key_valid=...)`` has the reference's signature
+(minus softcap) and returns ``(out [b,h,n,d] in q's dtype, lse [b,h,n] fp32)``; both are differentiable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import plan as P
+from .naive import HyperSettings
+from .triton_bwd import (_bwd_pre_kernel, _diag_dkdv_kernel, _diag_dq_kernel, _level_dkdv_kernel,
+                         _level_dkdv_samples_kernel, _level_dq_kernel)
+from .triton_fwd import _diag_fwd_kernel, _hash_kernel, _level_fwd_kernel
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes (rows of queries BM / keys BN), warps and pipeline stages of every kernel."""
+    fwd_bm: int = 128
+    fwd_bn: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    lvl_bm: int = 128
+    lvl_bn: int = 64
+    lvl_warps: int = 8
+    lvl_stages: int = 3
+    dq_bm: int = 64
+    dq_bn: int = 64
+    dq_warps: int = 4
+    dkdv_bm: int = 64
+    dkdv_bn: int = 64
+    dkdv_warps: int = 4
+    bwd_stages: int = 2
+    sample_split: int = 4096  # query rows (all heads of a group together) per sampled-key dK/dV program
+    hash_rows: int = 128
+    hash_warps: int = 8
+
+
+def default_config(d: int) -> KernelConfig:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # CPU interpreter: few, large numpy ops are what is fast there
+        return KernelConfig(64, 32, 4, 1, 64, 32, 4, 1, 32, 32, 4, 32, 32, 4, 1, 256, 64, 4)
+    if d <= 64:
+        return KernelConfig(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 32, 64, 4, 3)
+    if d <= 128:  # picked by scripts/bench_hyper.py --sweep on the H200 (n=32k)
+        return KernelConfig(128, 64, 8, 3, 64, 64, 4, 3, 64, 64, 4, 32, 64, 4, 3)
+    return KernelConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 4, 32, 32, 8, 1)
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else None  # fp32 only for exactness tests: no TF32
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rowmajor(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@dataclass
+class _State:
+    plan: P.Plan
+    settings: HyperSettings
+    cfg: KernelConfig
+    scaling: float
+    qperm: torch.Tensor | None
+    kperm: torch.Tensor | None
+    levels: list  # LevelData per level
+    kvalid: torch.Tensor | None  # [b, n] int8
+
+
+def _hash_sort(x, plan, settings, valid, cfg, role):
+    """This level's sorted order of the queries (``role="q"``) or keys (``"k"``) of ``x [b, heads, n, d]``:
+    ``[levels, b, heads, ncols]`` int32 original positions, each node's range sorted by (stable) Gray rank."""
+    b, hh, n, d = x.shape
+    proj, stride = P.projections(plan, d, settings.lsh_num_projs, settings.seed, x.device)
+    cp = proj.shape[-1]
+    split = x.dtype in (torch.float16, torch.bfloat16)
+    if split:
+        proj = P.split_projections(proj, x.dtype)
+    qmap, kmap, qback, kback, node_bits = P.compact_maps(plan, x.device)
+    cmap, back = (qmap, qback) if role == "q" else (kmap, kback)
+    bits = node_bits + settings.lsh_num_projs + 1
+    kdt, top = (torch.int16, 2**15 - 1) if bits <= 15 else (torch.int32, 2**31 - 1)
+    nl, nc = len(plan.levels), plan.ncols
+    keys = torch.full((nl, b, hh, nc), top, dtype=kdt, device=x.device)  # padding sorts last, never read
+    bt = cfg.hash_rows
+    _hash_kernel[(triton.cdiv(n, bt), b * hh)](
+        x, proj, cmap, valid if valid is not None else cmap, keys, *_strides(x), n, hh, nc, nl,
+        R=settings.lsh_num_projs, RS=stride, CP=cp, HAS_VALID=valid is not None, SPLIT=split, BT=bt, D=d,
+        num_warps=cfg.hash_warps)
+    order = torch.sort(keys, dim=-1, stable=True).indices
+    return torch.gather(back[:, None, None, :].expand(nl, b, hh, nc), -1, order)
+
+
+def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_valid=None, cfg=None,
+                  diag_impl: str = "triton"):
+    """Returns ``(out, lse, state)``; ``state`` is what the backward needs."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    cfg = cfg or default_config(d)
+    assert cfg.fwd_bm % cfg.fwd_bn == 0
+    plan = P.make_plan(n, settings.block_size, settings.min_seq_len, causal)
+    dev = q.device
+    kvalid = None if key_valid is None else key_valid.to(torch.int8).contiguous()
+    prec = _prec(q.dtype)
+    qk_scale = scaling * 1.4426950408889634
+    qperm = kperm = None
+    if plan.levels:  # sorts first: their temporaries are gone before the outputs exist (lower peak memory)
+        qperm = _hash_sort(q, plan, settings, None, cfg, "q")
+        kperm = _hash_sort(k, plan, settings, kvalid, cfg, "k")
+    out = lse = None
+    if plan.leaves and diag_impl in ("cudnn", "auto"):
+        try:
+            out, lse = _diag_cudnn(q, k, v, plan, scaling)
+        except RuntimeError:
+            if diag_impl == "cudnn":
+                raise
+    if out is None:
+        out = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
+        lse = torch.empty(b, h, n, dtype=torch.float32, device=dev)
+        if plan.leaves:
+            tiles = P.diag_tiles(plan, cfg.fwd_bm, True, dev)
+            _diag_fwd_kernel[(tiles.shape[0], b * h)](
+                q, k, v, out, lse, kvalid if kvalid is not None else tiles, tiles, qk_scale,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, h, g,
+                HAS_VALID=kvalid is not None, BM=cfg.fwd_bm, BN=cfg.fwd_bn, D=d, PREC=prec,
+                num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    levels = []
+    for li in range(len(plan.levels)):
+        ld = P.level_data(plan, li, kperm[li], settings, key_valid, hk)
+        levels.append(ld)
+        tiles = P.query_tiles(plan, li, cfg.lvl_bm, settings.sample_size, dev)
+        nodes = len(plan.levels[li].nodes)
+        _level_fwd_kernel[(tiles.shape[0], b * h)](
+            q, k, v, out, lse, qperm[li], kperm[li], tiles, ld.nvalid, ld.sorig, ld.sblk, ld.sbias, qk_scale,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, plan.ncols, h, hk, g, nodes,
+            ld.sorig.shape[-1], FIRST=(not plan.leaves and li == 0), BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d,
+            PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
+    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid)
+    return out, lse, state
+
+
+def _diag_cudnn(q, k, v, plan, scaling):
+    """Exact leaves through cuDNN SDPA (equal leaves, MHA, no padding): every (head, leaf) pair is one head of a
+    contiguous ``[b, h * leaves, leaf, d]`` view, so no copies; returns the running ``(out, lse)``."""
+    b, h, n, d = q.shape
+    nl, m = len(plan.leaves), plan.leaves[0][1]
+    qs, ks, vs = (x.view(b, h * nl, m, d) for x in (q, k, v))
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, True, False,
+                                                              scale=scaling)
+    return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous()
+
+
+def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    cfg, plan = st.cfg, st.plan
+    dev = q.device
+    prec = _prec(q.dtype)
+    sm_scale = st.scaling
+    qk_scale = sm_scale * 1.4426950408889634
+    dout = _rowmajor(dout)
+    delta = torch.empty(b, h, n, dtype=torch.float32, device=dev)
+    bt = 64
+    _bwd_pre_kernel[(triton.cdiv(n, bt), b * h)](
+        out, dout, dlse if dlse is not None else delta, delta, *_strides(out), *_strides(dout), n, h,
+        HAS_DLSE=dlse is not None, BT=bt, D=d, num_warps=4)
+    sd = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    has_acc = bool(plan.levels)
+    if has_acc:
+        dqa = torch.zeros(b, h, n, d, dtype=torch.float32, device=dev)
+        dka = torch.zeros(b, hk, n, d, dtype=torch.float32, device=dev)
+        dva = torch.zeros(b, hk, n, d, dtype=torch.float32, device=dev)
+        for li, ld in enumerate(st.levels):
+            nodes = len(plan.levels[li].nodes)
+            m = ld.sorig.shape[-1]
+            qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
+            _level_dq_kernel[(qt.shape[0], b * h)](
+                q, k, v, dout, lse, delta, dqa, st.qperm[li], st.kperm[li], qt, ld.nvalid, ld.sorig, ld.sblk,
+                ld.sbias, sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m,
+                BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+            kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
+            if kt.shape[0]:
+                _level_dkdv_kernel[(kt.shape[0], b * hk)](
+                    q, k, v, dout, lse, delta, dka, dva, st.qperm[li], st.kperm[li], kt, ld.nvalid,
+                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes,
+                    BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
+                    num_stages=cfg.bwd_stages)
+            split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
+            stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
+            if stl.shape[0]:
+                _level_dkdv_samples_kernel[(stl.shape[0], b * hk)](
+                    q, k, v, dout, lse, delta, dka, dva, st.qperm[li], stl, ld.nvalid, ld.sorig, ld.sblk, ld.sbias,
+                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m,
+                    BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
+                    num_stages=cfg.bwd_stages)
+    if plan.leaves:
+        dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
+        dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
+        dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
+        kv = st.kvalid
+        assert cfg.dq_bm % cfg.dq_bn == 0
+        qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
+        _diag_dq_kernel[(qt.shape[0], b * h)](
+            q, k, v, dout, lse, delta, dqa if has_acc else dq, dq, kv if kv is not None else qt, qt,
+            sm_scale, qk_scale, *sd, n, h, g,
+            HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
+            num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+        kt = P.diag_tiles(plan, cfg.dkdv_bn, False, dev)
+        _diag_dkdv_kernel[(kt.shape[0], b * hk)](
+            q, k, v, dout, lse, delta, dka if has_acc else dk, dva if has_acc else dv, dk, dv,
+            kv if kv is not None else kt, kt, sm_scale, qk_scale, *sd, n, h, hk, g,
+            HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+            num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+        return dq, dk, dv
+    return dqa.to(q.dtype), dka.to(k.dtype), dva.to(v.dtype)
+
+
+class HyperAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scaling, settings, causal, key_valid, cfg, diag_impl):
+        out, lse, st = hyper_forward(q, k, v, scaling, settings, causal, key_valid, cfg, diag_impl)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.st = st
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dlse = None if dlse is None else dlse.float().contiguous()
+        dq, dk, dv = hyper_backward(q, k, v, out, lse, dout, dlse, ctx.st)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def hyper_attention_triton(q, k, v, scaling=None, settings: HyperSettings = HyperSettings(), *, causal=True,
+                           key_valid=None, config: KernelConfig | None = None, diag_impl: str = "auto"):
+    """Triton HyperAttention. q ``[b, h, n, d]``, k/v ``[b, hk, n, d]``; returns ``(out, lse)`` like the reference.
+
+    ``diag_impl``: who computes the exact causal leaves. ``"auto"`` (default) takes cuDNN SDPA where it applies
+    (CUDA, fp16/bf16, MHA, no key padding, contiguous inputs, equal leaves) and the Triton kernel otherwise;
+    measured on the H200 at d=128, cuDNN on the leaves is ~15% faster than ours (see scripts/bench_hyper.py
+    --profile), and the leaf outputs become the running (out, lse) without copies. ``"triton"`` forces ours."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if k.shape[2] != n or v.shape[-1] != d or d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError("Triton HyperAttention needs nq == nk, equal q/v head dims in " + str(SUPPORTED_HEAD_DIMS))
+    scaling = d**-0.5 if scaling is None else float(scaling)
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    if diag_impl in ("cudnn", "auto"):
+        leaves = P.make_plan(n, settings.block_size, settings.min_seq_len, causal).leaves
+        if not (q.is_cuda and key_valid is None and hk == h and q.is_contiguous() and k.is_contiguous()
+                and v.is_contiguous() and q.dtype != torch.float32 and len({m for _, m in leaves}) == 1):
+            diag_impl = "triton"
+    return HyperAttentionFn.apply(q, k, v, scaling, settings, causal, key_valid, config, diag_impl)
+
+
+__all__ = ["hyper_attention_triton", "HyperAttentionFn", "KernelConfig", "default_config", "hyper_forward",
+           "hyper_backward", "SUPPORTED_HEAD_DIMS"]

@@ -1,0 +1,349 @@
+"""HyperAttention backward in Triton.
+
+The forward's output is one softmax per query over a multiset of keys (its leaf's causal prefix, its sorted block
+at every level where it is in a second half, and that level's samples with additive log-weights). Its exact
+gradient is therefore a sparse flash-attention backward with the *final* row LSE:
+  ``P = exp(S + bias - LSE)``, ``dV += P^T dO``, ``dS = P * (dO V^T - Delta)``, ``dQ += dS K``, ``dK += dS^T Q``
+with ``Delta = rowsum(dO * O) - dLSE`` (the LSE's own gradient folded into the preprocessing term). The gradient
+goes through the merge weights of every part; nothing is detached. Kernels:
+  * ``_bwd_pre_kernel``: Delta;
+  * per level: ``_level_dq_kernel`` (query tiles, like the forward), ``_level_dkdv_kernel`` (key tiles of each
+    sorted block, looping over the block's queries of every head of the group) and ``_level_dkdv_samples_kernel``
+    (sample tiles x query splits, atomically added: samples repeat and are shared by all blocks of a node);
+    they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write);
+  * ``_diag_dq_kernel`` / ``_diag_dkdv_kernel``: the exact leaves, adding the level accumulators and writing the
+    final gradients in the input dtype.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, son, sdb, sdh, sdn, N, H,
+                    HAS_DLSE: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = (bh % H).to(tl.int64)
+    rows = pid * BT + tl.arange(0, BT)
+    ok = rows < N
+    dcol = tl.arange(0, D)
+    o = tl.load(O + b * sob + hh * soh + rows[:, None].to(tl.int64) * son + dcol[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + hh * sdh + rows[:, None].to(tl.int64) * sdn + dcol[None, :], mask=ok[:, None],
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh.to(tl.int64) * N + rows, mask=ok, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=ok)
+
+
+@triton.jit
+def _lse2(LSE, DELTA, off, mask):
+    """Row LSE in log2 units (+inf for rows that saw no key, so their P is 0) and Delta."""
+    lse = tl.load(LSE + off, mask=mask, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + off, mask=mask, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dq_step(dq, q, do, k, v, lse2, delta, s, PREC: tl.constexpr):
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC: tl.constexpr):
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
+                     sm_scale, qk_scale,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                     N, NC, H, HK, G, NODES, M,
+                     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    hh = bh % H
+    kvh = hh // G
+    bkv = b * HK + kvh
+    t = TILES + tile * 8
+    q_start = tl.load(t)
+    q_cnt = tl.load(t + 1)
+    k_start = tl.load(t + 2)
+    k_cnt = tl.load(t + 3)
+    blk = tl.load(t + 4)
+    node = tl.load(t + 5)
+    node_ks = tl.load(t + 6)
+    m_cnt = tl.load(t + 7)
+    r = tl.arange(0, BM)
+    row_ok = r < q_cnt
+    dcol = tl.arange(0, D)
+    b64 = b.to(tl.int64)
+    qidx = tl.load(QPERM + bh.to(tl.int64) * NC + q_start + r, mask=row_ok, other=0).to(tl.int64)
+    q = tl.load(Q + b64 * sqb + hh.to(tl.int64) * sqh + qidx[:, None] * sqn + dcol[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * sdb + hh.to(tl.int64) * sdh + qidx[:, None] * sdn + dcol[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, row_ok)
+    nv = tl.load(NVALID + b * NODES + node)
+    kb = K + b64 * skb + kvh.to(tl.int64) * skh
+    vb = V + b64 * svb + kvh.to(tl.int64) * svh
+    kperm = KPERM + bkv.to(tl.int64) * NC
+    dq = tl.zeros([BM, D], tl.float32)
+    for start in range(0, k_cnt, BN):
+        c = start + tl.arange(0, BN)
+        kpos = k_start + c
+        kok = (c < k_cnt) & (kpos - node_ks < nv)
+        kidx = tl.load(kperm + kpos, mask=kok, other=0).to(tl.int64)
+        k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
+        v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(kok[None, :], s, float("-inf"))
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
+    bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
+    sbase = (bkv.to(tl.int64) * NODES + node) * M
+    for start in range(0, m_cnt, BN):
+        j = start + tl.arange(0, BN)
+        jok = j < m_cnt
+        sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
+        sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
+        jok = jok & (sblk != blk) & ((j * 0 + nv) > 0)
+        k = tl.load(kb + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None], other=0.0)
+        v = tl.load(vb + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
+        s = tl.where(jok[None, :], s, float("-inf"))
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
+    ptr = DQA + bh.to(tl.int64) * N * D + qidx[:, None] * D + dcol[None, :]
+    tl.store(ptr, tl.load(ptr, mask=row_ok[:, None], other=0.0) + dq * sm_scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, NVALID,
+                       sm_scale, qk_scale,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                       N, NC, H, HK, G, NODES,
+                       BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // HK
+    kvh = bkv % HK
+    t = TILES + tile * 6
+    k_start = tl.load(t)
+    k_cnt = tl.load(t + 1)
+    q_start = tl.load(t + 2)
+    q_cnt = tl.load(t + 3)
+    node = tl.load(t + 4)
+    node_ks = tl.load(t + 5)
+    c = tl.arange(0, BN)
+    dcol = tl.arange(0, D)
+    b64 = b.to(tl.int64)
+    nv = tl.load(NVALID + b * NODES + node)
+    kpos = k_start + c
+    kok = (c < k_cnt) & (kpos - node_ks < nv)
+    kidx = tl.load(KPERM + bkv.to(tl.int64) * NC + kpos, mask=kok, other=0).to(tl.int64)
+    k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None],
+                other=0.0)
+    v = tl.load(V + b64 * svb + kvh.to(tl.int64) * svh + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None],
+                other=0.0)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for gi in range(G):
+        hh = kvh * G + gi
+        bh = b * H + hh
+        qb = Q + b64 * sqb + hh.to(tl.int64) * sqh
+        db = DO + b64 * sdb + hh.to(tl.int64) * sdh
+        for qs in range(0, q_cnt, BM):
+            r = qs + tl.arange(0, BM)
+            rok = r < q_cnt
+            qidx = tl.load(QPERM + bh.to(tl.int64) * NC + q_start + r, mask=rok, other=0).to(tl.int64)
+            q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
+            do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            sT = tl.where(kok[:, None] & rok[None, :], sT, float("-inf"))
+            dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
+    base = bkv.to(tl.int64) * N * D + kidx[:, None] * D + dcol[None, :]
+    tl.store(DKA + base, tl.load(DKA + base, mask=kok[:, None], other=0.0) + dk * sm_scale, mask=kok[:, None])
+    tl.store(DVA + base, tl.load(DVA + base, mask=kok[:, None], other=0.0) + dv, mask=kok[:, None])
+
+
+@triton.jit
+def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
+                               sm_scale, qk_scale,
+                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                               N, NC, H, HK, G, NODES, M,
+                               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // HK
+    kvh = bkv % HK
+    t = TILES + tile * 6
+    node = tl.load(t)
+    j_start = tl.load(t + 1)
+    q_start = tl.load(t + 2)
+    q_cnt = tl.load(t + 3)
+    node_qs = tl.load(t + 4)
+    bq = tl.load(t + 5)
+    j = j_start + tl.arange(0, BN)
+    dcol = tl.arange(0, D)
+    b64 = b.to(tl.int64)
+    nv = tl.load(NVALID + b * NODES + node)
+    bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
+    sbase = (bkv.to(tl.int64) * NODES + node) * M
+    jok = (j < M) & ((j * 0 + nv) > 0)
+    sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
+    sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
+    k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None],
+                other=0.0)
+    v = tl.load(V + b64 * svb + kvh.to(tl.int64) * svh + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None],
+                other=0.0)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for gi in range(G):
+        hh = kvh * G + gi
+        bh = b * H + hh
+        qb = Q + b64 * sqb + hh.to(tl.int64) * sqh
+        db = DO + b64 * sdb + hh.to(tl.int64) * sdh
+        for qs in range(0, q_cnt, BM):
+            r = qs + tl.arange(0, BM)
+            rok = r < q_cnt
+            spos = q_start + r
+            qblk = (spos - node_qs) // bq
+            qidx = tl.load(QPERM + bh.to(tl.int64) * NC + spos, mask=rok, other=0).to(tl.int64)
+            q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
+            do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale + bias
+            ok = jok[:, None] & rok[None, :] & (sblk[:, None] != qblk[None, :])
+            sT = tl.where(ok, sT, float("-inf"))
+            dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
+    base = bkv.to(tl.int64) * N * D + sidx[:, None] * D + dcol[None, :]
+    tl.atomic_add(DKA + base, dk * sm_scale, mask=jok[:, None], sem="relaxed")
+    tl.atomic_add(DVA + base, dv, mask=jok[:, None], sem="relaxed")
+
+
+@triton.jit
+def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, qk_scale,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                    N, H, G,
+                    HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    D: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = (bh % H).to(tl.int64)
+    kvh = hh // G
+    leaf_start = tl.load(TILES + tile * 3)
+    leaf_len = tl.load(TILES + tile * 3 + 1)
+    off = tl.load(TILES + tile * 3 + 2)
+    rows = off + tl.arange(0, BM)
+    row_ok = rows < leaf_len
+    grow = (leaf_start + rows).to(tl.int64)
+    dcol = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + hh * sqh + grow[:, None] * sqn + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + hh * sdh + grow[:, None] * sdn + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + grow, row_ok)
+    kb = K + b * skb + kvh * skh + leaf_start.to(tl.int64) * skn
+    vb = V + b * svb + kvh * svh + leaf_start.to(tl.int64) * svn
+    dq = tl.zeros([BM, D], tl.float32)
+    for start in range(0, off, BN):
+        cols = start + tl.arange(0, BN)
+        k = tl.load(kb + cols[:, None] * skn + dcol[None, :])
+        v = tl.load(vb + cols[:, None] * svn + dcol[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if HAS_VALID:
+            kv = tl.load(KVALID + b * N + leaf_start + cols)
+            s = tl.where(kv[None, :] != 0, s, float("-inf"))
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
+    hi = tl.minimum(off + BM, leaf_len)
+    for start in range(off, hi, BN):
+        cols = start + tl.arange(0, BN)
+        col_ok = cols < leaf_len
+        k = tl.load(kb + cols[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(vb + cols[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        ok = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+        if HAS_VALID:
+            kv = tl.load(KVALID + b * N + leaf_start + cols, mask=col_ok, other=0)
+            ok = ok & (kv[None, :] != 0)
+        s = tl.where(ok, s, float("-inf"))
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
+    dq = dq * sm_scale
+    if HAS_ACC:
+        dq += tl.load(DQA + bh.to(tl.int64) * N * D + grow[:, None] * D + dcol[None, :], mask=row_ok[:, None],
+                      other=0.0)
+    tl.store(DQ + bh.to(tl.int64) * N * D + grow[:, None] * D + dcol[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _diag_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, sm_scale, qk_scale,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                      N, H, HK, G,
+                      HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      D: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // HK).to(tl.int64)
+    kvh = (bkv % HK).to(tl.int64)
+    leaf_start = tl.load(TILES + tile * 3)
+    leaf_len = tl.load(TILES + tile * 3 + 1)
+    off = tl.load(TILES + tile * 3 + 2)
+    cols = off + tl.arange(0, BN)
+    col_ok = cols < leaf_len
+    gcol = (leaf_start + cols).to(tl.int64)
+    dcol = tl.arange(0, D)
+    if HAS_VALID:
+        col_ok = col_ok & (tl.load(KVALID + b * N + gcol, mask=col_ok, other=0) != 0)
+    k = tl.load(K + b * skb + kvh * skh + gcol[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + gcol[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for gi in range(G):
+        hh = kvh * G + gi
+        bh = b * H + hh
+        qb = Q + b * sqb + hh * sqh + leaf_start.to(tl.int64) * sqn
+        db = DO + b * sdb + hh * sdh + leaf_start.to(tl.int64) * sdn
+        # queries of the diagonal tile (causal mask), then every later query of the leaf (no mask)
+        mid = tl.minimum(off + BN, leaf_len)
+        for qs in range(off, mid, BM):
+            r = qs + tl.arange(0, BM)
+            rok = r < leaf_len
+            q = tl.load(qb + r[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
+            do = tl.load(db + r[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            lse2, delta = _lse2(LSE, DELTA, bh * N + leaf_start + r, rok)
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            ok = col_ok[:, None] & rok[None, :] & (cols[:, None] <= r[None, :])
+            sT = tl.where(ok, sT, float("-inf"))
+            dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
+        for qs in range(mid, leaf_len, BM):
+            r = qs + tl.arange(0, BM)
+            rok = r < leaf_len
+            q = tl.load(qb + r[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
+            do = tl.load(db + r[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            lse2, delta = _lse2(LSE, DELTA, bh * N + leaf_start + r, rok)
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            if HAS_VALID:
+                sT = tl.where(col_ok[:, None], sT, float("-inf"))
+            dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
+    dk = dk * sm_scale
+    out_ok = (cols < leaf_len)[:, None]
+    base = bkv.to(tl.int64) * N * D + gcol[:, None] * D + dcol[None, :]
+    if HAS_ACC:
+        dk += tl.load(DKA + base, mask=out_ok, other=0.0)
+        dv += tl.load(DVA + base, mask=out_ok, other=0.0)
+    tl.store(DK + base, dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=out_ok)

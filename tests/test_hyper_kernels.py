@@ -1,0 +1,137 @@
+"""Triton HyperAttention kernels against the PyTorch reference (kernels/hyper/naive.py).
+
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, fp32/fp16: the interpreter's
+bf16 arithmetic is broken) at tiny sizes; with CUDA the same cases run compiled, plus the ``gpu`` cases in bf16.
+The reference is fed the same seeded projections and samples (the kernels call its helpers), so outputs agree to
+rounding: forward relative error <= 1e-3, gradients against autograd through the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (they are imported lazily below)
+triton = pytest.importorskip("triton")
+
+from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention, naive  # noqa: E402
+from patchattn.kernels.hyper.ops import hyper_attention_triton  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(b, h, hk, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, x, n, d, generator=g).to(DEV, dtype) for x in (h, hk, hk)]
+
+
+def reference(q, k, v, settings, causal, key_valid, dout, dlse):
+    """fp32 reference output, lse and gradients (autograd through naive.py)."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    fn = naive.hyper_attention_causal if causal else naive.hyper_attention_noncausal
+    o, lse = fn(qr.reshape(b, hk, h // hk, n, d), kr, vr, d**-0.5, settings, key_valid=key_valid)
+    o, lse = o.reshape(b, h, n, d), lse.reshape(b, h, n)
+    fin = torch.isfinite(lse)
+    ((o * dout.float()).sum() + (torch.where(fin, lse, 0) * dlse).sum()).backward()
+    return o, lse, qr.grad, kr.grad, vr.grad
+
+
+def check(b, h, hk, n, d, dtype, settings, causal=True, pad=None, fwd_tol=1e-3, bwd_tol=1e-3, **kw):
+    q, k, v = make(b, h, hk, n, d, dtype)
+    key_valid = None
+    if pad is not None:
+        key_valid = torch.ones(b, n, dtype=torch.bool)
+        for bi, (lo, hi) in pad.items():
+            key_valid[bi, lo:hi] = False
+        key_valid = key_valid.to(DEV)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = hyper_attention_triton(qs, ks, vs, settings=settings, causal=causal, key_valid=key_valid, **kw)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(DEV, dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(DEV)
+    fin = torch.isfinite(lse)
+    ((out.float() * dout.float()).sum() + (torch.where(fin, lse, 0) * dlse).sum()).backward()
+    ro, rl, rdq, rdk, rdv = reference(q, k, v, settings, causal, key_valid, dout, dlse)
+    assert torch.equal(fin, torch.isfinite(rl)), "rows without any visible key must agree"
+    assert torch.isfinite(out).all()
+    errs = dict(out=rel_err(out, ro), lse=rel_err(lse[fin], rl[fin]), dq=rel_err(qs.grad, rdq),
+                dk=rel_err(ks.grad, rdk), dv=rel_err(vs.grad, rdv))
+    assert errs["out"] <= fwd_tol and errs["lse"] <= 1e-5, errs
+    assert max(errs["dq"], errs["dk"], errs["dv"]) <= bwd_tol, errs
+    return errs
+
+
+SMALL = HyperSettings(lsh_num_projs=4, block_size=32, sample_size=16, min_seq_len=64, seed=3)
+
+
+def test_causal_fp32_gqa_batch():
+    """GQA 4/2, batch 2, n not a multiple of the block, three levels of recursion, gradient through the lse."""
+    check(2, 4, 2, 300, 16, torch.float32, SMALL, bwd_tol=1e-4)
+
+
+def test_causal_fp16_key_padding():
+    """Left padding on one sequence, a hole in the other (rows that see no key at all stay at -inf / 0)."""
+    check(2, 4, 2, 437, 16, torch.float16, SMALL, pad={0: (100, 130), 1: (0, 77)}, bwd_tol=2e-3)
+
+
+def test_noncausal_fp32_padding_d32():
+    check(2, 2, 1, 203, 32, torch.float32, HyperSettings(lsh_num_projs=5, block_size=48, sample_size=24, seed=1),
+          causal=False, pad={1: (150, 203)}, bwd_tol=1e-4)
+
+
+def test_exact_corner_cases():
+    """Below min_seq_len the op is exact causal attention; a block covering every node is exact too."""
+    q, k, v = make(1, 2, 2, 90, 16, torch.float32)
+    exact = naive.exact_attention_lse(q.reshape(1, 2, 1, 90, 16), k, v, 0.25, causal=True)[0].reshape(q.shape)
+    for settings in (HyperSettings(min_seq_len=128), HyperSettings(block_size=128, sample_size=8, min_seq_len=16)):
+        out, _ = hyper_attention_triton(q, k, v, settings=settings)
+        assert rel_err(out, exact) < 1e-5
+
+
+def test_dispatch_and_crossover():
+    q, k, v = make(1, 2, 1, 40, 16, torch.float32)
+    s = HyperSettings(min_seq_len=16, block_size=8, sample_size=4)
+    ref, _ = naive.hyper_attention(q, k, v, settings=s)
+    out, _ = hyper_attention(q, k, v, settings=s)  # CPU tensors (or the reference) -> same numbers
+    assert rel_err(out, ref) < 1e-5
+    capped, _ = hyper_attention(q, k, v, settings=s, softcap=5.0)  # softcap always takes the reference
+    assert torch.equal(capped, naive.hyper_attention(q, k, v, settings=s, softcap=5.0)[0])
+    assert exact_is_faster(1024, 128, "cuda") and not exact_is_faster(131072, 128, "cuda")
+    assert not exact_is_faster(1024, 128, "cpu")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_bf16_against_reference(d):
+    settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=256)
+    errs = check(2, 8, 2, 1500, d, torch.bfloat16, settings, pad={1: (0, 111)}, fwd_tol=1e-2, bwd_tol=2e-2)
+    print(d, errs)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp16_default_settings_long():
+    settings = HyperSettings()
+    check(1, 4, 2, 9000, 128, torch.float16, settings, fwd_tol=2e-3, bwd_tol=5e-3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_cudnn_leaves_mha():
+    """MHA without padding: the exact leaves come from cuDNN SDPA (diag_impl='cudnn'), the rest from Triton."""
+    settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=512)
+    check(2, 4, 4, 4096, 128, torch.bfloat16, settings, fwd_tol=1e-2, bwd_tol=2e-2, diag_impl="cudnn")
