@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Single-layer causal attention benchmark: Triton HyperAttention vs torch SDPA (cuDNN and flash backends).
 
-b=1, h=32, bf16, d in {64, 128}, n in {4k .. 131k}; forward and forward+backward; ``triton.testing.do_bench``
-medians; relative output error of each impl against cuDNN (exact); peak extra memory of each call. Writes
+b=1, h=32, bf16, d in {64, 128}, n in {4k .. 131k}; forward and forward+backward; impls ``hyper`` (published
+settings), ``hyper+levers`` (16 sinks + 112-key window + 128 samples; d=128 only by default), cuDNN and flash;
+``triton.testing.do_bench`` medians; relative output error of each impl against cuDNN (exact); peak extra memory of
+each call. Writes
 ``hyper_attention.json`` (rows ``{"impl", "mode", "n", "d", "ms", "rel_err", "peak_mb", "gpu", "torch", "triton",
 "date", "command"}``) and ``hyper_attention_speedup.png`` into ``--out-dir`` and prints a table last.
 
@@ -175,7 +177,8 @@ def main():
     ap.add_argument("--d", type=int, nargs="*", default=None)
     ap.add_argument("--n", type=int, nargs="*", default=None)
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
-    ap.add_argument("--impls", nargs="*", default=["hyper", "cudnn", "flash"])
+    ap.add_argument("--impls", nargs="*", default=["hyper", "hyper+levers", "cudnn", "flash"])
+    ap.add_argument("--levers-d", type=int, nargs="*", default=[128], help="head dims that get hyper+levers rows")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--sweep", action="store_true", help="pick the best tile config per head dim first")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="lengths to profile per kernel (d=128)")
@@ -186,11 +189,14 @@ def main():
     ds = args.d or ([128] if args.quick else [128, 64])
     ns = args.n or ([8192, 32768] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072])
     settings = HyperSettings()  # the reference's defaults: 7 projections, block 256, 256 samples, min_seq_len 4096
+    # the recommended quality levers at the same per-query budget: 16 sinks + 112-key window + 128 samples
+    levers = HyperSettings(sample_size=128, sink_tokens=16, local_window=112)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(),
                 command="python " + " ".join(shlex.quote(a) for a in sys.argv))
     os.makedirs(args.out_dir, exist_ok=True)
-    extra = {"settings": settings.__dict__, "meta": meta, "sweep": [], "profile": [], "configs": {}}
+    extra = {"settings": settings.__dict__, "levers": levers.__dict__, "meta": meta, "sweep": [], "profile": [],
+             "configs": {}}
     cfgs = {}
     if args.sweep:
         for d in [d for d in ds if d in args.sweep_d]:
@@ -216,15 +222,18 @@ def main():
     if args.skip_main:
         return
     rows = []
-    impls = {"hyper": lambda d: hyper_fn(settings, cfgs.get(d)), "cudnn": lambda d: sdpa_fn(SDPBackend.CUDNN_ATTENTION),
+    impls = {"hyper": lambda d: hyper_fn(settings, cfgs.get(d)),
+             "hyper+levers": lambda d: hyper_fn(levers, cfgs.get(d)),
+             "cudnn": lambda d: sdpa_fn(SDPBackend.CUDNN_ATTENTION),
              "flash": lambda d: sdpa_fn(SDPBackend.FLASH_ATTENTION)}
     jobs = [(d, n) for d in ds for n in ns]
     for d, n in tqdm(jobs, desc="bench", file=sys.stdout):
+        names = [x for x in args.impls if x != "hyper+levers" or d in args.levers_d]
         q, k, v, do = inputs(n, d)
         with torch.no_grad():
             ref = sdpa_fn(SDPBackend.CUDNN_ATTENTION)(q, k, v)
-            errs = {name: rel_err(impls[name](d)(q, k, v), ref) for name in args.impls}
-        for name in args.impls:
+            errs = {name: rel_err(impls[name](d)(q, k, v), ref) for name in names}
+        for name in names:
             fn = impls[name](d)
             for mode in args.modes:
                 try:
@@ -255,12 +264,13 @@ def plot(rows, path, meta):
     get = {(r["impl"], r["mode"], r["n"], r["d"]): r["ms"] for r in rows}
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for d, marker in ((64, "o"), (128, "s")):
-            for base, ls in (("cudnn", "-"), ("flash", "--")):
+            for impl, base, ls in (("hyper", "cudnn", "-"), ("hyper", "flash", "--"), ("hyper+levers", "cudnn", ":")):
                 ns = sorted({r["n"] for r in rows if r["d"] == d and r["mode"] == mode
-                             and (("hyper", mode, r["n"], d) in get) and ((base, mode, r["n"], d) in get)})
+                             and ((impl, mode, r["n"], d) in get) and ((base, mode, r["n"], d) in get)})
                 if ns:
-                    sp = [get[(base, mode, n, d)] / get[("hyper", mode, n, d)] for n in ns]
-                    ax.plot(ns, sp, ls, marker=marker, label=f"d={d} vs {base}")
+                    sp = [get[(base, mode, n, d)] / get[(impl, mode, n, d)] for n in ns]
+                    label = f"d={d} vs {base}" if impl == "hyper" else f"d={d} levers vs {base}"
+                    ax.plot(ns, sp, ls, marker=marker, label=label)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -279,7 +289,8 @@ def print_table(rows, meta):
     get = {(r["impl"], r["mode"], r["n"], r["d"]): r for r in rows}
     print(f"\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['command']}")
     print(f"{'d':>4} {'n':>7} {'mode':>8} | {'hyper ms':>9} {'cudnn ms':>9} {'flash ms':>9} | {'x cudnn':>7} "
-          f"{'x flash':>7} | {'rel_err':>7} | {'peak MB hyper/cudnn':>19}")
+          f"{'x flash':>7} | {'rel_err':>7} | {'peak MB hyper/cudnn':>19} | {'levers ms':>9} {'x cudnn':>7} "
+          f"{'rel_err':>7}")
     for d in sorted({r["d"] for r in rows}):
         for mode in ("fwd", "fwd+bwd"):
             for n in sorted({r["n"] for r in rows}):
@@ -291,7 +302,10 @@ def print_table(rows, meta):
                 sf = f"{fl['ms'] / h['ms']:7.2f}" if h and fl else f"{'-':>7}"
                 err = f"{h['rel_err']:7.4f}" if h else f"{'-':>7}"
                 pk = f"{h['peak_mb'] if h else 0:9.0f}/{c['peak_mb'] if c else 0:<9.0f}"
-                print(f"{d:>4} {n:>7} {mode:>8} | {f(h)} {f(c)} {f(fl)} | {sc} {sf} | {err} | {pk:>19}")
+                lv = get.get(("hyper+levers", mode, n, d))
+                lvs = (f"{lv['ms']:9.3f} {c['ms'] / lv['ms']:7.2f} {lv['rel_err']:7.4f}" if lv and c
+                       else f"{'-':>9} {'-':>7} {'-':>7}")
+                print(f"{d:>4} {n:>7} {mode:>8} | {f(h)} {f(c)} {f(fl)} | {sc} {sf} | {err} | {pk:>19} | {lvs}")
 
 
 if __name__ == "__main__":

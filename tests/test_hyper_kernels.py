@@ -37,12 +37,8 @@ def make(b, h, hk, n, d, dtype, seed=0):
 
 def reference(q, k, v, settings, causal, key_valid, dout, dlse):
     """fp32 reference output, lse and gradients (autograd through naive.py)."""
-    b, h, n, d = q.shape
-    hk = k.shape[1]
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    fn = naive.hyper_attention_causal if causal else naive.hyper_attention_noncausal
-    o, lse = fn(qr.reshape(b, hk, h // hk, n, d), kr, vr, d**-0.5, settings, key_valid=key_valid)
-    o, lse = o.reshape(b, h, n, d), lse.reshape(b, h, n)
+    o, lse = naive.hyper_attention(qr, kr, vr, None, settings, causal=causal, key_valid=key_valid)
     fin = torch.isfinite(lse)
     ((o * dout.float()).sum() + (torch.where(fin, lse, 0) * dlse).sum()).backward()
     return o, lse, qr.grad, kr.grad, vr.grad
@@ -92,6 +88,30 @@ def test_noncausal_fp32_padding_d32():
           causal=False, pad={1: (150, 203)}, bwd_tol=1e-4)
 
 
+LEVERS = HyperSettings(lsh_num_projs=4, block_size=32, sample_size=16, min_seq_len=64, seed=3, sink_tokens=5,
+                       local_window=20)
+
+
+def test_levers_fp32_gqa_padding():
+    """Sinks + local window (exact set excluded from blocks and samples, added in the leaf pass), GQA, a hole in
+    one sequence that covers some sinks' window, fwd + bwd through the lse."""
+    check(2, 4, 2, 300, 16, torch.float32, LEVERS, pad={0: (2, 4), 1: (70, 90)}, bwd_tol=1e-4)
+
+
+def test_levers_fp16_wide_window_centred():
+    """Window longer than a leaf (the band reaches into earlier leaves), more sinks than one key tile row,
+    centred-key hashing, left padding, fp16."""
+    s = HyperSettings(lsh_num_projs=4, block_size=32, sample_size=16, min_seq_len=48, seed=5, sink_tokens=9,
+                      local_window=61, center_keys=True)
+    check(1, 2, 1, 260, 16, torch.float16, s, pad={0: (0, 7)}, bwd_tol=2e-3)
+
+
+def test_centre_keys_fp32_noncausal():
+    check(1, 2, 1, 150, 16, torch.float32, HyperSettings(lsh_num_projs=3, block_size=32, sample_size=8,
+                                                          center_keys=True, seed=2), causal=False, pad={0: (120, 150)},
+          bwd_tol=1e-4)
+
+
 def test_exact_corner_cases():
     """Below min_seq_len the op is exact causal attention; a block covering every node is exact too."""
     q, k, v = make(1, 2, 2, 90, 16, torch.float32)
@@ -111,6 +131,11 @@ def test_dispatch_and_crossover():
     assert torch.equal(capped, naive.hyper_attention(q, k, v, settings=s, softcap=5.0)[0])
     assert exact_is_faster(1024, 128, "cuda") and not exact_is_faster(131072, 128, "cuda")
     assert not exact_is_faster(1024, 128, "cpu")
+    from patchattn.kernels.hyper.plan import settings_supported
+
+    assert settings_supported(HyperSettings(sink_tokens=16, local_window=112, center_keys=True))
+    with pytest.raises(ValueError):
+        hyper_attention_triton(q, k, v, settings=HyperSettings(sink_tokens=4), causal=False)
 
 
 @gpu
@@ -120,6 +145,25 @@ def test_gpu_bf16_against_reference(d):
     settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=256)
     errs = check(2, 8, 2, 1500, d, torch.bfloat16, settings, pad={1: (0, 111)}, fwd_tol=1e-2, bwd_tol=2e-2)
     print(d, errs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_bf16_levers(d):
+    settings = HyperSettings(block_size=64, sample_size=32, min_seq_len=256, sink_tokens=16, local_window=112,
+                             center_keys=d == 64)
+    errs = check(2, 8, 2, 1500, d, torch.bfloat16, settings, pad={1: (0, 111)}, fwd_tol=1e-2, bwd_tol=2e-2)
+    print(d, errs)
+
+
+@gpu
+@needs_cuda
+def test_gpu_levers_mha_long():
+    """The recommended levers at the default estimator settings, MHA without padding (cuDNN would take the
+    leaves without levers), fp16, three leaves."""
+    settings = HyperSettings(sample_size=128, sink_tokens=16, local_window=112)
+    check(1, 4, 4, 12000, 128, torch.float16, settings, fwd_tol=2e-3, bwd_tol=5e-3)
 
 
 @gpu

@@ -13,8 +13,8 @@ import triton
 
 from . import plan as P
 from .naive import HyperSettings
-from .triton_bwd import (_bwd_pre_kernel, _diag_dkdv_kernel, _diag_dq_kernel, _level_dkdv_kernel,
-                         _level_dkdv_samples_kernel, _level_dq_kernel)
+from .triton_bwd import (_bwd_pre_kernel, _diag_dkdv_kernel, _diag_dq_kernel, _extra_dkdv_kernel,
+                         _level_dkdv_kernel, _level_dkdv_samples_kernel, _level_dq_kernel)
 from .triton_fwd import _diag_fwd_kernel, _hash_kernel, _level_fwd_kernel
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -78,12 +78,21 @@ class _State:
     kvalid: torch.Tensor | None  # [b, n] int8
 
 
-def _hash_sort(x, plan, settings, valid, cfg, role):
+def _levers(settings: HyperSettings):
+    """``(sinks, window, on)``: the exact-set levers as kernel arguments."""
+    s, w = int(settings.sink_tokens), int(settings.local_window)
+    return s, w, bool(s or w)
+
+
+def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
     """This level's sorted order of the queries (``role="q"``) or keys (``"k"``) of ``x [b, heads, n, d]``:
     ``[levels, b, heads, ncols]`` int32 original positions, each node's range sorted by (stable) Gray rank."""
     b, hh, n, d = x.shape
     proj, stride = P.projections(plan, d, settings.lsh_num_projs, settings.seed, x.device)
     cp = proj.shape[-1]
+    off = None
+    if role == "k" and settings.center_keys:
+        off = P.centring_offsets(plan, x, key_valid, proj)
     split = x.dtype in (torch.float16, torch.bfloat16)
     if split:
         proj = P.split_projections(proj, x.dtype)
@@ -95,9 +104,10 @@ def _hash_sort(x, plan, settings, valid, cfg, role):
     keys = torch.full((nl, b, hh, nc), top, dtype=kdt, device=x.device)  # padding sorts last, never read
     bt = cfg.hash_rows
     _hash_kernel[(triton.cdiv(n, bt), b * hh)](
-        x, proj, cmap, valid if valid is not None else cmap, keys, *_strides(x), n, hh, nc, nl,
-        R=settings.lsh_num_projs, RS=stride, CP=cp, HAS_VALID=valid is not None, SPLIT=split, BT=bt, D=d,
-        num_warps=cfg.hash_warps)
+        x, proj, cmap, valid if valid is not None else cmap, off if off is not None else proj, keys, *_strides(x),
+        n, hh, nc, nl, off.shape[2] if off is not None else 1,
+        R=settings.lsh_num_projs, RS=stride, CP=cp, HAS_VALID=valid is not None, HAS_OFF=off is not None,
+        SPLIT=split, BT=bt, D=d, num_warps=cfg.hash_warps)
     order = torch.sort(keys, dim=-1, stable=True).indices
     return torch.gather(back[:, None, None, :].expand(nl, b, hh, nc), -1, order)
 
@@ -115,10 +125,16 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
     kvalid = None if key_valid is None else key_valid.to(torch.int8).contiguous()
     prec = _prec(q.dtype)
     qk_scale = scaling * 1.4426950408889634
+    sinks, window, levers = _levers(settings)
+    if levers and not causal:
+        raise ValueError("sink_tokens / local_window are causal-only levers")
+    extra = levers and len(plan.leaves) > 1  # exact-set keys before a leaf exist only past the first leaf
+    if extra:
+        diag_impl = "triton"  # the leaf pass also carries the exact set (cuDNN cannot mask it)
     qperm = kperm = None
     if plan.levels:  # sorts first: their temporaries are gone before the outputs exist (lower peak memory)
         qperm = _hash_sort(q, plan, settings, None, cfg, "q")
-        kperm = _hash_sort(k, plan, settings, kvalid, cfg, "k")
+        kperm = _hash_sort(k, plan, settings, kvalid, cfg, "k", key_valid)
     out = lse = None
     if plan.leaves and diag_impl in ("cudnn", "auto"):
         try:
@@ -133,8 +149,8 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
             tiles = P.diag_tiles(plan, cfg.fwd_bm, True, dev)
             _diag_fwd_kernel[(tiles.shape[0], b * h)](
                 q, k, v, out, lse, kvalid if kvalid is not None else tiles, tiles, qk_scale,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, h, g,
-                HAS_VALID=kvalid is not None, BM=cfg.fwd_bm, BN=cfg.fwd_bn, D=d, PREC=prec,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, h, g, sinks, window,
+                HAS_VALID=kvalid is not None, EXTRA=extra, BM=cfg.fwd_bm, BN=cfg.fwd_bn, D=d, PREC=prec,
                 num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     levels = []
     for li in range(len(plan.levels)):
@@ -145,8 +161,8 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
         _level_fwd_kernel[(tiles.shape[0], b * h)](
             q, k, v, out, lse, qperm[li], kperm[li], tiles, ld.nvalid, ld.sorig, ld.sblk, ld.sbias, qk_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, plan.ncols, h, hk, g, nodes,
-            ld.sorig.shape[-1], FIRST=(not plan.leaves and li == 0), BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d,
-            PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
+            ld.sorig.shape[-1], sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, BM=cfg.lvl_bm,
+            BN=cfg.lvl_bn, D=d, PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
     state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid)
     return out, lse, state
 
@@ -178,7 +194,10 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
         out, dout, dlse if dlse is not None else delta, delta, *_strides(out), *_strides(dout), n, h,
         HAS_DLSE=dlse is not None, BT=bt, D=d, num_warps=4)
     sd = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    sinks, window, levers = _levers(st.settings)
+    extra = levers and len(plan.leaves) > 1
     has_acc = bool(plan.levels)
+    assert has_acc or not extra
     if has_acc:
         dqa = torch.zeros(b, h, n, d, dtype=torch.float32, device=dev)
         dka = torch.zeros(b, hk, n, d, dtype=torch.float32, device=dev)
@@ -189,23 +208,33 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
             qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
             _level_dq_kernel[(qt.shape[0], b * h)](
                 q, k, v, dout, lse, delta, dqa, st.qperm[li], st.kperm[li], qt, ld.nvalid, ld.sorig, ld.sblk,
-                ld.sbias, sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m,
-                BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+                ld.sbias, sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m, sinks, window,
+                EXCL=levers, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec, num_warps=cfg.dq_warps,
+                num_stages=cfg.bwd_stages)
             kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
             if kt.shape[0]:
                 _level_dkdv_kernel[(kt.shape[0], b * hk)](
                     q, k, v, dout, lse, delta, dka, dva, st.qperm[li], st.kperm[li], kt, ld.nvalid,
-                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes,
-                    BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
+                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, sinks, window,
+                    EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
                     num_stages=cfg.bwd_stages)
             split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
             stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
             if stl.shape[0]:
                 _level_dkdv_samples_kernel[(stl.shape[0], b * hk)](
                     q, k, v, dout, lse, delta, dka, dva, st.qperm[li], stl, ld.nvalid, ld.sorig, ld.sblk, ld.sbias,
-                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m,
-                    BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
+                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m, sinks, window,
+                    EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
                     num_stages=cfg.bwd_stages)
+        if extra:
+            split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
+            et = P.extra_key_tiles(plan, sinks, window, cfg.dkdv_bn, split, dev)
+            if et.shape[0]:
+                _extra_dkdv_kernel[(et.shape[0], b * hk)](
+                    q, k, v, dout, lse, delta, dka, dva, st.kvalid if st.kvalid is not None else et, et,
+                    sm_scale, qk_scale, *sd, n, h, hk, g, sinks, window,
+                    HAS_VALID=st.kvalid is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                    num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
     if plan.leaves:
         dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
         dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
@@ -215,8 +244,8 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
         qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
         _diag_dq_kernel[(qt.shape[0], b * h)](
             q, k, v, dout, lse, delta, dqa if has_acc else dq, dq, kv if kv is not None else qt, qt,
-            sm_scale, qk_scale, *sd, n, h, g,
-            HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
+            sm_scale, qk_scale, *sd, n, h, g, sinks, window,
+            HAS_ACC=has_acc, HAS_VALID=kv is not None, EXTRA=extra, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
             num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
         kt = P.diag_tiles(plan, cfg.dkdv_bn, False, dev)
         _diag_dkdv_kernel[(kt.shape[0], b * hk)](
@@ -254,7 +283,9 @@ def hyper_attention_triton(q, k, v, scaling=None, settings: HyperSettings = Hype
     ``diag_impl``: who computes the exact causal leaves. ``"auto"`` (default) takes cuDNN SDPA where it applies
     (CUDA, fp16/bf16, MHA, no key padding, contiguous inputs, equal leaves) and the Triton kernel otherwise;
     measured on the H200 at d=128, cuDNN on the leaves is ~15% faster than ours (see scripts/bench_hyper.py
-    --profile), and the leaf outputs become the running (out, lse) without copies. ``"triton"`` forces ours."""
+    --profile), and the leaf outputs become the running (out, lse) without copies. ``"triton"`` forces ours.
+    With ``sink_tokens`` / ``local_window`` (past the first leaf) the leaves are always ours: the exact set
+    (sinks + causal band) rides in that pass."""
     b, h, n, d = q.shape
     hk = k.shape[1]
     if h % hk:
@@ -263,6 +294,11 @@ def hyper_attention_triton(q, k, v, scaling=None, settings: HyperSettings = Hype
         raise ValueError("Triton HyperAttention needs nq == nk, equal q/v head dims in " + str(SUPPORTED_HEAD_DIMS))
     scaling = d**-0.5 if scaling is None else float(scaling)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    if settings.sink_tokens or settings.local_window:
+        if not causal:
+            raise ValueError("sink_tokens / local_window are causal-only levers")
+        if len(P.make_plan(n, settings.block_size, settings.min_seq_len, causal).leaves) > 1:
+            diag_impl = "triton"  # the exact set rides in the Triton leaf pass
     if diag_impl in ("cudnn", "auto"):
         leaves = P.make_plan(n, settings.block_size, settings.min_seq_len, causal).leaves
         if not (q.is_cuda and key_valid is None and hk == h and q.is_contiguous() and k.is_contiguous()

@@ -26,14 +26,16 @@ from .naive import HyperSettings, lsh_projections, sample_positions
 
 # HyperSettings fields the kernels implement; any other field must be at an "off" value (0/None/False) for the
 # Triton path to be taken (the reference may grow quality options the kernels do not know yet).
-KERNEL_FIELDS = ("lsh_num_projs", "block_size", "sample_size", "min_seq_len", "seed")
+KERNEL_FIELDS = ("lsh_num_projs", "block_size", "sample_size", "min_seq_len", "seed", "sink_tokens", "local_window",
+                 "center_keys")
 
 
 def settings_supported(settings: HyperSettings) -> bool:
     for f in dataclasses.fields(settings):
         if f.name not in KERNEL_FIELDS and getattr(settings, f.name):
             return False
-    return settings.lsh_num_projs <= 16 and settings.block_size >= 1 and settings.min_seq_len >= 1
+    return (settings.lsh_num_projs <= 16 and settings.block_size >= 1 and settings.min_seq_len >= 1
+            and settings.sink_tokens >= 0 and settings.local_window >= 0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,69 @@ def diag_tiles(plan: Plan, tile: int, longest_first: bool, device) -> torch.Tens
     rows = [(s, m, off) for s, m in plan.leaves for off in range(0, m, tile)]
     rows.sort(key=lambda r: -r[2] if longest_first else r[2])
     return _dev(rows, 3, device)
+
+
+@functools.lru_cache(maxsize=256)
+def extra_key_tiles(plan: Plan, sinks: int, window: int, bn: int, split: int, device) -> torch.Tensor:
+    """dK/dV tiles of the exact set (sinks + local window) *outside* each query's leaf, in original positions:
+    ``(k_start, k_cnt, q_start, q_cnt)``. A key ``j`` of leaf ``[ls, e)`` is in the exact set of the later-leaf
+    queries ``i >= e`` when ``j < sinks`` (all of them: split into ``split``-row chunks) or ``j > i - window``
+    (only ``i < j + window``); inside its own leaf the exact causal part already covers it."""
+    rows = []
+    n = plan.n
+    for ls, m in plan.leaves:
+        e = ls + m
+        if e >= n:
+            continue
+        for k0 in range(ls, min(e, sinks), bn):  # sink keys: every later query
+            for q0 in range(e, n, split):
+                rows.append((k0, min(bn, min(e, sinks) - k0), q0, min(split, n - q0)))
+        if window > 1:  # window keys (not sinks): the first window-1 queries after the leaf
+            lo = max(sinks, ls, e - window + 1)
+            qn = min(n, e + window - 1) - e
+            for k0 in range(lo, e, bn):
+                rows.append((k0, min(bn, e - k0), e, qn))
+    return _dev(rows, 4, device)
+
+
+def centring_segments(plan: Plan) -> torch.Tensor:
+    """``[levels, n]`` int64: the node whose keys position ``t`` is at each level, or ``nodes`` (a spare slot)."""
+    nodes = max((len(lv.nodes) for lv in plan.levels), default=1)
+    seg = torch.full((len(plan.levels), plan.n), nodes, dtype=torch.int64)
+    for li, lv in enumerate(plan.levels):
+        for j, nd in enumerate(lv.nodes):
+            seg[li, nd.ks:nd.ks + nd.nk] = j
+    return seg
+
+
+@functools.lru_cache(maxsize=64)
+def _centring_segments_dev(plan: Plan, device) -> torch.Tensor:
+    return centring_segments(plan).to(device)
+
+
+def centring_offsets(plan: Plan, k: torch.Tensor, key_valid, proj: torch.Tensor) -> torch.Tensor:
+    """Hash offsets of ``center_keys``: the reference hashes ``k - mean`` (mean over the valid keys of each
+    off-diagonal node); by linearity ``(k - mu) @ P = k @ P - mu @ P``, so the hash kernel subtracts ``mu @ P``.
+    ``proj`` ``[d, CP]`` fp32 packed projections. Returns ``[levels, b * hk, nodes, CP]`` fp32 (each level's own
+    columns are the ones it reads)."""
+    b, hk, n, d = k.shape
+    nl = len(plan.levels)
+    nodes = max((len(lv.nodes) for lv in plan.levels), default=1)
+    seg = _centring_segments_dev(plan, k.device)
+    kf = k.float()
+    if key_valid is not None:
+        w = key_valid.to(torch.float32)  # [b, n]
+        kf = kf * w[:, None, :, None]
+    else:
+        w = torch.ones(b, n, device=k.device)
+    out = torch.empty(nl, b, hk, nodes, proj.shape[-1], dtype=torch.float32, device=k.device)
+    for li in range(nl):
+        sums = torch.zeros(b, hk, nodes + 1, d, dtype=torch.float32, device=k.device)
+        sums.index_add_(2, seg[li], kf)
+        cnt = torch.zeros(b, nodes + 1, dtype=torch.float32, device=k.device).index_add_(1, seg[li], w)
+        mu = sums[:, :, :nodes] / cnt[:, None, :nodes, None].clamp_min(1)
+        out[li] = mu @ proj
+    return out.reshape(nl, b * hk, nodes, -1).contiguous()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -295,4 +360,5 @@ def rough_cost(plan: Plan, settings: HyperSettings) -> float:
 
 
 __all__ = ["Plan", "Node", "Level", "LevelData", "make_plan", "compact_maps", "diag_tiles", "query_tiles", "key_tiles",
-           "sample_tiles", "projections", "level_data", "settings_supported", "rough_cost"]
+           "sample_tiles", "extra_key_tiles", "centring_offsets", "projections", "level_data", "settings_supported",
+           "rough_cost"]

@@ -12,12 +12,17 @@ goes through the merge weights of every part; nothing is detached. Kernels:
     (sample tiles x query splits, atomically added: samples repeat and are shared by all blocks of a node);
     they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write);
   * ``_diag_dq_kernel`` / ``_diag_dkdv_kernel``: the exact leaves, adding the level accumulators and writing the
-    final gradients in the input dtype.
+    final gradients in the input dtype;
+  * levers (sinks / local window): the level kernels mask the exact-set pairs (``EXCL``), ``_diag_dq_kernel`` adds
+    the exact-set keys before the leaf (``EXTRA``) and ``_extra_dkdv_kernel`` their dK/dV (atomics into the
+    accumulators, before the leaf kernels read them).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_fwd import _extra_cols, _in_exact_set
 
 
 @triton.jit
@@ -71,8 +76,9 @@ def _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC: tl.constexpr):
 def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
                      sm_scale, qk_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                     N, NC, H, HK, G, NODES, M,
-                     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                     N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
+                     EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                     PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -111,7 +117,10 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(kok[None, :], s, float("-inf"))
+        ok = kok[None, :]
+        if EXCL:
+            ok = ok & ~_in_exact_set(qidx[:, None], kidx[None, :], SINKS, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
         dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
     sbase = (bkv.to(tl.int64) * NODES + node) * M
@@ -124,7 +133,10 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
         k = tl.load(kb + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None], other=0.0)
         v = tl.load(vb + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-        s = tl.where(jok[None, :], s, float("-inf"))
+        ok = jok[None, :]
+        if EXCL:
+            ok = ok & ~_in_exact_set(qidx[:, None], sidx[None, :], SINKS, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
         dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     ptr = DQA + bh.to(tl.int64) * N * D + qidx[:, None] * D + dcol[None, :]
     tl.store(ptr, tl.load(ptr, mask=row_ok[:, None], other=0.0) + dq * sm_scale, mask=row_ok[:, None])
@@ -134,8 +146,9 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
 def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, NVALID,
                        sm_scale, qk_scale,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                       N, NC, H, HK, G, NODES,
-                       BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                       N, NC, H, HK, G, NODES, SINKS, WINDOW,
+                       EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                       PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK
@@ -173,7 +186,10 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, N
             do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-            sT = tl.where(kok[:, None] & rok[None, :], sT, float("-inf"))
+            ok = kok[:, None] & rok[None, :]
+            if EXCL:
+                ok = ok & ~_in_exact_set(qidx[None, :], kidx[:, None], SINKS, WINDOW)
+            sT = tl.where(ok, sT, float("-inf"))
             dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
     base = bkv.to(tl.int64) * N * D + kidx[:, None] * D + dcol[None, :]
     tl.store(DKA + base, tl.load(DKA + base, mask=kok[:, None], other=0.0) + dk * sm_scale, mask=kok[:, None])
@@ -184,8 +200,9 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, N
 def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
                                sm_scale, qk_scale,
                                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                               N, NC, H, HK, G, NODES, M,
-                               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                               N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
+                               EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                               PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK
@@ -228,6 +245,8 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, 
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale + bias
             ok = jok[:, None] & rok[None, :] & (sblk[:, None] != qblk[None, :])
+            if EXCL:
+                ok = ok & ~_in_exact_set(qidx[None, :], sidx[:, None], SINKS, WINDOW)
             sT = tl.where(ok, sT, float("-inf"))
             dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
     base = bkv.to(tl.int64) * N * D + sidx[:, None] * D + dcol[None, :]
@@ -238,9 +257,9 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, 
 @triton.jit
 def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, qk_scale,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                    N, H, G,
-                    HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    D: tl.constexpr, PREC: tl.constexpr):
+                    N, H, G, SINKS, WINDOW,
+                    HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, EXTRA: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -259,6 +278,25 @@ def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, q
     kb = K + b * skb + kvh * skh + leaf_start.to(tl.int64) * skn
     vb = V + b * svb + kvh * svh + leaf_start.to(tl.int64) * svn
     dq = tl.zeros([BM, D], tl.float32)
+    if EXTRA:  # exact-set keys before the leaf (sinks, then the window band), as in _diag_fwd_kernel
+        kb0 = K + b * skb + kvh * skh
+        vb0 = V + b * svb + kvh * svh
+        hi = tl.minimum(SINKS, leaf_start)
+        for start in range(0, hi, BN):
+            cols, col_ok, ok = _extra_cols(start, grow, 0, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
+            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(ok, s, float("-inf"))
+            dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
+        lo = tl.maximum(SINKS, leaf_start + off - WINDOW + 1)
+        for start in range(lo, leaf_start, BN):
+            cols, col_ok, ok = _extra_cols(start, grow, lo, leaf_start, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
+            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(ok, s, float("-inf"))
+            dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     for start in range(0, off, BN):
         cols = start + tl.arange(0, BN)
         k = tl.load(kb + cols[:, None] * skn + dcol[None, :])
@@ -347,3 +385,52 @@ def _diag_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, 
         dv += tl.load(DVA + base, mask=out_ok, other=0.0)
     tl.store(DK + base, dk.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _extra_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, KVALID, TILES, sm_scale, qk_scale,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                       N, H, HK, G, SINKS, WINDOW,
+                       HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                       PREC: tl.constexpr):
+    """dK/dV of the exact-set pairs whose key lies before the query's leaf (plan.extra_key_tiles: a key chunk
+    and a query range of later leaves), added atomically into the fp32 accumulators (sink keys are shared by
+    every later query, so their query range is split over programs)."""
+    tile = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // HK).to(tl.int64)
+    kvh = (bkv % HK).to(tl.int64)
+    t = TILES + tile * 4
+    k_start = tl.load(t)
+    k_cnt = tl.load(t + 1)
+    q_start = tl.load(t + 2)
+    q_cnt = tl.load(t + 3)
+    c = tl.arange(0, BN)
+    cols = (k_start + c).to(tl.int64)
+    col_ok = c < k_cnt
+    if HAS_VALID:
+        col_ok = col_ok & (tl.load(KVALID + b * N + cols, mask=col_ok, other=0) != 0)
+    dcol = tl.arange(0, D)
+    k = tl.load(K + b * skb + kvh * skh + cols[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + cols[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for gi in range(G):
+        hh = kvh * G + gi
+        bh = b * H + hh
+        qb = Q + b * sqb + hh * sqh
+        db = DO + b * sdb + hh * sdh
+        for qs in range(0, q_cnt, BM):
+            r = qs + tl.arange(0, BM)
+            rok = r < q_cnt
+            qpos = (q_start + r).to(tl.int64)
+            q = tl.load(qb + qpos[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
+            do = tl.load(db + qpos[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            lse2, delta = _lse2(LSE, DELTA, bh * N + qpos, rok)
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            ok = col_ok[:, None] & rok[None, :] & _in_exact_set(qpos[None, :], cols[:, None], SINKS, WINDOW)
+            sT = tl.where(ok, sT, float("-inf"))
+            dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
+    base = bkv.to(tl.int64) * N * D + cols[:, None] * D + dcol[None, :]
+    tl.atomic_add(DKA + base, dk * sm_scale, mask=col_ok[:, None], sem="relaxed")
+    tl.atomic_add(DVA + base, dv, mask=col_ok[:, None], sem="relaxed")

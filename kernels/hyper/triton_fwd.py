@@ -11,6 +11,10 @@ Same estimator as ``naive.py`` (see ``plan.py`` for how the causal recursion is 
      softmax from their running ``(out, lse)``, runs over the keys of its own sorted block and then over the sampled
      keys (log-weight ``log(n_valid/m)`` added to the scores, samples in the own block masked), and scatters the
      merged ``(out, lse)`` back to the original positions. No unsort/merge passes and no partial buffers.
+Quality levers: ``sink_tokens`` / ``local_window`` make every query's exact set (sinks + causal band) an exact part:
+the level kernels mask those (query, key) pairs out of blocks and samples by original position (``EXCL``) and the
+leaf kernel adds the exact-set keys that lie before each leaf (``EXTRA``); ``center_keys`` subtracts each node's
+projected key mean inside ``_hash_kernel`` (``HAS_OFF``).
 All math is in fp32 with exp2; inputs fp16 / bf16 (tensor cores) or fp32 (IEEE dots, for the CPU interpreter).
 """
 from __future__ import annotations
@@ -23,9 +27,9 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _hash_kernel(X, P, MAP, VALID, OUT, sxb, sxh, sxn, N, H, NCOL, NL,
+def _hash_kernel(X, P, MAP, VALID, OFF, OUT, sxb, sxh, sxn, N, H, NCOL, NL, NODES,
                  R: tl.constexpr, RS: tl.constexpr, CP: tl.constexpr, HAS_VALID: tl.constexpr,
-                 SPLIT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+                 HAS_OFF: tl.constexpr, SPLIT: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
     """Sort keys of ``BT`` rows for every level: ``OUT[lvl, bh, MAP[lvl, t]] = node << (R+1) | gray_rank``.
 
     ``P`` ``[D, CP]`` packs the projections of all levels (level ``l`` in columns ``l*RS ..``), so one dot gives
@@ -33,7 +37,8 @@ def _hash_kernel(X, P, MAP, VALID, OUT, sxb, sxh, sxn, N, H, NCOL, NL,
     (hi + mid + lo): three tensor-core dots with fp32 accumulation give the fp32 product (the reference's
     ``x.float() @ proj`` up to summation order). Otherwise x and P are fp32 and the dot is IEEE fp32.
     ``MAP[0, lvl, t]`` is the compact slot of position t at that level (-1: not sorted there) and
-    ``MAP[1, lvl, t]`` the index of its node (see plan.compact_maps)."""
+    ``MAP[1, lvl, t]`` the index of its node (see plan.compact_maps). ``HAS_OFF`` (``center_keys``): the
+    projection of each node's key mean, ``OFF[lvl, bh, node, :CP]``, is subtracted before the signs."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -58,17 +63,29 @@ def _hash_kernel(X, P, MAP, VALID, OUT, sxb, sxh, sxn, N, H, NCOL, NL,
     if HAS_VALID:
         valid = tl.load(VALID + b * N + rows, mask=ok, other=1)
     for lvl in range(NL):
-        code = tl.sum(tl.where(pos & (lvl_of == lvl)[None, :], wts[None, :], 0), 1)
+        slot = tl.load(MAP + lvl * N + rows, mask=ok, other=-1)
+        node = tl.load(MAP + NL * N + lvl * N + rows, mask=ok, other=0)
+        if HAS_OFF:
+            obase = (lvl * tl.num_programs(1) + bh).to(tl.int64) * NODES + node
+            off = tl.load(OFF + obase[:, None] * CP + col[None, :], mask=ok[:, None], other=0.0)
+            pos_l = (y - off) > 0
+        else:
+            pos_l = pos
+        code = tl.sum(tl.where(pos_l & (lvl_of == lvl)[None, :], wts[None, :], 0), 1)
         rank = code
         for s in tl.static_range(1, R):
             rank = rank ^ (code >> s)
         if HAS_VALID:
             rank = tl.where(valid != 0, rank, 1 << R)
-        slot = tl.load(MAP + lvl * N + rows, mask=ok, other=-1)
-        node = tl.load(MAP + NL * N + lvl * N + rows, mask=ok, other=0)
         key = (node << (R + 1)) | rank
         tl.store(OUT + (lvl * tl.num_programs(1) + bh).to(tl.int64) * NCOL + slot, key.to(OUT.dtype.element_ty),
                  mask=ok & (slot >= 0))
+
+
+@triton.jit
+def _in_exact_set(qpos, kpos, SINKS, WINDOW):
+    """The estimator's exclusion (naive.exact_set_mask) for key positions before their queries: sinks or window."""
+    return (kpos < SINKS) | (kpos > qpos - WINDOW)
 
 
 @triton.jit
@@ -85,11 +102,28 @@ def _online_update(acc, m_i, l_i, s, v, PREC: tl.constexpr):
 
 
 @triton.jit
+def _extra_cols(start, rows, lo, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID: tl.constexpr, BN: tl.constexpr):
+    """Key positions ``start + [0, BN)`` of an exact-set chunk in ``[lo, hi)`` (before the leaf of the query
+    rows ``rows``, original positions) and which (row, key) pairs are in the exact set: sinks ``j < SINKS`` or
+    window ``j > i - WINDOW`` (always causal here: every key lies before every row's leaf)."""
+    cols = start + tl.arange(0, BN)
+    col_ok = (cols >= lo) & (cols < hi)
+    if HAS_VALID:
+        col_ok = col_ok & (tl.load(KVALID + b * N + cols, mask=col_ok, other=0) != 0)
+    ok = col_ok[None, :] & ((cols[None, :] < SINKS) | (cols[None, :] > rows[:, None] - WINDOW))
+    return cols, col_ok, ok
+
+
+@triton.jit
 def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                     N, H, G,
-                     HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                     PREC: tl.constexpr):
+                     N, H, G, SINKS, WINDOW,
+                     HAS_VALID: tl.constexpr, EXTRA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     D: tl.constexpr, PREC: tl.constexpr):
+    """Exact causal attention inside one leaf for a BM-row query tile. ``EXTRA`` (sinks / local window): the
+    tile also attends to the exact-set keys that lie *before* its leaf (sinks ``[0, min(SINKS, ls))`` and the
+    band ``[max(SINKS, ls + off - WINDOW + 1), ls)``, masked per row); inside the leaf everything is exact
+    anyway, and the estimator passes exclude these pairs, so the leaf pass is where the exact set lands."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -108,6 +142,26 @@ def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
+    if EXTRA:
+        kb0 = K + b * skb + kvh * skh
+        vb0 = V + b * svb + kvh * svh
+        grows = leaf_start + rows
+        hi = tl.minimum(SINKS, leaf_start)
+        for start in range(0, hi, BN):  # sinks before the leaf
+            cols, col_ok, ok = _extra_cols(start, grows, 0, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
+            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(ok, s, float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
+        lo = tl.maximum(SINKS, leaf_start + off - WINDOW + 1)
+        for start in range(lo, leaf_start, BN):  # local-window band before the leaf
+            cols, col_ok, ok = _extra_cols(start, grows, lo, leaf_start, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
+            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(ok, s, float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     # keys strictly before the tile: no causal mask (off is a multiple of BM and BN divides BM)
     for start in range(0, off, BN):
         cols = start + tl.arange(0, BN)
@@ -144,9 +198,9 @@ def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
 @triton.jit
 def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK, SBIAS, qk_scale,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                      N, NC, H, HK, G, NODES, M,
-                      FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                      PREC: tl.constexpr):
+                      N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
+                      FIRST: tl.constexpr, EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -195,7 +249,10 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK,
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(kok[None, :], s, float("-inf"))
+        ok = kok[None, :]
+        if EXCL:
+            ok = ok & ~_in_exact_set(qidx[:, None], kidx[None, :], SINKS, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
     sbase = (bkv.to(tl.int64) * NODES + node) * M
@@ -208,7 +265,10 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK,
         k = tl.load(kb + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None], other=0.0)
         v = tl.load(vb + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-        s = tl.where(jok[None, :], s, float("-inf"))
+        ok = jok[None, :]
+        if EXCL:
+            ok = ok & ~_in_exact_set(qidx[:, None], sidx[None, :], SINKS, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     l_ok = l_i > 0
     l_use = tl.where(l_ok, l_i, 1.0)
