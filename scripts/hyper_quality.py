@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--counts", default="0,4,8,15,30", help="numbers of patched layers (the last N candidates)")
     p.add_argument("--global-only", action="store_true", help="candidates = full-attention layers only")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--skip-layer-errors", action="store_true", help="only the perplexity curve")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
 
@@ -61,9 +62,11 @@ def main(argv=None) -> None:
     names = args.settings.split(",")
 
     ids = tok(text, return_tensors="pt").input_ids[:, : args.context].to(device)
-    store = capture(model, ids)
-    errors = {name: layer_errors(store, "hyper", **SETTINGS[name]) for name in names}
-    del store
+    errors = {}
+    if not args.skip_layer_errors:
+        store = capture(model, ids)
+        errors = {name: layer_errors(store, "hyper", **SETTINGS[name]) for name in names}
+        del store
     rows = []
     ppl = lambda: perplexity(model, tok, text, context_length=args.context, max_tokens=args.max_tokens,  # noqa
                              device=device).ppl
