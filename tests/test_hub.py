@@ -124,6 +124,9 @@ def test_full_round_trip(hub, tmp_path):
     fresh = patchattn.from_pretrained("me/llama-hyper", cache_dir=tmp_path / "fresh_cache")
     assert fresh.config.patchattn == model.config.patchattn
     assert torch.equal(logits(fresh), expected)
+    prompt = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(3))  # > min_seq_len: hyper runs
+    assert torch.equal(fresh.generate(prompt, max_new_tokens=8, do_sample=False),
+                       model.generate(prompt, max_new_tokens=8, do_sample=False))
 
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)  # the card's "how to load" runs as is
     namespace = {}
