@@ -112,6 +112,27 @@ def test_centre_keys_fp32_noncausal():
           bwd_tol=1e-4)
 
 
+def _cfg(**kw):
+    import dataclasses
+
+    from patchattn.kernels.hyper.ops import default_config
+
+    return dataclasses.replace(default_config(16), **kw)
+
+
+def test_backward_kv_head_chunks_int32_orders():
+    """The backward's fp32 accumulators one KV head of one row at a time (zero budget), int32 sort orders, with
+    levers (the exact-set dK/dV kernel runs per chunk too), GQA and padding: same gradients as the reference."""
+    check(2, 4, 2, 300, 16, torch.float32, LEVERS, pad={0: (2, 4), 1: (70, 90)}, bwd_tol=1e-4,
+          config=_cfg(acc_budget_mb=0, perm16=False))
+
+
+def test_backward_row_chunks_noncausal():
+    """Non-causal (no exact leaves: the chunk accumulators are copied out) with one batch row per chunk."""
+    check(2, 2, 1, 203, 32, torch.float32, HyperSettings(lsh_num_projs=5, block_size=48, sample_size=24, seed=1),
+          causal=False, pad={1: (150, 203)}, bwd_tol=1e-4, config=_cfg(acc_budget_mb=0.1))
+
+
 def test_exact_corner_cases():
     """Below min_seq_len the op is exact causal attention; a block covering every node is exact too."""
     q, k, v = make(1, 2, 2, 90, 16, torch.float32)

@@ -41,6 +41,12 @@ class KernelConfig:
     sample_split: int = 4096  # query rows (all heads of a group together) per sampled-key dK/dV program
     hash_rows: int = 128
     hash_warps: int = 8
+    # Backward: the fp32 dQ/dK/dV accumulators of the level passes cover only a chunk of KV heads (and batch rows)
+    # at a time, at most this many MiB together (at least one KV head of one row); the final gradients are written
+    # in the input dtype. 131k, h=32, d=128: 5 KV heads per chunk, 0.94 GiB instead of 6 GiB for all heads.
+    acc_budget_mb: int = 1024
+    # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32).
+    perm16: bool = True
 
 
 def default_config(d: int) -> KernelConfig:
@@ -72,10 +78,11 @@ class _State:
     settings: HyperSettings
     cfg: KernelConfig
     scaling: float
-    qperm: torch.Tensor | None
+    qperm: torch.Tensor | None  # [levels, b, h, ncols] node-local offsets, int16 (perm16) or int32
     kperm: torch.Tensor | None
     levels: list  # LevelData per level
     kvalid: torch.Tensor | None  # [b, n] int8
+    perm16: bool = False
 
 
 def _levers(settings: HyperSettings):
@@ -84,9 +91,15 @@ def _levers(settings: HyperSettings):
     return s, w, bool(s or w)
 
 
+def _perm16(plan, cfg) -> bool:
+    return bool(cfg.perm16 and P.perm16_ok(plan))
+
+
 def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
-    """This level's sorted order of the queries (``role="q"``) or keys (``"k"``) of ``x [b, heads, n, d]``:
-    ``[levels, b, heads, ncols]`` int32 original positions, each node's range sorted by (stable) Gray rank."""
+    """Every level's sorted order of the queries (``role="q"``) or keys (``"k"``) of ``x [b, heads, n, d]``:
+    ``[levels, b, heads, ncols]`` node-local offsets (original position minus the node's first one), each node's
+    range sorted by (stable) Gray rank; int16 (read back as unsigned) when every node is <= 65536 long, else int32.
+    """
     b, hh, n, d = x.shape
     proj, stride = P.projections(plan, d, settings.lsh_num_projs, settings.seed, x.device)
     cp = proj.shape[-1]
@@ -96,7 +109,8 @@ def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
     split = x.dtype in (torch.float16, torch.bfloat16)
     if split:
         proj = P.split_projections(proj, x.dtype)
-    qmap, kmap, qback, kback, node_bits = P.compact_maps(plan, x.device)
+    qmap, kmap, _, _, node_bits = P.compact_maps(plan, x.device)
+    qback, kback = P.back_maps(plan, torch.int16 if _perm16(plan, cfg) else torch.int32, x.device)
     cmap, back = (qmap, qback) if role == "q" else (kmap, kback)
     bits = node_bits + settings.lsh_num_projs + 1
     kdt, top = (torch.int16, 2**15 - 1) if bits <= 15 else (torch.int32, 2**31 - 1)
@@ -108,7 +122,9 @@ def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
         n, hh, nc, nl, off.shape[2] if off is not None else 1,
         R=settings.lsh_num_projs, RS=stride, CP=cp, HAS_VALID=valid is not None, HAS_OFF=off is not None,
         SPLIT=split, BT=bt, D=d, num_warps=cfg.hash_warps)
+    del off
     order = torch.sort(keys, dim=-1, stable=True).indices
+    del keys
     return torch.gather(back[:, None, None, :].expand(nl, b, hh, nc), -1, order)
 
 
@@ -131,6 +147,7 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
     extra = levers and len(plan.leaves) > 1  # exact-set keys before a leaf exist only past the first leaf
     if extra:
         diag_impl = "triton"  # the leaf pass also carries the exact set (cuDNN cannot mask it)
+    perm16 = _perm16(plan, cfg)
     qperm = kperm = None
     if plan.levels:  # sorts first: their temporaries are gone before the outputs exist (lower peak memory)
         qperm = _hash_sort(q, plan, settings, None, cfg, "q")
@@ -159,11 +176,12 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
         tiles = P.query_tiles(plan, li, cfg.lvl_bm, settings.sample_size, dev)
         nodes = len(plan.levels[li].nodes)
         _level_fwd_kernel[(tiles.shape[0], b * h)](
-            q, k, v, out, lse, qperm[li], kperm[li], tiles, ld.nvalid, ld.sorig, ld.sblk, ld.sbias, qk_scale,
+            q, k, v, out, lse, qperm[li], kperm[li], P.node_starts(plan, li, dev), tiles, ld.nvalid, ld.sorig,
+            ld.sblk, ld.sbias, qk_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, plan.ncols, h, hk, g, nodes,
-            ld.sorig.shape[-1], sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, BM=cfg.lvl_bm,
-            BN=cfg.lvl_bn, D=d, PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
-    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid)
+            ld.sorig.shape[-1], sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, PERM16=perm16,
+            BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d, PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
+    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid, perm16)
     return out, lse, state
 
 
@@ -176,6 +194,20 @@ def _diag_cudnn(q, k, v, plan, scaling):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, True, False,
                                                               scale=scaling)
     return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous()
+
+
+def _acc_chunks(b, hk, g, n, d, cfg):
+    """``(b0, b1, kv0, kv1)`` pieces of the backward whose fp32 accumulators (dQ of ``g`` query heads, dK and dV
+    per KV head) fit ``cfg.acc_budget_mb``: whole batch rows where they fit, else KV-head ranges of one row."""
+    per = (g + 2) * n * d * 4
+    units = max(1, int(cfg.acc_budget_mb * 2**20) // per)
+    if units >= b * hk:
+        return [(0, b, 0, hk)]
+    if units >= hk:
+        nb = units // hk
+        return [(b0, min(b, b0 + nb), 0, hk) for b0 in range(0, b, nb)]
+    c = -(-hk // -(-hk // units))  # balanced: ceil(hk / number of chunks)
+    return [(bi, bi + 1, k0, min(hk, k0 + c)) for bi in range(b) for k0 in range(0, hk, c)]
 
 
 def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
@@ -193,68 +225,86 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     _bwd_pre_kernel[(triton.cdiv(n, bt), b * h)](
         out, dout, dlse if dlse is not None else delta, delta, *_strides(out), *_strides(dout), n, h,
         HAS_DLSE=dlse is not None, BT=bt, D=d, num_warps=4)
-    sd = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     sinks, window, levers = _levers(st.settings)
     extra = levers and len(plan.leaves) > 1
     has_acc = bool(plan.levels)
     assert has_acc or not extra
-    if has_acc:
-        dqa = torch.zeros(b, h, n, d, dtype=torch.float32, device=dev)
-        dka = torch.zeros(b, hk, n, d, dtype=torch.float32, device=dev)
-        dva = torch.zeros(b, hk, n, d, dtype=torch.float32, device=dev)
-        for li, ld in enumerate(st.levels):
-            nodes = len(plan.levels[li].nodes)
-            m = ld.sorig.shape[-1]
-            qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
-            _level_dq_kernel[(qt.shape[0], b * h)](
-                q, k, v, dout, lse, delta, dqa, st.qperm[li], st.kperm[li], qt, ld.nvalid, ld.sorig, ld.sblk,
-                ld.sbias, sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m, sinks, window,
-                EXCL=levers, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec, num_warps=cfg.dq_warps,
-                num_stages=cfg.bwd_stages)
-            kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
-            if kt.shape[0]:
-                _level_dkdv_kernel[(kt.shape[0], b * hk)](
-                    q, k, v, dout, lse, delta, dka, dva, st.qperm[li], st.kperm[li], kt, ld.nvalid,
-                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, sinks, window,
-                    EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
-                    num_stages=cfg.bwd_stages)
-            split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
-            stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
-            if stl.shape[0]:
-                _level_dkdv_samples_kernel[(stl.shape[0], b * hk)](
-                    q, k, v, dout, lse, delta, dka, dva, st.qperm[li], stl, ld.nvalid, ld.sorig, ld.sblk, ld.sbias,
-                    sm_scale, qk_scale, *sd, n, plan.ncols, h, hk, g, nodes, m, sinks, window,
-                    EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec, num_warps=cfg.dkdv_warps,
-                    num_stages=cfg.bwd_stages)
-        if extra:
-            split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
-            et = P.extra_key_tiles(plan, sinks, window, cfg.dkdv_bn, split, dev)
-            if et.shape[0]:
-                _extra_dkdv_kernel[(et.shape[0], b * hk)](
-                    q, k, v, dout, lse, delta, dka, dva, st.kvalid if st.kvalid is not None else et, et,
-                    sm_scale, qk_scale, *sd, n, h, hk, g, sinks, window,
-                    HAS_VALID=st.kvalid is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
-                    num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-    if plan.leaves:
-        dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
-        dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
-        dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
-        kv = st.kvalid
-        assert cfg.dq_bm % cfg.dq_bn == 0
-        qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
-        _diag_dq_kernel[(qt.shape[0], b * h)](
-            q, k, v, dout, lse, delta, dqa if has_acc else dq, dq, kv if kv is not None else qt, qt,
-            sm_scale, qk_scale, *sd, n, h, g, sinks, window,
-            HAS_ACC=has_acc, HAS_VALID=kv is not None, EXTRA=extra, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
-            num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
-        kt = P.diag_tiles(plan, cfg.dkdv_bn, False, dev)
-        _diag_dkdv_kernel[(kt.shape[0], b * hk)](
-            q, k, v, dout, lse, delta, dka if has_acc else dk, dva if has_acc else dv, dk, dv,
-            kv if kv is not None else kt, kt, sm_scale, qk_scale, *sd, n, h, hk, g,
-            HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
-            num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-        return dq, dk, dv
-    return dqa.to(q.dtype), dka.to(k.dtype), dva.to(v.dtype)
+    dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
+    dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
+    dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
+    chunks = _acc_chunks(b, hk, g, n, d, cfg) if has_acc else [(0, b, 0, hk)]
+    if has_acc:  # one flat fp32 buffer for the largest chunk, reused (zeroed) by every chunk
+        units = max((b1 - b0) * (k1 - k0) for b0, b1, k0, k1 in chunks)
+        buf = torch.empty(units * (g + 2) * n * d, dtype=torch.float32, device=dev)
+    split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
+    for b0, b1, k0, k1 in chunks:
+        cb, ck = b1 - b0, k1 - k0
+        ch, h0, h1 = ck * g, k0 * g, k1 * g
+        qc, kc, vc, doc = q[b0:b1, h0:h1], k[b0:b1, k0:k1], v[b0:b1, k0:k1], dout[b0:b1, h0:h1]
+        lsec, deltac = lse[b0:b1, h0:h1], delta[b0:b1, h0:h1]
+        kv = None if st.kvalid is None else st.kvalid[b0:b1]
+        dqc, dkc, dvc = dq[b0:b1, h0:h1], dk[b0:b1, k0:k1], dv[b0:b1, k0:k1]
+        sd = (*_strides(qc), *_strides(kc), *_strides(vc), *_strides(doc))
+        if has_acc:
+            m_q, m_k = cb * ch * n * d, cb * ck * n * d
+            buf[: m_q + 2 * m_k].zero_()
+            dqa = buf[:m_q].view(cb, ch, n, d)
+            dka = buf[m_q: m_q + m_k].view(cb, ck, n, d)
+            dva = buf[m_q + m_k: m_q + 2 * m_k].view(cb, ck, n, d)
+            for li, ld in enumerate(st.levels):
+                nodes = len(plan.levels[li].nodes)
+                m = ld.sorig.shape[-1]
+                ns = P.node_starts(plan, li, dev)
+                qperm, kperm = st.qperm[li, b0:b1, h0:h1], st.kperm[li, b0:b1, k0:k1]
+                nvalid, sbias = ld.nvalid[b0:b1], ld.sbias[b0:b1]
+                sorig, sblk = ld.sorig[b0:b1, k0:k1], ld.sblk[b0:b1, k0:k1]
+                qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
+                _level_dq_kernel[(qt.shape[0], cb * ch)](
+                    qc, kc, vc, doc, lsec, deltac, dqa, qperm, kperm, ns, qt, nvalid, sorig, sblk, sbias,
+                    sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, m, sinks, window,
+                    EXCL=levers, PERM16=st.perm16, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
+                    num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+                kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
+                if kt.shape[0]:
+                    _level_dkdv_kernel[(kt.shape[0], cb * ck)](
+                        qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, kperm, ns, kt, nvalid,
+                        sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, sinks, window,
+                        EXCL=levers, PERM16=st.perm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                        num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+                stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
+                if stl.shape[0]:
+                    _level_dkdv_samples_kernel[(stl.shape[0], cb * ck)](
+                        qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, ns, stl, nvalid, sorig, sblk, sbias,
+                        sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, m, sinks, window,
+                        EXCL=levers, PERM16=st.perm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                        num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+            if extra:
+                et = P.extra_key_tiles(plan, sinks, window, cfg.dkdv_bn, split, dev)
+                if et.shape[0]:
+                    _extra_dkdv_kernel[(et.shape[0], cb * ck)](
+                        qc, kc, vc, doc, lsec, deltac, dka, dva, kv if kv is not None else et, et,
+                        sm_scale, qk_scale, *sd, n, ch, ck, g, sinks, window,
+                        HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                        num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+        if plan.leaves:
+            assert cfg.dq_bm % cfg.dq_bn == 0
+            qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
+            _diag_dq_kernel[(qt.shape[0], cb * ch)](
+                qc, kc, vc, doc, lsec, deltac, dqa if has_acc else dqc, dqc, kv if kv is not None else qt, qt,
+                sm_scale, qk_scale, *sd, n, ch, g, sinks, window,
+                HAS_ACC=has_acc, HAS_VALID=kv is not None, EXTRA=extra, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d,
+                PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+            kt = P.diag_tiles(plan, cfg.dkdv_bn, False, dev)
+            _diag_dkdv_kernel[(kt.shape[0], cb * ck)](
+                qc, kc, vc, doc, lsec, deltac, dka if has_acc else dkc, dva if has_acc else dvc, dkc, dvc,
+                kv if kv is not None else kt, kt, sm_scale, qk_scale, *sd, n, ch, ck, g,
+                HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+        else:
+            dqc.copy_(dqa)
+            dkc.copy_(dka)
+            dvc.copy_(dva)
+    return dq, dk, dv
 
 
 class HyperAttentionFn(torch.autograd.Function):

@@ -126,7 +126,9 @@ def compact_maps(plan: Plan, device):
     contiguous and in node order, so the sort key is ``node << (r+1) | rank`` and a stable sort of a row sorts each
     node by rank inside its own range, exactly like the reference's per-node stable sorts. Returns ``qmap, kmap``
     ``[2, levels, n]`` int32 (compact slot or -1; node index), ``q_back, k_back`` ``[levels, ncols]`` int32
-    (original position; 0 in the padding at the end of a row) and the bit width of the node ids.
+    (position *inside its node*, original position minus the node's ``qs`` / ``ks``; 0 in the padding at the end
+    of a row) and the bit width of the node ids. The sort orders built from these are node-local offsets, which
+    fit 16 bits whenever every node is at most 65536 long (``perm16``): half the memory of int32 positions.
     """
     n, nl, nc = plan.n, len(plan.levels), plan.ncols
     qmap = torch.full((2, nl, n), -1, dtype=torch.int32)
@@ -139,11 +141,31 @@ def compact_maps(plan: Plan, device):
             kmap[0, li, nd.ks:nd.ks + nd.nk] = torch.arange(nd.cks, nd.cks + nd.nk, dtype=torch.int32)
             qmap[1, li, nd.qs:nd.qs + nd.nq] = j
             kmap[1, li, nd.ks:nd.ks + nd.nk] = j
-            qback[li, nd.cqs:nd.cqs + nd.nq] = torch.arange(nd.qs, nd.qs + nd.nq, dtype=torch.int32)
-            kback[li, nd.cks:nd.cks + nd.nk] = torch.arange(nd.ks, nd.ks + nd.nk, dtype=torch.int32)
+            qback[li, nd.cqs:nd.cqs + nd.nq] = torch.arange(0, nd.nq, dtype=torch.int32)
+            kback[li, nd.cks:nd.cks + nd.nk] = torch.arange(0, nd.nk, dtype=torch.int32)
     nodes = max((len(lv.nodes) for lv in plan.levels), default=1)
     return (qmap.contiguous().to(device), kmap.contiguous().to(device), qback.to(device), kback.to(device),
             max(1, nodes.bit_length()))
+
+
+def perm16_ok(plan: Plan) -> bool:
+    """Node-local sort offsets fit 16 bits (stored as int16, read back as ``& 0xFFFF``)."""
+    return max((max(nd.nq, nd.nk) for lv in plan.levels for nd in lv.nodes), default=0) <= 1 << 16
+
+
+@functools.lru_cache(maxsize=256)
+def back_maps(plan: Plan, dtype, device):
+    """``compact_maps``'s ``q_back, k_back`` in the sort orders' dtype (int16 wraps offsets >= 2^15)."""
+    _, _, qback, kback, _ = compact_maps(plan, device)
+    return qback.to(dtype).contiguous(), kback.to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=1024)
+def node_starts(plan: Plan, li: int, device) -> torch.Tensor:
+    """``[2, nodes]`` int32: the original position of each node's first query (row 0) and first key (row 1);
+    the kernels add these to the node-local sort offsets."""
+    nodes = plan.levels[li].nodes
+    return _dev([[nd.qs for nd in nodes], [nd.ks for nd in nodes]], len(nodes), device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -177,42 +199,62 @@ def extra_key_tiles(plan: Plan, sinks: int, window: int, bn: int, split: int, de
     return _dev(rows, 4, device)
 
 
-def centring_segments(plan: Plan) -> torch.Tensor:
-    """``[levels, n]`` int64: the node whose keys position ``t`` is at each level, or ``nodes`` (a spare slot)."""
+def centring_pieces(plan: Plan, piece: int = 4096):
+    """A partition of ``[0, n)`` into ranges of at most ``piece`` keys such that every node's key range is a union
+    of consecutive pieces: ``(bounds [P+1] list, node_of [levels, P] int64)`` (``node_of`` = the node whose keys
+    the piece holds at that level, or ``nodes``, a spare slot)."""
+    cuts = {0, plan.n}
+    for lv in plan.levels:
+        for nd in lv.nodes:
+            cuts.update((nd.ks, nd.ks + nd.nk))
+    cuts = sorted(cuts)
+    bounds = [0]
+    for a, c in zip(cuts[:-1], cuts[1:]):
+        bounds.extend(range(a + piece, c, piece))
+        bounds.append(c)
     nodes = max((len(lv.nodes) for lv in plan.levels), default=1)
-    seg = torch.full((len(plan.levels), plan.n), nodes, dtype=torch.int64)
+    node_of = torch.full((len(plan.levels), len(bounds) - 1), nodes, dtype=torch.int64)
     for li, lv in enumerate(plan.levels):
         for j, nd in enumerate(lv.nodes):
-            seg[li, nd.ks:nd.ks + nd.nk] = j
-    return seg
+            for p, (a, c) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if a >= nd.ks and c <= nd.ks + nd.nk:
+                    node_of[li, p] = j
+    return bounds, node_of
 
 
 @functools.lru_cache(maxsize=64)
-def _centring_segments_dev(plan: Plan, device) -> torch.Tensor:
-    return centring_segments(plan).to(device)
+def _centring_pieces_dev(plan: Plan, device):
+    bounds, node_of = centring_pieces(plan)
+    return bounds, node_of.to(device)
 
 
 def centring_offsets(plan: Plan, k: torch.Tensor, key_valid, proj: torch.Tensor) -> torch.Tensor:
     """Hash offsets of ``center_keys``: the reference hashes ``k - mean`` (mean over the valid keys of each
     off-diagonal node); by linearity ``(k - mu) @ P = k @ P - mu @ P``, so the hash kernel subtracts ``mu @ P``.
     ``proj`` ``[d, CP]`` fp32 packed projections. Returns ``[levels, b * hk, nodes, CP]`` fp32 (each level's own
-    columns are the ones it reads)."""
+    columns are the ones it reads). The node sums are fp32 sums of key pieces of at most 4096 positions (on CUDA a
+    half-precision sum accumulates in fp32 without an fp32 copy; no full-size fp32 copy of K exists)."""
     b, hk, n, d = k.shape
     nl = len(plan.levels)
     nodes = max((len(lv.nodes) for lv in plan.levels), default=1)
-    seg = _centring_segments_dev(plan, k.device)
-    kf = k.float()
-    if key_valid is not None:
-        w = key_valid.to(torch.float32)  # [b, n]
-        kf = kf * w[:, None, :, None]
-    else:
-        w = torch.ones(b, n, device=k.device)
+    bounds, node_of = _centring_pieces_dev(plan, k.device)
+    npc = len(bounds) - 1
+    sums = torch.empty(b, hk, npc, d, dtype=torch.float32, device=k.device)
+    cnt = torch.empty(b, npc, dtype=torch.float32, device=k.device)
+    w = None if key_valid is None else key_valid.to(k.dtype)  # 0/1: the masked product is exact
+    for p, (a, c) in enumerate(zip(bounds[:-1], bounds[1:])):
+        x = k[:, :, a:c]
+        if w is None:
+            cnt[:, p] = c - a
+        else:
+            x = x * w[:, None, a:c, None]
+            cnt[:, p] = key_valid[:, a:c].sum(-1).float()
+        sums[:, :, p] = x.sum(2, dtype=torch.float32)
     out = torch.empty(nl, b, hk, nodes, proj.shape[-1], dtype=torch.float32, device=k.device)
     for li in range(nl):
-        sums = torch.zeros(b, hk, nodes + 1, d, dtype=torch.float32, device=k.device)
-        sums.index_add_(2, seg[li], kf)
-        cnt = torch.zeros(b, nodes + 1, dtype=torch.float32, device=k.device).index_add_(1, seg[li], w)
-        mu = sums[:, :, :nodes] / cnt[:, None, :nodes, None].clamp_min(1)
+        s = torch.zeros(b, hk, nodes + 1, d, dtype=torch.float32, device=k.device).index_add_(2, node_of[li], sums)
+        ct = torch.zeros(b, nodes + 1, dtype=torch.float32, device=k.device).index_add_(1, node_of[li], cnt)
+        mu = s[:, :, :nodes] / ct[:, None, :nodes, None].clamp_min(1)
         out[li] = mu @ proj
     return out.reshape(nl, b * hk, nodes, -1).contiguous()
 
@@ -312,7 +354,8 @@ def _unpadded_samples(plan: Plan, li: int, b: int, hk: int, sample_size: int, se
 
 
 def level_data(plan: Plan, li: int, kperm: torch.Tensor, settings: HyperSettings, key_valid, hk: int) -> LevelData:
-    """``kperm`` ``[b, hk, ncols]`` (this level's compact key sort: original positions); ``key_valid`` ``[b, n]``."""
+    """``kperm`` ``[b, hk, ncols]`` (this level's compact key sort: node-local offsets, int16 read as unsigned or
+    int32); ``key_valid`` ``[b, n]``."""
     lv = plan.levels[li]
     b = kperm.shape[0]
     m = settings.sample_size
@@ -343,8 +386,10 @@ def level_data(plan: Plan, li: int, kperm: torch.Tensor, settings: HyperSettings
             idx = torch.stack(idx, 2)
             blk = torch.stack(blk, 2).to(torch.int32).contiguous()
     if m > 0:
-        sorig = kperm.gather(-1, idx.reshape(b, hk, -1))
-        sorig = sorig.reshape(b, hk, nodes, m).to(torch.int32).contiguous()
+        loc = kperm.gather(-1, idx.reshape(b, hk, -1)).reshape(b, hk, nodes, m).to(torch.int32)
+        if kperm.dtype == torch.int16:
+            loc = loc & 0xFFFF
+        sorig = (loc + node_starts(plan, li, device)[1][:, None]).contiguous()
     else:
         sorig = torch.zeros(b, hk, nodes, 1, dtype=torch.int32, device=device)
         blk = sorig
@@ -360,5 +405,5 @@ def rough_cost(plan: Plan, settings: HyperSettings) -> float:
 
 
 __all__ = ["Plan", "Node", "Level", "LevelData", "make_plan", "compact_maps", "diag_tiles", "query_tiles", "key_tiles",
-           "sample_tiles", "extra_key_tiles", "centring_offsets", "projections", "level_data", "settings_supported",
+           "sample_tiles", "extra_key_tiles", "centring_offsets", "node_starts", "back_maps", "perm16_ok", "projections", "level_data", "settings_supported",
            "rough_cost"]

@@ -10,7 +10,9 @@ goes through the merge weights of every part; nothing is detached. Kernels:
   * per level: ``_level_dq_kernel`` (query tiles, like the forward), ``_level_dkdv_kernel`` (key tiles of each
     sorted block, looping over the block's queries of every head of the group) and ``_level_dkdv_samples_kernel``
     (sample tiles x query splits, atomically added: samples repeat and are shared by all blocks of a node);
-    they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write);
+    they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write).
+    ops.py runs them per chunk of KV heads (and batch rows) whose fp32 buffers fit ``KernelConfig.acc_budget_mb``,
+    so the accumulators never cover the whole problem (peak memory of training at long lengths);
   * ``_diag_dq_kernel`` / ``_diag_dkdv_kernel``: the exact leaves, adding the level accumulators and writing the
     final gradients in the input dtype;
   * levers (sinks / local window): the level kernels mask the exact-set pairs (``EXCL``), ``_diag_dq_kernel`` adds
@@ -22,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _extra_cols, _in_exact_set
+from .triton_fwd import _extra_cols, _in_exact_set, _perm_pos
 
 
 @triton.jit
@@ -73,11 +75,11 @@ def _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC: tl.constexpr):
 
 
 @triton.jit
-def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
+def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS,
                      sm_scale, qk_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                     EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                     EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                      PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,7 +100,8 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
     row_ok = r < q_cnt
     dcol = tl.arange(0, D)
     b64 = b.to(tl.int64)
-    qidx = tl.load(QPERM + bh.to(tl.int64) * NC + q_start + r, mask=row_ok, other=0).to(tl.int64)
+    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), PERM16)
+    ks0 = tl.load(NS + NODES + node)
     q = tl.load(Q + b64 * sqb + hh.to(tl.int64) * sqh + qidx[:, None] * sqn + dcol[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b64 * sdb + hh.to(tl.int64) * sdh + qidx[:, None] * sdn + dcol[None, :],
@@ -113,7 +116,7 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
         c = start + tl.arange(0, BN)
         kpos = k_start + c
         kok = (c < k_cnt) & (kpos - node_ks < nv)
-        kidx = tl.load(kperm + kpos, mask=kok, other=0).to(tl.int64)
+        kidx = _perm_pos(kperm, kpos, kok, ks0, PERM16)
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -143,11 +146,11 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, TILES, NVALID, 
 
 
 @triton.jit
-def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, NVALID,
+def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILES, NVALID,
                        sm_scale, qk_scale,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                        N, NC, H, HK, G, NODES, SINKS, WINDOW,
-                       EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                       EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                        PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -166,7 +169,8 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, N
     nv = tl.load(NVALID + b * NODES + node)
     kpos = k_start + c
     kok = (c < k_cnt) & (kpos - node_ks < nv)
-    kidx = tl.load(KPERM + bkv.to(tl.int64) * NC + kpos, mask=kok, other=0).to(tl.int64)
+    qs0 = tl.load(NS + node)
+    kidx = _perm_pos(KPERM, bkv.to(tl.int64) * NC + kpos, kok, tl.load(NS + NODES + node), PERM16)
     k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None],
                 other=0.0)
     v = tl.load(V + b64 * svb + kvh.to(tl.int64) * svh + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None],
@@ -181,7 +185,7 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, N
         for qs in range(0, q_cnt, BM):
             r = qs + tl.arange(0, BM)
             rok = r < q_cnt
-            qidx = tl.load(QPERM + bh.to(tl.int64) * NC + q_start + r, mask=rok, other=0).to(tl.int64)
+            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, rok, qs0, PERM16)
             q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
             do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
@@ -197,11 +201,11 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, TILES, N
 
 
 @triton.jit
-def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, NVALID, SORIG, SBLK, SBIAS,
+def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS,
                                sm_scale, qk_scale,
                                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                                N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                               EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                               EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                                PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -221,6 +225,7 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, 
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
     sbase = (bkv.to(tl.int64) * NODES + node) * M
     jok = (j < M) & ((j * 0 + nv) > 0)
+    qs0 = tl.load(NS + node)
     sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
     sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
     k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None],
@@ -239,7 +244,7 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, TILES, 
             rok = r < q_cnt
             spos = q_start + r
             qblk = (spos - node_qs) // bq
-            qidx = tl.load(QPERM + bh.to(tl.int64) * NC + spos, mask=rok, other=0).to(tl.int64)
+            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + spos, rok, qs0, PERM16)
             q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
             do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)

@@ -83,6 +83,16 @@ def _hash_kernel(X, P, MAP, VALID, OFF, OUT, sxb, sxh, sxn, N, H, NCOL, NL, NODE
 
 
 @triton.jit
+def _perm_pos(PERM, off, mask, start, PERM16: tl.constexpr):
+    """Original positions of a sort order's entries ``off``: node-local offsets (int16 read as unsigned when
+    ``PERM16``, else int32) plus the node's first position ``start``."""
+    p = tl.load(PERM + off, mask=mask, other=0).to(tl.int32)
+    if PERM16:
+        p = p & 0xFFFF
+    return (p + start).to(tl.int64)
+
+
+@triton.jit
 def _in_exact_set(qpos, kpos, SINKS, WINDOW):
     """The estimator's exclusion (naive.exact_set_mask) for key positions before their queries: sinks or window."""
     return (kpos < SINKS) | (kpos > qpos - WINDOW)
@@ -196,11 +206,11 @@ def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
 
 
 @triton.jit
-def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK, SBIAS, qk_scale,
+def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS, qk_scale,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                      FIRST: tl.constexpr, EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      D: tl.constexpr, PREC: tl.constexpr):
+                      FIRST: tl.constexpr, EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -219,7 +229,8 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK,
     r = tl.arange(0, BM)
     row_ok = r < q_cnt
     dcol = tl.arange(0, D)
-    qidx = tl.load(QPERM + bh.to(tl.int64) * NC + q_start + r, mask=row_ok, other=0).to(tl.int64)
+    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), PERM16)
+    ks0 = tl.load(NS + NODES + node)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + hh.to(tl.int64) * sqh + qidx[:, None] * sqn + dcol[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -245,7 +256,7 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, TILES, NVALID, SORIG, SBLK,
         c = start + tl.arange(0, BN)
         kpos = k_start + c
         kok = (c < k_cnt) & (kpos - node_ks < nv)
-        kidx = tl.load(kperm + kpos, mask=kok, other=0).to(tl.int64)
+        kidx = _perm_pos(kperm, kpos, kok, ks0, PERM16)
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
