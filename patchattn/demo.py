@@ -22,7 +22,7 @@ def run_demo(model_name: str = "smollm2-135m", contexts=(2048, 4096, 8192), max_
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=140)  # the table is wider than a default 80-column pipe
     params = {**DEMO_PARAMS, **(params or {})}
     model, tokenizer = load_model(model_name, dtype=torch.float32)
     text = read_text()
