@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from patchattn import realweights
+from patchattn.data import read_text
 from patchattn.evaluation import perplexity
 
 
@@ -71,6 +72,31 @@ def test_smollm2_perplexity_on_shakespeare(smollm2):
     assert (r.windows, r.tokens_scored) == (2, 1022)
     # Measured 22.37 (dequantised Q4_1 weights, fp32).
     assert math.isfinite(r.ppl) and 15 < r.ppl < 60, r
+
+
+@pytest.mark.slow
+def test_smollm2_patched_exact_and_hyper(smollm2):
+    """Real weights: the plumbing is exact, and hyper (running at 1024 tokens) stays close to the original."""
+    import patchattn
+
+    model, tokenizer = smollm2
+    ids = tokenizer(read_text()[:20000], return_tensors="pt").input_ids[:, :1024]
+    with torch.no_grad():
+        ref = model(ids).logits
+        patchattn.patch_model(model, "exact")
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=0)
+        patchattn.unpatch_model(model)
+    kw = dict(context_length=1024, max_tokens=1024, progress=False)
+    exact = perplexity(model, tokenizer, **kw).ppl
+    results = {}
+    for name, params in {"published": dict(sample_size=64),
+                         "sinks+window": dict(sample_size=32, sink_tokens=8, local_window=24)}.items():
+        patchattn.patch_model(model, "hyper", layers="last:8", min_seq_len=256, block_size=64, **params)
+        results[name] = perplexity(model, tokenizer, **kw).ppl
+        patchattn.unpatch_model(model)
+    assert all(math.isfinite(v) for v in results.values())
+    assert exact < results["published"] < 2 * exact, (exact, results)
+    assert results["sinks+window"] < results["published"], (exact, results)
 
 
 @pytest.mark.slow
