@@ -35,7 +35,6 @@ def from_pretrained(path_or_repo: str, **kwargs):
     spec = getattr(config, "patchattn", None)
     if spec is not None:
         del config.patchattn  # the base model is loaded first, then patched exactly as recorded
-        kwargs.setdefault("attn_implementation", getattr(config, "_attn_implementation", None) or "sdpa")
     delta = (spec or {}).get("delta")
     if delta is None:
         with hub_error_hints(path_or_repo, revision):

@@ -110,7 +110,7 @@ def test_unpatch_restores_bit_for_bit(family):
     assert torch.equal(logits(model, tokens()), ref)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_from_pretrained_round_trip(family, tmp_path):
     model = tiny_model(family)
     patchattn.patch_model(model, "hyper", layers="last:2", **APPROX)
