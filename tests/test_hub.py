@@ -160,6 +160,25 @@ def test_delta_round_trip_matches_full_upload(hub):
     assert torch.equal(logits(patchattn.from_pretrained("me/llama-hyper-full")), expected)
 
 
+def test_trainable_variant_round_trip_full_and_delta(hub):
+    """A trained `gated` model: the delta holds exactly the gate weights; both uploads reload to the same logits."""
+    tiny_model("llama").push_to_hub("org/tiny-llama")
+    model = patchattn.patch_model(tiny_model("llama"), "gated", layers="last:2")
+    gates = [k for k, _ in model.named_parameters() if ".patchattn_layer." in k]
+    assert gates
+    train(model, *gates)
+
+    patchattn.push_to_hub(model, "me/llama-gated-delta", delta_only=True, base_model="org/tiny-llama")
+    patchattn.push_to_hub(model, "me/llama-gated-full", base_model="org/tiny-llama")
+
+    assert delta_keys(hub, "me/llama-gated-delta") == set(gates)
+    expected = logits(model)
+    for repo in ("me/llama-gated-delta", "me/llama-gated-full"):
+        loaded = patchattn.from_pretrained(repo)
+        assert loaded.config.patchattn["variant"] == "gated"
+        assert torch.equal(logits(loaded), expected)
+
+
 def test_tied_weights_and_merged_lora_in_a_delta(hub):
     peft = pytest.importorskip("peft")
     base = tiny_model("gemma")  # ties lm_head to embed_tokens
