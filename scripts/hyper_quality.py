@@ -30,6 +30,8 @@ BASE = {"block_size": 256, "min_seq_len": 2048}
 SETTINGS = {
     "official": {**BASE, "sample_size": 256},
     "centre keys": {**BASE, "sample_size": 256, "center_keys": True},
+    "sinks only": {**BASE, "sample_size": 240, "sink_tokens": 16},
+    "window only": {**BASE, "sample_size": 144, "local_window": 112},
     "sinks+window": {**BASE, "sample_size": 128, "sink_tokens": 16, "local_window": 112},
     "sinks+window+centre": {**BASE, "sample_size": 128, "sink_tokens": 16, "local_window": 112,
                             "center_keys": True},
@@ -45,9 +47,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens scored (one window at the default)")
     p.add_argument("--counts", default="0,4,8,15,30", help="numbers of patched layers (the last N candidates)")
     p.add_argument("--global-only", action="store_true", help="candidates = full-attention layers only")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default="official,sinks+window", help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--skip-layer-errors", action="store_true", help="only the perplexity curve")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -85,7 +88,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"hyper_quality_{args.model}_{args.corpus}"
+    stem = f"hyper_quality_{args.model}_{args.corpus}{'_' + args.tag if args.tag else ''}"
     meta = {"model": args.model, "corpus": args.corpus, "context": args.context, "tokens": args.max_tokens,
             "settings": {n: SETTINGS[n] for n in names}, "exact_ppl": exact, "rows": rows,
             "layer_errors": errors, "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
