@@ -121,3 +121,19 @@ def test_gemma3_loads():
     r = perplexity(model, tokenizer, context_length=256, max_tokens=256, progress=False)
     # Measured 13.2 on the first 256 tokens (the cast list, easy to predict).
     assert math.isfinite(r.ppl) and 5 < r.ppl < 100, r
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(smollm2, tmp_path):
+    """The README's `patchattn demo`, at a scale CI can afford: same code path, short contexts."""
+    import json
+
+    from patchattn.demo import run_demo
+
+    rows = run_demo(contexts=(256, 512), max_tokens=512, params={"min_seq_len": 128, "block_size": 64},
+                    json_path=str(tmp_path / "demo.json"))
+    assert [r["context"] for r in rows] == [256, 512]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("ppl_original", "ppl_hyper", "ppl_hyper_levers"))
+        assert r["ppl_hyper"] != r["ppl_original"]  # hyper ran (context > min_seq_len)
+    assert json.loads((tmp_path / "demo.json").read_text())["layers"] == list(range(22, 30))
