@@ -10,8 +10,8 @@ import torch
 
 from . import naive
 from .naive import HyperSettings
+from .plan import SUPPORTED_HEAD_DIMS
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # Shortest causal length from which the Triton HyperAttention (default settings: 7 projections, block 256,
 # 256 samples, min_seq_len 4096) beats cuDNN SDPA in BOTH forward and forward+backward, per head dim.

@@ -24,6 +24,9 @@ import torch
 
 from .naive import HyperSettings, lsh_projections, sample_positions
 
+#: head dims the Triton kernels are built for (tile shapes are powers of two)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
 # HyperSettings fields the kernels implement; any other field must be at an "off" value (0/None/False) for the
 # Triton path to be taken (the reference may grow quality options the kernels do not know yet).
 KERNEL_FIELDS = ("lsh_num_projs", "block_size", "sample_size", "min_seq_len", "seed", "sink_tokens", "local_window",
