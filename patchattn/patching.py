@@ -31,6 +31,8 @@ def _dispatch(module, query, key, value, attention_mask, **kwargs):
     layer = module._modules.get(LAYER_ATTR)
     if layer is None:
         return exact_attention(module, query, key, value, attention_mask, **kwargs)
+    if layer.transfer_mode:
+        return layer.attention_transfer(module, query, key, value, attention_mask, **kwargs)
     return layer.attention(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 VARIANTS: dict[str, type["Variant"]] = {}
 
@@ -67,6 +69,9 @@ class Variant(nn.Module):
         super().__init__()
         self.params = params
         self.layer_idx = layer_idx
+        #: set by :func:`patchattn.distill.attention_transfer`: the dispatcher then calls ``attention_transfer``
+        self.transfer_mode = False
+        self.transfer_loss: "torch.Tensor | None" = None
 
     @classmethod
     def make_params(cls, **kwargs) -> VariantParams:
@@ -87,6 +92,21 @@ class Variant(nn.Module):
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         """Same contract as a transformers attention function: returns ``(out [b, q, h, d], weights | None)``."""
         raise NotImplementedError
+
+    def attention_transfer(self, module, query, key, value, attention_mask, **kwargs):
+        """Attention transfer (stage 1 of distillation, as in LoLCATs): run this variant and the original softmax
+        attention on the same inputs, record the MSE between their outputs in ``transfer_loss`` (summed over
+        calls until :func:`patchattn.distill.attention_transfer_loss` takes it) and return the *teacher's* output,
+        so every layer trains on the original model's activations."""
+        from ..attention import exact_attention
+
+        kwargs.pop("output_attentions", None)
+        student, _ = self.attention(module, query, key, value, attention_mask, **kwargs)
+        with torch.no_grad():
+            teacher, _ = exact_attention(module, query, key, value, attention_mask, **kwargs)
+        loss = F.mse_loss(student.float(), teacher.float())
+        self.transfer_loss = loss if self.transfer_loss is None else self.transfer_loss + loss
+        return teacher.to(student.dtype), None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())

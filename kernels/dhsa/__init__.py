@@ -1,0 +1,1 @@
+"""dhsa kernels (in progress)."""

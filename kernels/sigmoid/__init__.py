@@ -1,0 +1,1 @@
+"""sigmoid kernels (in progress)."""
