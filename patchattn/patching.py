@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import __version__
 from .attention import exact_attention
+from .cache import install_generation_cache, remove_generation_cache
 from .families import Family, family_for_model_type, supported_model_types
 from .variants import VARIANTS, Variant, get_variant
 
@@ -134,6 +135,7 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
         raise ValueError("patchattn patches causal (decoder) attention; this model has non-causal attention layers")
     indices = parse_layers(layers, len(modules))
 
+    variant_layers = {}
     for i in indices:
         module = modules[i]
         layer = cls(variant_params, layer_idx=i)
@@ -142,6 +144,9 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
             layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         module.add_module(LAYER_ATTR, layer)
         layer.attach(module)
+        variant_layers[i] = layer
+    if cls.make_cache_layer is not Variant.make_cache_layer:
+        install_generation_cache(model, variant_layers)
 
     setattr(model, _ORIGINAL_IMPL_ATTR, model.config._attn_implementation)
     model.set_attn_implementation(IMPLEMENTATION)
@@ -165,6 +170,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if layer is not None:
             layer.detach(module)
             del module._modules[LAYER_ATTR]
+    remove_generation_cache(model)
     original = getattr(model, _ORIGINAL_IMPL_ATTR, None) or "sdpa"
     model.set_attn_implementation(original)
     if hasattr(model, _ORIGINAL_IMPL_ATTR):

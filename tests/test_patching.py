@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
 import patchattn
+from patchattn import patch_model, unpatch_model
+from patchattn.variants import register_variant
 from tiny_models import BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)
@@ -187,3 +189,50 @@ def test_unsupported_and_encoder_models_are_rejected():
         patchattn.patch_model(t5, "hyper")
     with pytest.raises(TypeError, match="expects a transformers PreTrainedModel"):
         patchattn.patch_model(torch.nn.Linear(2, 2), "hyper")
+
+
+def test_variant_cache_layers_reach_generate_and_leave_with_unpatch():
+    """A variant that brings its own cache layer gets it inside generate(); unpatched layers keep theirs."""
+    from transformers.cache_utils import DynamicLayer
+
+    from patchattn.cache import PatchattnCache
+    from patchattn.variants import VARIANTS
+    from patchattn.variants.exact import ExactAttention
+
+    class CountingLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.updates = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.updates += 1
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    made: list[CountingLayer] = []
+
+    class WithCache(ExactAttention):
+        name = "test_with_cache"
+
+        def make_cache_layer(self, default_layer):
+            made.append(CountingLayer())
+            return made[-1]
+
+    register_variant(WithCache)
+    try:
+        model = tiny_model("llama")
+        x = torch.randint(3, VOCAB, (1, 6))
+        ref = model.generate(x, max_new_tokens=5, do_sample=False)
+        patch_model(model, "test_with_cache", layers=[1, 3])
+        captured = {}
+        out = model.generate(x, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        captured["cache"] = out.past_key_values
+        assert torch.equal(out.sequences, ref)
+        assert isinstance(captured["cache"], PatchattnCache)
+        assert len(made) == 2 and all(layer.updates == 5 for layer in made)  # prefill + 4 decode steps
+        assert [type(layer) for layer in captured["cache"].layers].count(CountingLayer) == 2
+        assert captured["cache"].nbytes() > 0
+        unpatch_model(model)
+        assert "_prepare_cache_for_generation" not in model.__dict__
+        assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False), ref)
+    finally:
+        VARIANTS.pop("test_with_cache", None)

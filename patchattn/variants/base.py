@@ -89,6 +89,10 @@ class Variant(nn.Module):
     def detach(self, attention_module: nn.Module) -> None:
         """Undo ``attach`` exactly."""
 
+    def make_cache_layer(self, default_layer):
+        """This layer's entry in the generation cache (see patchattn.cache), or None to keep ``default_layer``."""
+        return None
+
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         """Same contract as a transformers attention function: returns ``(out [b, q, h, d], weights | None)``."""
         raise NotImplementedError
