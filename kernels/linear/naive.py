@@ -37,9 +37,9 @@ def normalized_gla_recurrent(q, k, v, log_decay=None, *, initial_state=None, nor
             z = z * gamma[..., None]
         S = S + kf[:, :, t, :, None] * vf[:, :, t, None, :]
         z = z + kf[:, :, t]
-        num = torch.einsum("bgqd,bgde->bgqe", qf[:, :, :, t:t + 1], S)[:, :, :, 0]
+        qt = qf[:, :, :, t]  # [b, hk, group, dk]
+        num = torch.einsum("bgqd,bgde->bgqe", qt, S)
         if normalize:
-            den = torch.einsum("bgqd,bgd->bgq", qf[:, :, :, t:t + 1], z)[..., 0]
-            num = num / (den[..., None] + eps)
+            num = num / (torch.einsum("bgqd,bgd->bgq", qt, z)[..., None] + eps)
         out[:, :, :, t] = num
     return out.reshape(b, h, n, dv).to(v.dtype), (S, z)
