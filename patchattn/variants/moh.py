@@ -30,7 +30,9 @@ query-norm router the k largest queries, and the quality change has to be traine
 SmolLM2-135M (9 heads: 4 shared + top-2 of 5 routed = 6 active per layer, all 30 layers, Shakespeare, 256-token
 windows): perplexity 26.8 → 324 (learned, zero-step) and → 236 (query norm) before any training.
 
-Dropped heads are still computed and multiplied by 0 (PyTorch path); skipping their work is later, GPU work.
+Dropped heads: at decode on CUDA (one token per sequence, memory-bound on the KV cache) a Triton kernel
+(patchattn.kernels.moh) reads only the active heads' keys and values (``skip_inactive_heads``); elsewhere they are
+computed and multiplied by 0 (prefill is compute-bound and routes per token, so whole tiles are rarely skippable).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class MoHParams(VariantParams):
     active_heads: float = param(1.0, low=0.0, high=1.0,
                                 help="fraction of all heads active per token: shared + top-k routed (1.0 = all)")
     aux_loss_weight: float = param(0.01, low=0.0, help="weight of the load-balance loss (load_balance_loss)")
+    skip_inactive_heads: bool = param(True, help="decode steps on CUDA read only the active heads' KV cache (Triton); "
+                                                 "elsewhere dropped heads are computed and multiplied by 0")
 
     def validate(self) -> None:
         super().validate()
@@ -155,10 +159,29 @@ class MoHAttention(HiddenStatesVariant):
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         b, _, q_len, _ = query.shape
         x = self.take_hidden_states(q_len)
-        out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
         valid = valid_queries(attention_mask, b, q_len, key.shape[2], query.device)
         gates = self.head_weights(x, query, valid)
+        if self._can_skip_heads(query, attention_mask, kwargs):
+            out, weights = self._active_heads_decode(query, key, value, gates, kwargs["scaling"]), None
+        else:
+            out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
         return out * gates[..., None].to(out.dtype), weights
+
+    def _can_skip_heads(self, query, attention_mask, kwargs) -> bool:
+        """Skipping pays at decode (one token, memory-bound on the KV cache) with fewer heads active than exist;
+        the kernel handles plain causal decode (no mask tensor: no padding, no sliding window), no softcap."""
+        return (self.params.skip_inactive_heads and query.is_cuda and query.shape[2] == 1
+                and self.top_k < self.routed and attention_mask is None and kwargs.get("softcap") is None
+                and not kwargs.get("output_attentions") and not (self.training and kwargs.get("dropout")))
+
+    def _active_heads_decode(self, query, key, value, gates, scale):
+        from patchattn.kernels.moh.triton_decode import active_head_decode
+
+        # Active heads in ascending order: dropped heads (weight exactly 0) sort after every active index.
+        heads = torch.arange(self.heads, device=query.device)
+        order = heads + self.heads * (gates[:, 0] == 0).long()
+        table = order.sort(dim=-1).values[:, : self.shared + self.top_k]
+        return active_head_decode(query, key, value, table, scale)
 
 
 def load_balance_loss(model: nn.Module, weighted: bool = True) -> torch.Tensor:
