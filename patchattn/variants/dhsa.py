@@ -1,0 +1,74 @@
+"""`dhsa`: Dynamic Hierarchical Sparse Attention (Xiong et al., arXiv 2510.24606), training-free sparse prefill.
+
+Each query block keeps its own chunks, a local window, optional sink chunks and the ``budget`` key chunks whose
+length-normalised representation (mean * sqrt(len)) scores highest against the block's; attention is exact over
+that kept set (block-sparse Triton kernel on CUDA, masked exact attention elsewhere).
+
+Differences from the paper: chunk boundaries are fixed-size (the paper places them with a learned boundary
+predictor, whose weights are model-specific and not shipped), so the kept set is a union of whole chunks and the
+token budget is rounded down to whole chunks; the local window and the sinks (the first 64 keys by default, not in
+the paper: without them the mean-pooled first chunk rarely wins a pick and the attention sink is lost, which is
+most of the quality loss measured on SmolLM2-135M) are always-kept extras on top of the budget.
+
+Runs only on causal prefill (queries == keys) longer than ``min_seq_len`` under a plain causal mask with optional
+key padding. Decode steps use exact attention by design; chunked prefill over a cache, sliding-window layers longer
+than their window and packed/custom masks fall back to exact attention, logged once.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..attention import exact_attention, key_padding_from_mask
+from ..logging_utils import warn_once
+from .base import Variant, VariantParams, param, register_variant
+from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
+
+POW2 = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass
+class DhsaParams(VariantParams):
+    chunk_size: int = param(64, choices=POW2, help="keys per chunk: the unit of selection and of the kernel")
+    query_block: int = param(64, choices=POW2, help="queries per block; a block shares one kept set")
+    budget_tokens: int = param(2048, low=0, help="keys selected per query block beyond window and sinks "
+                                                 "(rounded down to whole chunks)")
+    budget_fraction: float = param(0.0, low=0.0, high=1.0, help="if > 0: select this fraction of each query "
+                                                                "block's causal prefix instead of budget_tokens")
+    local_window: int = param(256, low=0, help="keys before each query block always kept (its own chunks are)")
+    sink_tokens: int = param(64, low=0, help="first keys always kept (attention sinks; 0 = the paper's selection)")
+    min_seq_len: int = param(4096, low=1, help="prefills of at most this many tokens use exact attention")
+
+
+@register_variant
+class DynamicHierarchicalSparseAttention(Variant):
+    name = "dhsa"
+    description = "DHSA: chunk-scored top-budget key chunks + local window, block-sparse exact attention (prefill)."
+    Params = DhsaParams
+
+    def settings(self) -> DhsaSettings:
+        p = self.params
+        return DhsaSettings(p.chunk_size, p.query_block, p.budget_tokens, p.budget_fraction, p.local_window,
+                            p.sink_tokens)
+
+    def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
+                  softcap=None, **kwargs):
+        q_len, k_len = query.shape[2], key.shape[2]
+        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
+                                        dropout=dropout, softcap=softcap, **kwargs)
+        if q_len != k_len:
+            if q_len > 1:
+                warn_once("dhsa: prefill over a non-empty cache (chunked prefill) uses exact attention")
+            return exact()  # decode steps: exact by design
+        if q_len <= self.params.min_seq_len:
+            return exact()
+        if sliding_window is not None and k_len > sliding_window:
+            warn_once(f"dhsa: sliding-window layers (window {sliding_window}) keep exact attention")
+            return exact()
+        ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
+        if not ok:
+            warn_once("dhsa: attention mask is not causal+padding (packed or custom mask); using exact attention")
+            return exact()
+        if dropout:
+            warn_once("dhsa: attention dropout is not applied inside DHSA")
+        out, _ = dhsa_attention(query, key, value, scaling, self.settings(), key_valid=key_valid, softcap=softcap)
+        return out.transpose(1, 2).contiguous(), None
