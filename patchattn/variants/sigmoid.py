@@ -31,8 +31,19 @@ sample): 26.8 softmax; sigmoid with ``norm="head"`` uncalibrated ~1e6, calibrate
 calibrated 669.
 
 Sigmoid attention cannot start at the original model (different normalisation): a patched model needs training.
-This is the PyTorch path (materialised ``[q, k]`` weights, GQA without expanding K/V); a Triton FlashSigmoid kernel
-is later work.
+
+Two implementations of the same function:
+
+* On CUDA, the Triton FlashSigmoid kernels (``patchattn.kernels.sigmoid``: tiled forward and backward, no
+  ``[q, k]`` weights in memory, no row max/sum, GQA without expanding K/V) whenever they express the call: causal
+  mask (prefill, chunked prefill over a cache and decode steps alike), optionally with left padding, head dim in
+  ``SUPPORTED_HEAD_DIMS``, fp16/bf16/fp32, no softcap, no attention dropout, weights not requested.
+* Otherwise the PyTorch path (materialised ``[q, k]`` weights, GQA without expanding K/V): the implementation on CPU,
+  and the documented fallback on CUDA for softcap (Gemma 2), sliding-window / packed / custom masks, right padding,
+  attention dropout in training, ``output_attentions`` and other head dims; the fallback is logged once per reason.
+
+``KERNEL_ON_CPU = True`` sends CPU tensors to the kernels as well; that only works under Triton's CPU interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported) and is how the tests compare both paths without a GPU.
 """
 from __future__ import annotations
 
@@ -43,12 +54,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import causal_bool_mask, exact_attention
+from ..attention import causal_bool_mask, exact_attention, key_padding_from_mask
+from ..logging_utils import warn_once
 from .affine import valid_queries, visible_keys
 from .base import Variant, VariantParams, param, register_variant
 from .gated import _reference_parameter, module_dims
+from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton_available
 
 _EPS = 1e-6
+#: send CPU tensors to the Triton kernels too (only under TRITON_INTERPRET=1; see the module docstring)
+KERNEL_ON_CPU = False
 
 
 def _rms_norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -100,11 +115,63 @@ class SigmoidAttention(Variant):
     # -- the attention function ------------------------------------------------------------------------------
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None,
                   output_attentions=False, **kwargs):
-        b, h, q_len, d = query.shape
-        hk, k_len = key.shape[1], key.shape[2]
+        b, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         if self._calibration is not None:
             return self._calibrate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    softcap=softcap, **kwargs)
+        out = self._kernel_attention(query, key, value, attention_mask, scaling, dropout, softcap, output_attentions)
+        attn = None
+        if out is None:
+            out, attn = self._torch_attention(query, key, value, attention_mask, scaling, dropout, softcap,
+                                              output_attentions)
+        if self.params.norm == "head":
+            out = _rms_norm(out, self.gain).to(value.dtype)
+        elif self.params.norm == "output":
+            self._valid = valid_queries(attention_mask, b, q_len, k_len, query.device)
+        return out.contiguous(), attn
+
+    def _kernel_attention(self, query, key, value, attention_mask, scaling, dropout, softcap, output_attentions):
+        """FlashSigmoid output ``[b, q, h, d]`` (before the norm), or None where the PyTorch path must run."""
+        if not (query.is_cuda or KERNEL_ON_CPU):
+            return None  # on CPU the PyTorch path is the implementation, not a fallback
+        q_len, k_len = query.shape[2], key.shape[2]
+        key_start, reason = None, None
+        if not triton_available():
+            reason = "triton is not installed"
+        elif not kernel_supports(query, key, value):
+            reason = f"head dim {query.shape[-1]} / dtype {query.dtype} is not covered by the kernels"
+        elif softcap is not None:
+            reason = "attention logit softcapping is not in the kernels"
+        elif output_attentions:
+            reason = "attention weights were requested"
+        elif dropout and self.training:
+            reason = "attention dropout is not in the kernels"
+        else:
+            ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
+            if not ok:
+                reason = "the mask is not causal + padding (sliding window, packed or custom mask)"
+            elif key_valid is not None:
+                key_start = _left_padding_starts(key_valid)
+                if key_start is None:
+                    reason = "key padding other than left padding"
+        if reason is not None:
+            warn_once(f"sigmoid: {reason}; using the PyTorch path (materialised attention weights)")
+            return None
+        if self.params.bias == "context":
+            row_bias = -math.log(self.params.context_length)
+        else:  # −log(visible keys): query i at position k_len − q_len + i sees the keys key_start .. position
+            count = torch.arange(q_len, device=query.device) + (k_len - q_len + 1)
+            if key_start is not None:
+                count = count - key_start[:, None]
+            row_bias = -torch.log(count.clamp(min=1).float())
+        out = sigmoid_attention(query, key, value, scale=scaling, row_bias=row_bias, causal=True,
+                                key_start=key_start)
+        return out.transpose(1, 2)
+
+    def _torch_attention(self, query, key, value, attention_mask, scaling, dropout, softcap, output_attentions):
+        """Materialised weights: ``(out [b, q, h, d] before the norm, weights [b, h, q, k] | None)``."""
+        b, h, q_len, d = query.shape
+        hk, k_len = key.shape[1], key.shape[2]
         visible = visible_keys(attention_mask, q_len, k_len)
         if visible is None and q_len > 1:
             visible = causal_bool_mask(q_len, k_len, query.device)[None].expand(b, q_len, k_len)
@@ -124,12 +191,8 @@ class SigmoidAttention(Variant):
         if dropout and self.training:
             weights = F.dropout(weights, p=dropout)
         out = torch.matmul(weights.to(value.dtype), value.unsqueeze(2)).reshape(b, h, q_len, -1).transpose(1, 2)
-        if self.params.norm == "head":
-            out = _rms_norm(out, self.gain).to(value.dtype)
-        elif self.params.norm == "output":
-            self._valid = valid_queries(attention_mask, b, q_len, k_len, query.device)
         attn = weights.reshape(b, h, q_len, k_len).to(query.dtype) if output_attentions else None
-        return out.contiguous(), attn
+        return out, attn
 
     def _norm_output(self, module, args, output):
         valid, self._valid = self._valid, None
@@ -159,6 +222,14 @@ class SigmoidAttention(Variant):
         total = torch.nan_to_num(rms * w).sum(dim=(0, 1))
         self._calibration[0] = self._calibration[0] + total
         self._calibration[1] = self._calibration[1] + w.sum()
+
+
+def _left_padding_starts(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """``[b]`` index of the first valid key when ``key_valid [b, k]`` is left padding (a run of invalid keys, then
+    valid ones), else None."""
+    start = key_valid.shape[1] - key_valid.sum(dim=-1)
+    left = torch.arange(key_valid.shape[1], device=key_valid.device) >= start[:, None]
+    return start if torch.equal(left, key_valid) else None
 
 
 @torch.no_grad()
