@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import patchattn
+from patchattn import training
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "continue_train.py"
@@ -106,7 +107,7 @@ def test_kill_and_resume_reproduces_the_loss_curve(uninterrupted, tmp_path):
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILLed after step 8
     assert [r["step"] for r in _log(out)] == list(range(1, 9))
     assert not (out / "final").exists()
-    assert recipe.last_checkpoint(out).name == "step_5"
+    assert training.last_checkpoint(out).name == "step_5"
 
     resumed = recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": STEPS,
                                                          "save_every": 5, "resume": True}))
@@ -161,9 +162,12 @@ def test_lora_moh_with_accumulation_and_checkpointing(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_configs_are_valid(path):
-    if path.parent.name == "accelerate_configs":
-        import yaml
+    import yaml
 
-        assert yaml.safe_load(path.read_text())["distributed_type"]
+    raw = yaml.safe_load(path.read_text())
+    if path.parent.name == "accelerate_configs":
+        assert raw["distributed_type"]
+    elif "stage1" in raw:
+        pytest.skip("a recipes/distill.py config (tests/test_distill_recipe.py validates it)")
     else:
         recipe.load_config(str(path))
