@@ -30,9 +30,12 @@ query-norm router the k largest queries, and the quality change has to be traine
 SmolLM2-135M (9 heads: 4 shared + top-2 of 5 routed = 6 active per layer, all 30 layers, Shakespeare, 256-token
 windows): perplexity 26.8 → 324 (learned, zero-step) and → 236 (query norm) before any training.
 
-Dropped heads: at decode on CUDA (one token per sequence, memory-bound on the KV cache) a Triton kernel
-(patchattn.kernels.moh) reads only the active heads' keys and values (``skip_inactive_heads``); elsewhere they are
-computed and multiplied by 0 (prefill is compute-bound and routes per token, so whole tiles are rarely skippable).
+Dropped heads are computed and multiplied by 0. Skipping them can only pay at decode (one token per sequence,
+memory-bound on the KV cache; prefill routes per token, so whole tiles are rarely skippable): with
+``skip_inactive_heads=True`` a Triton split-K kernel (patchattn.kernels.moh) reads only the active heads' keys and
+values. Measured on the H200 (scripts/bench_moh_decode.py, benchmarks/results/moh_decode.json) it does not pay yet:
+skipping cuts the kernel's own time by up to 42% (MHA, 50% active, 131k context: 1.58 → 0.92 ms) but the kernel is
+~3x slower than cuDNN's dense decode (0.52 ms), and with GQA nearly every KV head stays needed. Hence off by default.
 """
 from __future__ import annotations
 
@@ -57,8 +60,8 @@ class MoHParams(VariantParams):
     active_heads: float = param(1.0, low=0.0, high=1.0,
                                 help="fraction of all heads active per token: shared + top-k routed (1.0 = all)")
     aux_loss_weight: float = param(0.01, low=0.0, help="weight of the load-balance loss (load_balance_loss)")
-    skip_inactive_heads: bool = param(True, help="decode steps on CUDA read only the active heads' KV cache (Triton); "
-                                                 "elsewhere dropped heads are computed and multiplied by 0")
+    skip_inactive_heads: bool = param(False, help="decode steps on CUDA read only the active heads' KV cache (Triton "
+                                                  "kernel; slower than dense SDPA on the H200, see module docstring)")
 
     def validate(self) -> None:
         super().validate()
