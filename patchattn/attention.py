@@ -71,3 +71,29 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, q_len: int, k_len
     if not bool(same.all()):
         return False, None
     return True, (None if bool(key_valid.all()) else key_valid)
+
+
+def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, attention_mask, *, min_seq_len: int,
+                        sliding_window: int | None = None, dropout: float = 0.0) -> tuple[bool, torch.Tensor | None]:
+    """May a long-prefill approximation (``hyper``, ``dhsa``) run here? Only on causal prefill (queries == keys)
+    longer than ``min_seq_len`` under a causal mask with optional key padding. Returns ``(ok, key_valid)``; decode
+    steps and short inputs answer ``ok=False`` silently, the unexpected cases are logged once."""
+    from .logging_utils import warn_once
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len != k_len:
+        if q_len > 1:
+            warn_once(f"{name}: prefill over a non-empty cache (chunked prefill) uses exact attention")
+        return False, None
+    if q_len <= min_seq_len:
+        return False, None
+    if sliding_window is not None and k_len > sliding_window:
+        warn_once(f"{name}: sliding-window layers (window {sliding_window}) keep exact attention")
+        return False, None
+    ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
+    if not ok:
+        warn_once(f"{name}: attention mask is not causal+padding (packed or custom mask); using exact attention")
+        return False, None
+    if dropout:
+        warn_once(f"{name}: attention dropout is not applied inside the approximation")
+    return True, key_valid

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attention import exact_attention, key_padding_from_mask
-from ..logging_utils import warn_once
+from ..attention import exact_attention, long_causal_prefill
 from .base import Variant, VariantParams, param, register_variant
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
@@ -52,23 +51,11 @@ class DynamicHierarchicalSparseAttention(Variant):
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
                   softcap=None, **kwargs):
-        q_len, k_len = query.shape[2], key.shape[2]
         exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
                                         dropout=dropout, softcap=softcap, **kwargs)
-        if q_len != k_len:
-            if q_len > 1:
-                warn_once("dhsa: prefill over a non-empty cache (chunked prefill) uses exact attention")
-            return exact()  # decode steps: exact by design
-        if q_len <= self.params.min_seq_len:
-            return exact()
-        if sliding_window is not None and k_len > sliding_window:
-            warn_once(f"dhsa: sliding-window layers (window {sliding_window}) keep exact attention")
-            return exact()
-        ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
+        ok, key_valid = long_causal_prefill("dhsa", query, key, attention_mask, min_seq_len=self.params.min_seq_len,
+                                            sliding_window=sliding_window, dropout=dropout)
         if not ok:
-            warn_once("dhsa: attention mask is not causal+padding (packed or custom mask); using exact attention")
-            return exact()
-        if dropout:
-            warn_once("dhsa: attention dropout is not applied inside DHSA")
+            return exact()  # decode steps: exact by design
         out, _ = dhsa_attention(query, key, value, scaling, self.settings(), key_valid=key_valid, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
