@@ -1,0 +1,214 @@
+"""GPU decode latency and KV memory of the ZipCache cache vs transformers' DynamicCache, on real weights.
+
+For each model and context: prefill ``context`` tokens of real text (the shipped Shakespeare, repeated as needed),
+then ``--steps`` greedy decode steps, one forward per token, timed with CUDA syncs. The ZipCache runs (the paper's
+setting and ``SMALL_MODEL_SETTING``) use the cache ``generate()`` would build (``generation_cache``); ``--steps`` >
+``requant_interval`` (100) so the streaming re-quantisation is inside the mean. Also records the true KV bytes (``nbytes()`` vs the
+DynamicCache's bf16 tensors), peak GPU memory above the weights, and a correctness check (ZipCache at 8/8 bits vs
+DynamicCache logits at a short context).
+
+    python scripts/bench_zipcache_decode.py --out /tmp/zipcache_gpu          # ~2-3 min on one H200
+
+Writes ``zipcache_decode.json`` and ``zipcache_decode.png`` into ``--out``; the table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+import patchattn
+from patchattn.cache import layer_nbytes
+from patchattn.data import read_text
+from patchattn.realweights import load_model
+from patchattn.variants.zipcache import SMALL_MODEL_SETTING, generation_cache
+
+CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+CONFIGS = {"paper": {}, "small-model": SMALL_MODEL_SETTING}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def memory_allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+@torch.inference_mode()
+def run(model, ids: torch.Tensor, cache, steps: int, interval: int) -> dict:
+    """Prefill then ``steps`` greedy decode steps; per-step wall times."""
+    base = memory_allocated()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **{CACHE_KW: cache})
+    sync()
+    prefill = time.perf_counter() - t0
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        out = model(input_ids=token, use_cache=True, **{CACHE_KW: cache})
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        times.append(time.perf_counter() - t)
+    requant = [t for i, t in enumerate(times, 1) if i % interval == 0]
+    plain = [t for i, t in enumerate(times, 1) if i % interval]
+    return {
+        "prefill_ms": 1e3 * prefill,
+        "decode_ms_mean": 1e3 * statistics.fmean(times),
+        "decode_ms_median": 1e3 * statistics.median(plain),
+        "requant_step_ms": 1e3 * statistics.fmean(requant) if requant else None,
+        "kv_bytes": sum(layer_nbytes(layer) for layer in cache.layers),
+        "peak_mem_above_start_bytes": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0) - base,
+    }
+
+
+@torch.inference_mode()
+def correctness(model, ids: torch.Tensor) -> float:
+    """Max |logit difference| over 20 greedy steps: ZipCache at 8/8 bits vs DynamicCache (bf16 noise level)."""
+    def logits(cache):
+        out = model(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
+        rows, token = [out.logits[:, -1].float()], out.logits[:, -1:].argmax(-1)
+        for _ in range(20):
+            out = model(input_ids=token, use_cache=True, **{CACHE_KW: cache})
+            rows.append(out.logits[:, -1].float())
+            token = rows[-1][:, None].argmax(-1)
+        return torch.stack(rows)
+
+    ref = logits(DynamicCache(config=model.config))
+    patchattn.patch_model(model, "zipcache", high_bits=8, low_bits=8, requant_interval=8)
+    try:
+        got = logits(generation_cache(model))
+    finally:
+        patchattn.unpatch_model(model)
+    return (got - ref).abs().max().item() / ref.abs().max().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    p.add_argument("--contexts", default="4096,8192,16384,32768")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--configs", default="paper,small-model", help=f"zipcache settings, of: {', '.join(CONFIGS)}")
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test)")
+    dev = args.device
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    interval = 100  # requant_interval of every config here
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "patchattn": patchattn.__version__, "zipcache_configs": configs,
+            "steps": args.steps, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    rows, checks = [], {}
+    started = time.perf_counter()
+    for name in args.models.split(","):
+        try:
+            model, tok = load_model(name, dtype=torch.bfloat16)
+            model.to(dev).eval()
+            text_ids = tok(read_text(), add_special_tokens=False, verbose=False).input_ids
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next model
+            rows.append({"model": name, "error": f"load: {exc!r}"})
+            continue
+        try:
+            checks[name] = correctness(model, torch.tensor([text_ids[:300]], device=dev))
+        except Exception as exc:  # noqa: BLE001
+            checks[name] = f"error: {exc!r}"
+        run(model, torch.tensor([text_ids[:512]], device=dev), DynamicCache(config=model.config), 8, interval)
+        for ctx in tqdm(contexts, desc=name, unit="ctx"):
+            ids = torch.tensor([(text_ids * (ctx // len(text_ids) + 1))[:ctx]], device=dev)
+            for kind in ("DynamicCache", *configs):
+                row = {"model": name, "context": ctx, "cache": kind}
+                try:
+                    if kind in configs:
+                        patchattn.patch_model(model, "zipcache", **configs[kind])
+                        cache = generation_cache(model)
+                    else:
+                        cache = DynamicCache(config=model.config)
+                    row.update(run(model, ids, cache, args.steps, interval))
+                    if kind not in configs:
+                        row["requant_step_ms"] = None  # nothing is re-quantised in a DynamicCache
+                except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+                    row["error"] = repr(exc)
+                    row["traceback"] = traceback.format_exc(limit=4)
+                finally:
+                    if patchattn.is_patched(model):
+                        patchattn.unpatch_model(model)
+                    cache = None
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+        del model
+    for row in rows:
+        ref = next((r for r in rows if r.get("cache") == "DynamicCache" and r.get("model") == row.get("model")
+                    and r.get("context") == row.get("context") and "error" not in r), None)
+        if row.get("cache") in configs and ref and "error" not in row:
+            row["compression"] = ref["kv_bytes"] / row["kv_bytes"]
+            row["decode_slowdown"] = row["decode_ms_mean"] / ref["decode_ms_mean"]
+    meta["seconds"] = time.perf_counter() - started
+    (out_dir / "zipcache_decode.json").write_text(json.dumps({**meta, "correctness_8bit": checks, "rows": rows},
+                                                             indent=2))
+    plot(rows, out_dir / "zipcache_decode.png", meta)
+
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}; {args.steps} decode steps")
+    print("8/8-bit ZipCache vs DynamicCache, max |Δlogit| / max |logit|:", checks)
+    print(f"{'model':<14}{'ctx':>7} {'cache':<13}{'prefill ms':>11}{'decode ms':>10}{'requant ms':>11}"
+          f"{'KV MiB':>9}{'compr':>7}{'slower':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<14}{r.get('context', ''):>7} {r.get('cache', ''):<13} ERROR {r['error'][:80]}")
+            continue
+        rq = f"{r['requant_step_ms']:.1f}" if r["requant_step_ms"] is not None else "-"
+        print(f"{r['model']:<14}{r['context']:>7} {r['cache']:<13}{r['prefill_ms']:>11.1f}{r['decode_ms_mean']:>10.2f}"
+              f"{rq:>11}{r['kv_bytes'] / 2**20:>9.1f}{r.get('compression', 1.0):>6.2f}×"
+              f"{r.get('decode_slowdown', 1.0):>7.2f}×")
+
+
+def plot(rows, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and "context" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in ok}):
+        kinds = sorted({r["cache"] for r in ok} - {"DynamicCache"})
+        for kind, style in (("DynamicCache", "--"), *((k, "-") for k in kinds)):
+            pts = sorted((r["context"], r) for r in ok if r["model"] == model and r["cache"] == kind)
+            if pts:
+                xs = [c for c, _ in pts]
+                axes[0].plot(xs, [r["decode_ms_mean"] for _, r in pts], style, marker="o", label=f"{model} {kind}")
+                axes[1].plot(xs, [r["kv_bytes"] / 2**20 for _, r in pts], style, marker="o", label=f"{model} {kind}")
+    for ax, label in zip(axes, ("decode step, mean (ms)", "KV cache (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"ZipCache vs DynamicCache, {meta['gpu']}, bf16", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
