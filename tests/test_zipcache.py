@@ -224,8 +224,8 @@ def test_generate_uses_the_cache_on_every_family_with_honest_bytes_and_compressi
         if not layer.is_sliding:
             assert layer.quantized_length + sinks == 220
             assert low < fp16 / layer.nbytes() < high
-        else:  # keeps the window (23 tokens) at block granularity
-            assert 23 <= layer.quantized_length <= 23 + 10 and layer.nbytes() < fp16
+        else:  # keeps the window (23 tokens) at the granularity of its 10-token blocks
+            assert 23 <= layer.quantized_length <= 23 + 9 and layer.nbytes() < fp16
 
 
 @torch.no_grad()
@@ -313,7 +313,7 @@ def test_sliding_layer_bookkeeping_matches_transformers():
         torch.testing.assert_close(mine[:, :, -n:], ref[:, :, -n:])  # the new tokens, unquantised
         ours.variant.__dict__.pop("_zipcache_pending")
         ours.after_attention(n)
-        assert ours.quantized_length + ours.recent_length <= 23 + 40
+        assert 23 <= ours.quantized_length + ours.recent_length <= 23 + 6 or ours.get_seq_length() < 23
 
 
 def test_sliding_layers_can_stay_full_precision():

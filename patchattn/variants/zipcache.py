@@ -528,6 +528,8 @@ class ZipCacheLayer(CacheLayerMixin):
     def after_attention(self, q_len: int) -> None:
         if q_len > 1 or self.window_steps >= self.variant.params.requant_interval:
             self.quantize_recent()
+        if self.sliding_window is not None:  # the next forward sees only the last window - 1 tokens
+            self._drop_before(self.sliding_window - 1)
 
     def quantize_recent(self) -> None:
         """Quantise the recent buffer: per block, the top ``salient_ratio`` tokens by estimated normalised score at
