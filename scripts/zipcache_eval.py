@@ -176,7 +176,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"zipcache_quality_{args.model}_{args.corpus}{args.tag}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / f"{stem}.png", f"ZipCache on {args.model} / {args.corpus} ({targets.numel()} scored tokens)")
+    plot(rows, out / f"{stem}.png",
+         f"ZipCache on {args.model} / {args.corpus} ({targets.numel()} scored tokens, context {args.context})")
 
     print(f"\n{args.model}, {args.corpus}: {targets.numel()} tokens scored after a {args.prefill}-token prefill, "
           f"chunks of {args.chunk}")
@@ -200,6 +201,10 @@ def plot(rows, path: Path, title: str) -> None:
     ax.axhline(2.0, color="grey", ls="--", lw=0.8)  # the target: ≤ 2 % at ≥ 4.5×
     ax.axvline(4.5, color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=2.0)
+    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200) if t <= 2.5 * max(r.get("ppl_increase_pct", 0) for r in rows)]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(bottom=min(-0.3, 1.2 * min(r.get("ppl_increase_pct", 0) for r in rows)))
+    ax.set_xlim(right=1.2 * max(r["compression"] for r in rows))
     ax.set_xlabel("KV compression vs fp16 DynamicCache (×)")
     ax.set_ylabel("perplexity increase (%, symlog)")
     ax.set_title(title, fontsize=9)

@@ -353,9 +353,9 @@ def test_chatglm2_port_generates_with_the_cache():
     from patchattn.models.chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM
 
     torch.manual_seed(0)
-    model = ChatGLM2ForCausalLM(ChatGLM2Config(
-        num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=32, padded_vocab_size=VOCAB,
-        multi_query_attention=True, multi_query_group_num=2)).eval()
+    config = ChatGLM2Config(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=32,
+                            padded_vocab_size=VOCAB, multi_query_attention=True, multi_query_group_num=2)
+    model = ChatGLM2ForCausalLM(config).eval()
     x = prompt(30)
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
     ref = model.generate(x, **kwargs)
