@@ -11,10 +11,46 @@ from __future__ import annotations
 
 import types
 
+import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicCache
 
 _PREPARE = "_prepare_cache_for_generation"
+
+
+class TensorMapLayerMixin:
+    """The batch plumbing of a cache layer that holds more tensors than ``keys``/``values``, written once.
+
+    transformers calls these on every layer of a cache: ``reorder_cache`` in beam search, ``batch_repeat_interleave``
+    and ``batch_select_indices`` when generate expands or filters the batch (beam search, assisted and contrastive
+    decoding), ``offload``/``prefetch`` for offloaded caches. ``CacheLayerMixin``'s versions touch only
+    ``self.keys``/``self.values``, so a layer that keeps its own tensors (a recurrent state, quantised blocks with
+    their scales, ...) must apply each operation to all of them, which is all these methods do.
+
+    A subclass implements ``_map(fn)``: replace every tensor ``t`` it holds (batch first) by ``fn(t)``, doing
+    nothing while it holds none; and has ``self.device`` (needed only once it holds tensors), where ``prefetch``
+    brings them back. List the mixin before ``CacheLayerMixin`` in the bases so that its methods win.
+    """
+
+    def _map(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        # ``self.device`` is read only when there is a tensor to move: a layer may set it on its first update, and
+        # an offloaded cache prefetches the next layer before that layer has seen any tokens
+        self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
 def layer_nbytes(layer) -> int:

@@ -11,9 +11,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,48 +22,29 @@ import yaml
 
 import patchattn
 from patchattn import training
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "distill.py"
 TINY = ROOT / "recipes" / "tiny" / "distill.yaml"
 STEPS = 10  # per stage (tiny/distill.yaml)
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("distill_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distill_recipe"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _recipe()
-
-
-def _log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+recipe = load_recipe(SCRIPT, "distill_recipe")
 
 
 def _losses(records: list[dict], stage: int) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["stage"] == stage and r["step"] > 0}
 
 
-def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
-    if training.KILL_ENV not in extra:
-        env.pop(training.KILL_ENV, None)
-    return env
+def _env(**extra: str) -> dict[str, str]:
+    """Every subprocess of these tests on one thread (two of them share the CPU under accelerate)."""
+    return recipe_env(OMP_NUM_THREADS="1", **extra)
 
 
 def _launch(out: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU: torchrun starts two processes and the recipe asks
-    accelerate for cpu=True, so they form a gloo group (`--cpu` would start one process)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--config",
-           str(TINY), "--output_dir", str(out), "--stage1.save_every", "4", "--stage2.save_every", "4", *args]
+    """The tiny config on two CPU processes (``recipe_helpers.accelerate_launch``), checkpointing every 4 steps."""
     env = _env(**({training.KILL_ENV: kill_at} if kill_at else {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return accelerate_launch(SCRIPT, "--config", str(TINY), "--output_dir", str(out), "--stage1.save_every", "4",
+                             "--stage2.save_every", "4", *args, env=env, timeout=300)
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -79,15 +58,13 @@ IDS = torch.arange(5, 60)[None]
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "ddp"
-    proc = _launch(out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "2 process(es)" in proc.stdout + proc.stderr
+    assert_ran_on_two_processes(_launch(out))
     return out
 
 
 @pytest.mark.slow
 def test_two_processes_both_stages_learn(ddp_run):
-    records = _log(ddp_run)
+    records = read_log(ddp_run)
     for stage in (1, 2):
         losses = _losses(records, stage)
         assert sorted(losses) == list(range(1, STEPS + 1))
@@ -110,11 +87,11 @@ def test_two_processes_kill_in_stage2_and_resume(ddp_run, tmp_path):
     out = tmp_path / "killed"
     proc = _launch(out, kill_at="stage2:6")
     assert proc.returncode != 0 and not (out / "final").exists()
-    assert max(_losses(_log(out), 2)) == 6
+    assert max(_losses(read_log(out), 2)) == 6
     proc = _launch(out, "--resume", "true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "resumed from" in proc.stdout + proc.stderr and "stage2/step_4" in proc.stdout + proc.stderr
-    want, got = _log(ddp_run), _log(out)
+    want, got = read_log(ddp_run), read_log(out)
     for stage in (1, 2):
         w, g = _losses(want, stage), _losses(got, stage)
         assert sorted(g) == sorted(w)  # the killed run's steps 5..6 were replaced, not duplicated
@@ -150,7 +127,7 @@ def test_kill_in_stage1_and_resume(single, tmp_path):
     assert training.last_checkpoint(out).as_posix().endswith("stage1/step_4")
     recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "stage1": {"save_every": 4},
                                                "resume": True}))
-    want, got = _log(single["output_dir"]), _log(out)
+    want, got = read_log(single["output_dir"]), read_log(out)
     assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
     for stage in (1, 2):
         w, g = _losses(want, stage), _losses(got, stage)

@@ -154,3 +154,31 @@ def test_shipped_texts():
     assert 1_000_000 < len(text) < 1_500_000 and "HAMLET" in text and "Gutenberg" not in text
     assert read_text("kjv_sample.txt").startswith("Genesis 1\n\nIn the beginning God created")
     assert read_text(default_text_path()) == text
+
+
+def test_bos_per_window_starts_every_window_with_bos(llama, tokenizer):
+    """Each window is BOS + ``context_length - 1`` text tokens; NLL equals model(labels=...) on those windows."""
+    text_ids = tokenizer(TEXT[:3000], add_special_tokens=False).input_ids
+    seen = []
+    hook = llama.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    try:
+        r = perplexity(llama, tokenizer, TEXT[:3000], context_length=100, bos_per_window=True, progress=False)
+    finally:
+        hook.remove()
+    assert all((x[:, 0] == tokenizer.bos_token_id).all() and x.shape[1] <= 100 for x in seen)
+    assert len(seen) == math.ceil(len(text_ids) / 99)
+    total, count = 0.0, 0
+    for begin in range(0, len(text_ids), 99):
+        x = torch.tensor([[tokenizer.bos_token_id, *text_ids[begin : begin + 99]]])
+        labels = x.clone()
+        labels[:, :2] = -100  # BOS and the window's first text token are not scored (HF's recipe)
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            with torch.no_grad():
+                total += llama(x, labels=labels).loss.item() * n
+            count += n
+    assert r.tokens_scored == count
+    assert r.nll_mean == pytest.approx(total / count, rel=1e-4)
+    with pytest.raises(ValueError, match="BOS"):
+        no_bos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>")
+        perplexity(llama, no_bos, TEXT[:3000], context_length=100, bos_per_window=True, progress=False)

@@ -7,38 +7,21 @@
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import patchattn
 from patchattn import training
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "continue_train.py"
 TINY = ROOT / "recipes" / "tiny" / "gated.yaml"
 STEPS = 15
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("continue_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["continue_train"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _recipe()
-
-
-def _log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+recipe = load_recipe(SCRIPT, "continue_train")
 
 
 def _falls(losses: list[float]) -> bool:
@@ -54,7 +37,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_single_process_loss_falls_and_saved_model_reloads(uninterrupted):
     out = uninterrupted["output_dir"]
-    records = _log(out)
+    records = read_log(out)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert _falls([r["loss"] for r in records])
     assert records[-1]["eval_ppl"] < uninterrupted["eval_ppl_start"]
@@ -70,27 +53,14 @@ def test_single_process_loss_falls_and_saved_model_reloads(uninterrupted):
     assert gates and any(g.abs().sum() > 0 for g in gates)
 
 
-def _env():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PATCHATTN_RECIPE_KILL_AT_STEP", None)
-    return env
-
-
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher; several CPU
-    # processes need mpirun). `--multi_gpu` uses the torchrun launcher; without CUDA the recipe asks accelerate for
-    # cpu=True, so the two processes form a gloo group (MULTI_CPU).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--config", str(TINY),
-           "--output_dir", str(out), "--max_steps", "10", "--eval_every", "0", "--save_every", "5"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "2 process(es)" in proc.stdout + proc.stderr
-    records = _log(out)
+    proc = accelerate_launch(SCRIPT, "--config", str(TINY), "--output_dir", str(out), "--max_steps", "10",
+                             "--eval_every", "0", "--save_every", "5", env=recipe_env(OMP_NUM_THREADS="1"),
+                             timeout=240)
+    assert_ran_on_two_processes(proc)
+    records = read_log(out)
     assert [r["step"] for r in records] == list(range(1, 11))
     assert _falls([r["loss"] for r in records])
     assert (out / "final" / "model.safetensors").exists()
@@ -102,18 +72,18 @@ def test_kill_and_resume_reproduces_the_loss_curve(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--output_dir", str(out), "--max_steps", str(STEPS),
            "--save_every", "5"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "PATCHATTN_RECIPE_KILL_AT_STEP": "8"}, capture_output=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=recipe_env(**{training.KILL_ENV: "8"}), capture_output=True,
                           text=True, timeout=150)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILLed after step 8
-    assert [r["step"] for r in _log(out)] == list(range(1, 9))
+    assert [r["step"] for r in read_log(out)] == list(range(1, 9))
     assert not (out / "final").exists()
     assert training.last_checkpoint(out).name == "step_5"
 
     resumed = recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": STEPS,
                                                          "save_every": 5, "resume": True}))
     assert resumed["eval_ppl_start"] is None  # it did not start over
-    got = {r["step"]: r["loss"] for r in _log(out)}
-    want = {r["step"]: r["loss"] for r in _log(uninterrupted["output_dir"])}
+    got = {r["step"]: r["loss"] for r in read_log(out)}
+    want = {r["step"]: r["loss"] for r in read_log(uninterrupted["output_dir"])}
     assert sorted(got) == list(range(1, STEPS + 1))  # steps 6..8 of the killed run were replaced, not duplicated
     for step in range(1, STEPS + 1):
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
@@ -135,7 +105,7 @@ def test_bad_config_names_the_field(override, field):
 def test_bad_config_on_the_command_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text() + "seq_length: 128\n")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad)], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad)], cwd=ROOT, env=recipe_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "seq_length" in proc.stderr and "unknown config field" in proc.stderr
@@ -149,7 +119,7 @@ def test_lora_moh_with_accumulation_and_checkpointing(tmp_path):
         "output_dir": str(out), "max_steps": 3, "eval_every": 0, "variant": "moh",
         "variant_params": {"active_heads": 0.75}, "trainable": "lora", "lora_r": 4, "lora_alpha": 8,
         "grad_accum": 2, "gradient_checkpointing": True}))
-    records = _log(out)
+    records = read_log(out)
     assert len(records) == 3 and all(r["aux_loss"] > 0 for r in records)
     model = result["model"].eval()
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged

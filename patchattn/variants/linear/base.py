@@ -107,6 +107,22 @@ def softmax_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
 
+class HedgehogFeatureMap:
+    """Hedgehog's learnable feature map ``φ(x) = [softmax(xW), softmax(−xW)]`` (``softmax_features``), for the
+    variants built on it: ``hedgehog`` (untied query and key maps) and ``lawcat`` (one map shared by q and k).
+    Mixed into a ``LinearAttentionVariant`` whose params have ``feature_dim``; the variant keeps its maps as its own
+    parameters (their names are its state-dict keys)."""
+
+    def window_log_scale_init(self) -> float:
+        """The map's kernel is ≈ ``(2/f)·exp(score)`` at init (see ``random_feature_weights``)."""
+        return math.log(2.0 / self.params.feature_dim)
+
+    def initial_feature_map(self) -> torch.Tensor:
+        """``W [hk, d, f]`` for this layer: the random-feature draw that starts the map close to softmax."""
+        return random_feature_weights(self.kv_heads, self.head_dim, self.params.feature_dim, self.scaling,
+                                      seed=self.layer_idx)
+
+
 class LinearAttentionVariant(HiddenStatesVariant):
     """Base of ``lawcat``, ``hedgehog``, ``mala``, ``nala``, ``lightning`` (see the module docstring)."""
 

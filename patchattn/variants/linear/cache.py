@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ...cache import TensorMapLayerMixin
 
-class LinearStateLayer(CacheLayerMixin):
+
+class LinearStateLayer(TensorMapLayerMixin, CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     supports_early_init = False
@@ -64,29 +66,19 @@ class LinearStateLayer(CacheLayerMixin):
         """Bytes held: independent of the context length."""
         return sum(t.numel() * t.element_size() for t in (self.state or {}).values())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the state lives when not offloaded (``prefetch`` brings it back): the variant's device."""
+        return next(self.variant.parameters()).device
+
     def _map(self, fn) -> None:
+        """Batch plumbing (``TensorMapLayerMixin``): ``fn`` on every tensor of the state."""
         if self.state is not None:
             self.state = {name: fn(t) for name, t in self.state.items()}
 
     def reset(self) -> None:
         self.state = None
         self.cumulative_length = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        device = next(self.variant.parameters()).device
-        self._map(lambda t: t.to(device, non_blocking=True))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:

@@ -13,12 +13,11 @@ softmax (their best setting: 64), with ``β_h = log(2/f)`` at init matching the 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch.nn as nn
 
 from ..base import VariantParams, param, register_variant
-from .base import LinearAttentionVariant, random_feature_weights, softmax_features, window_param
+from .base import HedgehogFeatureMap, LinearAttentionVariant, softmax_features, window_param
 
 
 @dataclasses.dataclass
@@ -28,18 +27,14 @@ class HedgehogParams(VariantParams):
 
 
 @register_variant
-class HedgehogAttention(LinearAttentionVariant):
+class HedgehogAttention(HedgehogFeatureMap, LinearAttentionVariant):
     name = "hedgehog"
     description = ("Hedgehog/LoLCATs linear attention (arXiv 2402.04347, 2410.10254): learnable [softmax(xW), "
                    "softmax(−xW)] feature maps, random-feature init ≈ softmax; optional exact sliding window.")
     Params = HedgehogParams
 
-    def window_log_scale_init(self) -> float:
-        return math.log(2.0 / self.params.feature_dim)
-
     def build_variant(self, attention_module):
-        w = random_feature_weights(self.kv_heads, self.head_dim, self.params.feature_dim, self.scaling,
-                                   seed=self.layer_idx)
+        w = self.initial_feature_map()
         self.k_map = nn.Parameter(w)
         self.q_map = nn.Parameter(w.repeat_interleave(self.heads // self.kv_heads, dim=0))
 

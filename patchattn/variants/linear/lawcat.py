@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import VariantParams, param, register_variant
-from .base import LinearAttentionVariant, random_feature_weights, softmax_features, window_param
+from .base import HedgehogFeatureMap, LinearAttentionVariant, softmax_features, window_param
 
 GATE_TEMPERATURE = 16.0
 
@@ -50,18 +50,14 @@ class LawcatParams(VariantParams):
 
 
 @register_variant
-class LawcatAttention(LinearAttentionVariant):
+class LawcatAttention(HedgehogFeatureMap, LinearAttentionVariant):
     name = "lawcat"
     description = ("LAWCAT (arXiv 2509.18467): causal conv on q/k, shared learnable feature map, normalised "
                    "gated linear attention; constant-memory cache.")
     Params = LawcatParams
 
-    def window_log_scale_init(self) -> float:
-        return math.log(2.0 / self.params.feature_dim)
-
     def build_variant(self, attention_module):
-        self.feature_map = nn.Parameter(random_feature_weights(self.kv_heads, self.head_dim, self.params.feature_dim,
-                                                               self.scaling, seed=self.layer_idx))
+        self.feature_map = nn.Parameter(self.initial_feature_map())  # Hedgehog's map, one for q and k
         self.gate = nn.Linear(self.hidden_size, self.kv_heads)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias(self.params.decay_halflife))
