@@ -4,7 +4,8 @@
 Every preset runs with ``min_seq_len=1024`` (so 4k windows are sparse) on every full-attention layer (all of
 SmolLM2's; Gemma-3's global layers, its sliding layers stay exact). Contexts beyond a model's trained length
 (SmolLM2: 8192) are skipped unless ``--beyond-max``. The density column is the fraction of causal (query, key)
-pairs the kernel computes, from the settings (it does not depend on the text).
+pairs the kernel computes, from the settings (it does not depend on the text). Every window starts with BOS
+(Gemma-3 is lost without it: perplexity in the thousands).
 
   python scripts/dhsa_quality.py --out DIR                                  # GPU: both models, 4k-32k, bf16
   python scripts/dhsa_quality.py --models smollm2-135m --contexts 4096 --max-tokens 4096 \\
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
                     row["density"] = expected_density(ctx, settings_of(preset))
                 t0 = time.perf_counter()
                 res = perplexity(model, tok, text, context_length=ctx, max_tokens=args.max_tokens, device=device,
-                                 progress=False)
+                                 progress=False, bos_per_window=True)
                 row.update(ppl=res.ppl, seconds=time.perf_counter() - t0, tokens=res.tokens_scored)
                 if preset == "exact":
                     exact[ctx] = res.ppl

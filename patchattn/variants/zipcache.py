@@ -17,7 +17,14 @@ When: a forward with several queries (a prefill, or a chunk over a non-empty cac
 and quantised right after. Decoded tokens stay in a full-precision recent buffer; every ``requant_interval`` decode
 steps the buffer is quantised as one block (streaming). The window's probe steps (its last 5 % and a random 5 % by
 default, drawn when the window opens) record their attention rows as they run (one eager step each), so the fused
-path is kept on the other 90 % of steps. Attention always sees dequantised past + full-precision recent tokens.
+path is kept on the other 90 % of steps. Attention sees the dequantised past + the full-precision recent tokens.
+
+Decode (``decode_kernel``, on by default): on the other steps of full layers the blocks are not dequantised at all.
+``update`` hands transformers only the full-precision tokens (sinks + recent buffer) and the variant's attention
+runs a fused Triton kernel (``patchattn.kernels.zipcache``) that reads the packed codes in place, merged with those
+tokens into the exact softmax over every key. It needs CUDA (or the kernel's ``KERNEL_ON_CPU`` switch) and no mask:
+with a padding mask, ``output_attentions`` or attention dropout the step dequantises the blocks as before (logged
+once). Probe steps, multi-query forwards and sliding layers always dequantise.
 
 Defaults are the paper's setting (4/2 bits for keys and values, 60 % salient). Two levers beyond the paper matter
 on small models, where 2-bit *keys* are what hurts (measured on SmolLM2-135M / Gemma-3-270M, see the README):
@@ -44,6 +51,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..attention import eager_attention, exact_attention
+from ..cache import TensorMapLayerMixin
+from ..kernels.zipcache import kernel_usable, quantized_decode_attention
 from ..logging_utils import warn_once
 from .base import Variant, VariantParams, param, register_variant
 
@@ -68,6 +77,8 @@ class ZipCacheParams(VariantParams):
                                                  "concatenated KV heads (0 = all of them, as the paper)")
     sink_tokens: int = param(0, low=0, help="first tokens of the sequence kept in full precision (full layers)")
     quantize_sliding: bool = param(True, help="quantise sliding-window layers too (False: keep them full precision)")
+    decode_kernel: bool = param(True, help="decode steps of full layers attend the packed blocks in place with the "
+                                           "fused kernel (CUDA) instead of dequantising them (False: dequantise)")
     seed: int = param(0, low=0, help="seed of the random probes (offset by layer index)")
 
     def validate(self) -> None:
@@ -328,13 +339,15 @@ def _probe_count(ratio: float, n: int) -> int:
 # --------------------------------------------------------------------------------------------------- cache layer
 
 
-class ZipCacheLayer(CacheLayerMixin):
+class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
     """One layer's ZipCache: quantised blocks + a full-precision recent buffer with its probe statistics.
 
     ``update`` appends the new tokens to the buffer, returns dequantised past + buffer (so any attention function
     sees correct keys/values) and hands itself to its variant, whose ``attention`` records probe rows and calls
-    :meth:`after_attention`, which quantises the buffer when due. Mask sizes and sequence lengths follow
-    ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` exactly, so transformers' masks line up.
+    :meth:`after_attention`, which quantises the buffer when due. On a ``deferred`` decode step it returns only the
+    full-precision tokens and the variant reads the blocks itself (see the module docstring). Mask sizes and
+    sequence lengths follow ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` exactly (counting every token), so
+    transformers' masks line up.
     """
 
     is_compileable = False
@@ -360,6 +373,7 @@ class ZipCacheLayer(CacheLayerMixin):
         self.blocks_made = 0
         self.pending_key = None
         self.shuffled = False  # the keys update() returned have blocks in stored (salient-first) order
+        self.deferred = False  # update() returned only the full-precision tokens: the blocks are read in attention
 
     # -- transformers' layer interface -------------------------------------------------------------------------
 
@@ -395,20 +409,33 @@ class ZipCacheLayer(CacheLayerMixin):
             if self.window_steps == 0:
                 self._draw_window_probes()
             self.window_steps += 1
-        # Decode steps of full layers take blocks as stored (salient first): attention does not care about the order
-        # of keys that are all visible (the variant restores token order where a mask exists). Saves a gather and
-        # the bitmap decoding per block and step.
-        self.shuffled = (self.decode_in_stored_order and q_len == 1 and self.sliding_window is None
-                         and any(block.bitmap is not None for block in self.blocks))
-        past = [(self.sink_keys, self.sink_values)] if self.sink_keys.shape[2] else []
-        past += [block.dequantize(self.dtype, in_order=not self.shuffled) for block in self.blocks]
-        keys = torch.cat([k for k, _ in past] + [self.recent_keys], dim=2) if past else self.recent_keys
-        values = torch.cat([v for _, v in past] + [self.recent_values], dim=2) if past else self.recent_values
+        # Non-probe decode steps of full layers leave the blocks packed where the fused kernel can read them: only
+        # the full-precision tokens go back (the variant attends the blocks, or dequantises them after all when a
+        # mask or the weights are needed). The mask sizes still count every token.
+        self.deferred = (q_len == 1 and self.sliding_window is None and bool(self.blocks)
+                         and not self.decode_step_is_probe() and self.variant.params.decode_kernel
+                         and kernel_usable(key_states))
+        # Other decode steps of full layers take blocks as stored (salient first): attention does not care about the
+        # order of keys that are all visible (the variant restores token order where a mask exists). Saves a gather
+        # and the bitmap decoding per block and step.
+        self.shuffled = (not self.deferred and self.decode_in_stored_order and q_len == 1
+                         and self.sliding_window is None and any(block.bitmap is not None for block in self.blocks))
+        keys, values = self.keys_values(blocks=not self.deferred, in_order=not self.shuffled)
         if keys.shape[2] > needed + q_len:  # a sliding layer holding a partly expired block
             keys, values = keys[:, :, -(needed + q_len):], values[:, :, -(needed + q_len):]
         self.seen += q_len
         self.pending_key = keys
         self.variant.__dict__[_PENDING] = self
+        return keys, values
+
+    def keys_values(self, blocks: bool = True, in_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks, the blocks dequantised to the model dtype (``blocks``; in token order or as stored), recent
+        buffer."""
+        past = [(self.sink_keys, self.sink_values)] if self.sink_keys.shape[2] else []
+        if blocks:
+            past += [block.dequantize(self.dtype, in_order=in_order) for block in self.blocks]
+        keys = torch.cat([k for k, _ in past] + [self.recent_keys], dim=2) if past else self.recent_keys
+        values = torch.cat([v for _, v in past] + [self.recent_values], dim=2) if past else self.recent_values
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -428,21 +455,6 @@ class ZipCacheLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a ZipCache layer cannot be cropped: its quantised tokens cannot be restored exactly")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map(lambda t: t.to(self.device, non_blocking=True))
 
     # -- storage ------------------------------------------------------------------------------------------------
 
@@ -589,11 +601,26 @@ class ZipCache(Variant):
         return None
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None, **kwargs):
+        """Attention over what the layer's ``update`` returned, plus its side work (probe rows, re-quantisation).
+
+        A deferred decode step (``key``/``value`` hold only the full-precision tokens) runs the fused kernel over
+        the packed blocks when ``attention_mask`` is None: what sdpa's mask maker, registered for patchattn, gives
+        a decode step without padding (it checks the 2D padding mask once per forward, for every layer), so no
+        per-layer check is needed here. A mask (left padding), requested weights or attention dropout fall back to
+        dequantising the blocks in token order and the path below."""
         layer: ZipCacheLayer | None = self.__dict__.pop(_PENDING, None)
         if layer is None or layer.pending_key is not key:  # not our cache (plain forward, user's DynamicCache)
             return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    softcap=softcap, **kwargs)
         layer.pending_key = None
+        if layer.deferred:
+            if attention_mask is None and not kwargs.get("output_attentions") and not (dropout and module.training):
+                out = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling, softcap=softcap)
+                layer.after_attention(1)
+                return out, None
+            warn_once("zipcache: a decode step with a padding mask, returned attention weights or attention dropout "
+                      "dequantises the blocks (the fused decode kernel takes none of them)")
+            key, value = layer.keys_values()  # in token order, as the mask expects
         hk, q_len, k_len = key.shape[1], query.shape[2], key.shape[2]
         columns = layer.recent_length
         if layer.shuffled and (attention_mask is not None or kwargs.get("output_attentions")):

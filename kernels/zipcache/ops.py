@@ -1,0 +1,113 @@
+"""Host side of the ZipCache decode kernel: segments, split sizes and the launches (one per segment, one to attend
+the full-precision tokens and merge).
+
+:func:`quantized_decode_attention` is the entry: the fused kernel on CUDA (or on CPU with ``KERNEL_ON_CPU``, which
+only works under Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is imported: how the tests compare
+both paths without a GPU), the reference in ``naive.py`` elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .naive import quantized_decode_attention_reference
+
+#: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
+KERNEL_ON_CPU = False
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TARGET_PROGRAMS = 264  # about two per H200 multiprocessor
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernel runs for tensors like ``x`` (CUDA, or CPU under the switch; triton importable)."""
+    return (x.is_cuda or KERNEL_ON_CPU) and x.dtype in SUPPORTED_DTYPES and triton_available()
+
+
+def block_segments(block) -> list[tuple]:
+    """``(key part, key row, value part, value row, rows)`` per segment of a ``QuantizedBlock``: its stored rows cut
+    wherever a key or value tensor ends (salient-first blocks: at ``n_high``; keys may span both segments)."""
+    def starts(parts, row_dim):
+        out, row = [], 0
+        for part in parts:
+            out.append(row)
+            row += part.codes.shape[row_dim]
+        if row != block.n:
+            raise ValueError(f"block parts cover {row} rows, the block has {block.n}")
+        return out
+
+    key_starts, value_starts = starts(block.keys, 2), starts(block.values, 1)
+    cuts = sorted(set(key_starts) | set(value_starts) | {block.n})
+    segments = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        ki = max(i for i, s in enumerate(key_starts) if s <= lo)
+        vi = max(i for i, s in enumerate(value_starts) if s <= lo)
+        segments.append((block.keys[ki], lo - key_starts[ki], block.values[vi], lo - value_starts[vi], hi - lo))
+    return segments
+
+
+def _check(query, keys, values) -> None:
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"expected one decode query per sequence, query [b, h, 1, d]; got {tuple(query.shape)}")
+    b, h, _, d = query.shape
+    if keys.dim() != 4 or keys.shape != values.shape or keys.shape[0] != b or keys.shape[3] != d:
+        raise ValueError(f"keys and values must both be [b={b}, hk, m, d={d}]; got {tuple(keys.shape)} and "
+                         f"{tuple(values.shape)}")
+    if keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise ValueError(f"query, keys and values must share one dtype; got {query.dtype}, {keys.dtype}, "
+                         f"{values.dtype}")
+    if h % keys.shape[1]:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({keys.shape[1]})")
+    if keys.shape[2] == 0:
+        raise ValueError("the full-precision keys must hold at least the current token")
+
+
+def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, softcap: float | None = None,
+                               block_n: int | None = None, split_len: int | None = None) -> torch.Tensor:
+    """Exact softmax attention of one decode query per sequence over a ZipCache layer: its packed ``blocks`` read
+    in place by the kernel, plus the full-precision ``keys``/``values [b, hk, m, d]`` (sinks + recent buffer,
+    ``m >= 1``). ``query [b, h, 1, d]``; returns ``[b, 1, h, d]`` in its dtype (float32 accumulation); every key is
+    visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``block_n`` (rows per tile) and ``split_len``
+    (rows per program, a multiple of ``block_n``) default to sizes for the device."""
+    _check(query, keys, values)
+    if not kernel_usable(query):
+        return quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling, softcap=softcap)
+    from .triton_decode import launch_finish, launch_segment
+
+    b, h, _, d = query.shape
+    hk, g = keys.shape[1], h // keys.shape[1]
+    segments = [(block.value_scale.contiguous(), *seg) for block in blocks for seg in block_segments(block)]
+    if block_n is None:
+        block_n = 16 if not query.is_cuda else (64 if d <= 128 else 32)  # the interpreter: cross several tiles
+    if split_len is None:  # even splits over all segments, ~_TARGET_PROGRAMS programs in all
+        rows = sum(seg[-1] for seg in segments)
+        per_split = -(-rows // max(1, _TARGET_PROGRAMS // (b * hk)))
+        split_len = max(1, -(-per_split // block_n)) * block_n
+    elif split_len % block_n:
+        raise ValueError(f"split_len ({split_len}) must be a multiple of block_n ({block_n})")
+    query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
+    slots = sum(-(-seg[-1] // split_len) for seg in segments)
+    block_g, block_d = (max(16, 1 << (x - 1).bit_length()) for x in (g, d))  # tl.dot needs >= 16 a side
+    partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
+                torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
+                torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
+    num_warps = 4 if d <= 128 else 8
+    split0 = 0
+    for scale, key, k_row0, value, v_row0, seg_len in segments:
+        launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0,
+                       split_len=split_len, split0=split0, scaling=scaling, softcap=softcap, block_n=block_n,
+                       num_warps=num_warps)
+        split0 += -(-seg_len // split_len)
+    out = torch.empty(b, 1, h, d, device=query.device, dtype=query.dtype)
+    launch_finish(query, keys, values, partials, out, scaling=scaling, softcap=softcap, block_n=block_n,
+                  num_warps=num_warps)
+    return out

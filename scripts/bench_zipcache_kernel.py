@@ -1,0 +1,235 @@
+"""ZipCache decode attention, one step of one layer: bf16 SDPA vs dequantise + SDPA vs the fused kernel.
+
+    python scripts/bench_zipcache_kernel.py --out /tmp/zipcache_kernel        # H200, a few minutes
+    python scripts/bench_zipcache_kernel.py --out /tmp/zk --device cpu --contexts 256,512 --heads 4 --kv-heads 2 \\
+        --head-dim 64 --batches 1                                               # smoke test (reference path)
+
+Per shape (``--batches`` × 32 query / 8 KV heads × head dim 128 by default), context and ZipCache setting (the
+paper's and ``SMALL_MODEL_SETTING``) it builds a realistic layer state: random bf16 keys/values of ``context``
+tokens (a few outlier key channels), the first ``sink_tokens`` kept full precision, the rest quantised as one
+prefill block (random salient tokens at ``salient_ratio``), plus a ``--recent``-token full-precision buffer. Then
+it times one decode attention:
+
+* ``sdpa``: the DynamicCache baseline, SDPA over the unquantised bf16 KV; the fastest of ``enable_gqa=True``, the
+  GQA group packed into the query rows (transformers' decode path without enable_gqa) and KV repeated beforehand
+  (not timed): the winner is recorded per row;
+* ``torch``: today's ZipCache path: dequantise the block (as stored), concatenate, transformers' SDPA forward;
+* ``fused``: ``patchattn.kernels.zipcache.quantized_decode_attention`` (packed codes read in place).
+
+Times are ``triton.testing.do_bench`` medians (CPU: wall-clock medians of the reference path). ``bytes`` is what a
+method must read at least: the bf16 KV; the packed block (+ the bf16 copy dequantise writes and SDPA reads back, a
+lower bound for ``torch``); the packed block for ``fused``; all plus the full-precision tokens. Errors are
+max |out − float32 attention over the unquantised KV| (quantisation error included) and, for ``fused``, max |out −
+float32 attention over the dequantised block| (the kernel's own error). Writes ``zipcache_kernel.json`` and
+``zipcache_kernel.png`` into ``--out``; the table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from patchattn.kernels.zipcache import quantized_decode_attention, quantized_decode_attention_reference
+from patchattn.variants.zipcache import SMALL_MODEL_SETTING, QuantizedBlock, ZipCacheParams
+
+SETTINGS = {"paper": {}, "small-model": SMALL_MODEL_SETTING}
+METHODS = ("sdpa", "torch", "fused")
+
+
+def bench_ms(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def layer_state(b, hk, d, context, recent, p: ZipCacheParams, device, dtype, gen):
+    """``(keys, values)`` of every token (the baseline's cache), the block, the full-precision part."""
+    outliers = 1 + 4 * (torch.arange(d, device=device) % 16 == 0)  # a few large key channels, as in real models
+    keys = (torch.randn(b, hk, context + recent, d, device=device, generator=gen) * outliers).to(dtype)
+    values = torch.randn(b, hk, context + recent, d, device=device, generator=gen).to(dtype)
+    sinks, n = p.sink_tokens, context - p.sink_tokens
+    n_high = round(p.salient_ratio * n)
+    top = torch.rand(b, hk, n, device=device, generator=gen).topk(n_high, dim=-1).indices
+    salient = torch.zeros(b, hk, n, dtype=torch.bool, device=device).scatter_(-1, top, True)
+    block = QuantizedBlock(keys[:, :, sinks:context], values[:, :, sinks:context], salient, n_high, p,
+                           torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    fp_keys = torch.cat([keys[:, :, :sinks], keys[:, :, context:]], dim=2)
+    fp_values = torch.cat([values[:, :, :sinks], values[:, :, context:]], dim=2)
+    return keys, values, block, fp_keys, fp_values
+
+
+def float_attention(query, keys, values, scaling):
+    b, h, _, d = query.shape
+    hk = keys.shape[1]
+    scores = query.float().reshape(b, hk, h // hk, d) @ keys.float().transpose(-1, -2) * scaling
+    return (torch.softmax(scores, -1) @ values.float()).reshape(b, 1, h, d)
+
+
+def sdpa_candidates(query, keys, values, scaling):
+    """The baseline's ways of running GQA decode in SDPA, each returning ``[b, 1, h, d]``."""
+    b, h, _, d = query.shape
+    hk = keys.shape[1]
+    g = h // hk
+    repeated = (keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1))
+    return {
+        "enable_gqa": lambda: F.scaled_dot_product_attention(query, keys, values, scale=scaling,
+                                                             enable_gqa=True).transpose(1, 2),
+        "packed_gqa": lambda: F.scaled_dot_product_attention(query.view(b, hk, g, d), keys, values,
+                                                             scale=scaling).reshape(b, 1, h, d),
+        "repeated_kv": lambda: F.scaled_dot_product_attention(query, *repeated, scale=scaling).transpose(1, 2),
+    }
+
+
+def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    p = ZipCacheParams(**SETTINGS[setting])
+    keys, values, block, fp_keys, fp_values = layer_state(b, hk, d, context, recent, p, device, dtype, gen)
+    query = torch.randn(b, h, 1, d, device=device, generator=gen).to(dtype)
+    scaling = d**-0.5
+    module = types.SimpleNamespace(num_key_value_groups=h // hk, is_causal=True)
+    sinks = p.sink_tokens
+
+    def torch_path():  # ZipCacheLayer.update + exact_attention as before the kernel
+        k, v = block.dequantize(dtype, in_order=False)
+        k = torch.cat([fp_keys[:, :, :sinks], k, fp_keys[:, :, sinks:]], dim=2)
+        v = torch.cat([fp_values[:, :, :sinks], v, fp_values[:, :, sinks:]], dim=2)
+        return sdpa_attention_forward(module, query, k, v, None, scaling=scaling)[0]
+
+    def fused():
+        return quantized_decode_attention(query, [block], fp_keys, fp_values, scaling=scaling)
+
+    reference = float_attention(query, keys, values, scaling)
+    row = {"batch": b, "heads": h, "kv_heads": hk, "head_dim": d, "context": context, "setting": setting}
+    candidates = sdpa_candidates(query, keys, values, scaling)
+    sdpa_ms = {name: bench_ms(fn, device) for name, fn in candidates.items()}
+    mode = min(sdpa_ms, key=sdpa_ms.get)
+    row.update(sdpa_mode=mode, sdpa_ms=sdpa_ms[mode], sdpa_modes_ms=sdpa_ms,
+               sdpa_error=(candidates[mode]().float() - reference).abs().max().item())
+    del candidates  # the repeated KV
+    packed, fp = nbytes(t for t in block.tensors() if t is not block.bitmap), nbytes((fp_keys, fp_values))
+    full = nbytes((keys[:, :, sinks:context], values[:, :, sinks:context]))
+    row.update(sdpa_bytes=nbytes((keys, values)), torch_bytes=packed + 2 * full + fp, fused_bytes=packed + fp)
+    for name, fn in (("torch", torch_path), ("fused", fused)):
+        row[f"{name}_ms"] = bench_ms(fn, device)
+        row[f"{name}_error"] = (fn().float() - reference).abs().max().item()
+        row[f"{name}_speedup"] = row["sdpa_ms"] / row[f"{name}_ms"]
+    del keys, values
+    expected = quantized_decode_attention_reference(query, [block], fp_keys, fp_values, scaling=scaling)
+    row["fused_kernel_error"] = (fused().float() - expected.float()).abs().max().item()
+    return row
+
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--recent", type=int, default=50, help="full-precision recent tokens beside the block")
+    p.add_argument("--settings", default="paper,small-model", help=f"of: {', '.join(SETTINGS)}")
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test (the reference path, no kernel)")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test)")
+    dtype = torch.bfloat16
+    meta = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": _triton_version(), "dtype": "bf16", "recent": args.recent,
+            "settings": {name: SETTINGS[name] for name in args.settings.split(",")},
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [(int(b), int(c), s) for b in args.batches.split(",") for c in args.contexts.split(",")
+             for s in args.settings.split(",")]
+    rows = []
+    for i, (b, context, setting) in enumerate(tqdm(cases, desc="zipcache decode", unit="case")):
+        try:
+            rows.append(run_case(b, args.heads, args.kv_heads, args.head_dim, context, args.recent, setting,
+                                 args.device, dtype, seed=i))
+        except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the smaller cases
+            rows.append({"batch": b, "context": context, "setting": setting, "error": repr(exc)[:200]})
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    (out_dir / "zipcache_kernel.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    plot(rows, out_dir / "zipcache_kernel.png", meta, args)
+
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, h={args.heads} hk={args.kv_heads} "
+          f"d={args.head_dim}; ms = median of one decode attention; × = speed-up vs sdpa")
+    print(f"{'b':>2}{'ctx':>8} {'setting':<12}{'sdpa ms':>9} {'(mode)':<12}{'torch ms':>9}{'×':>6}{'fused ms':>9}"
+          f"{'×':>6}{'MiB sdpa/fused':>16}{'err torch':>10}{'err fused':>10}{'kernel err':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['batch']:>2}{r['context']:>8} {r['setting']:<12} ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['batch']:>2}{r['context']:>8} {r['setting']:<12}{r['sdpa_ms']:>9.3f} {r['sdpa_mode']:<12}"
+              f"{r['torch_ms']:>9.3f}{r['torch_speedup']:>6.2f}{r['fused_ms']:>9.3f}{r['fused_speedup']:>6.2f}"
+              f"{r['sdpa_bytes'] / 2**20:>8.1f}/{r['fused_bytes'] / 2**20:<7.1f}{r['torch_error']:>10.2e}"
+              f"{r['fused_error']:>10.2e}{r['fused_kernel_error']:>11.2e}")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def plot(rows, path: Path, meta: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    batches = sorted({r["batch"] for r in ok})
+    fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(5.5 * max(1, len(batches)), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for setting, marker in zip(meta["settings"], "os^"):
+            pts = sorted((r["context"], r) for r in ok if r["batch"] == b and r["setting"] == setting)
+            xs = [c for c, _ in pts]
+            for method, style in zip(METHODS, (":", "--", "-")):
+                if method == "sdpa" and setting != next(iter(meta["settings"])):
+                    continue  # one baseline line: it does not depend on the setting
+                label = "sdpa (bf16 KV)" if method == "sdpa" else f"{method}, {setting}"
+                ax.plot(xs, [r[f"{method}_ms"] for _, r in pts], style, marker=marker, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("one decode attention (ms)")
+        ax.set_title(f"b={b}, h={args.heads}, hk={args.kv_heads}, d={args.head_dim}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"ZipCache decode attention, {meta['gpu']}, bf16", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""ZipCache's fused decode kernel (reads the packed blocks in place) vs its reference, and inside generate().
+
+Without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``; fp32/fp16 only, the interpreter's
+bf16 arithmetic is broken) with ``ops.KERNEL_ON_CPU`` opened; shapes are tiny because the interpreter is slow. With
+CUDA the same cases run compiled, plus bf16.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import patchattn
+from patchattn.kernels.zipcache import ops, quantized_decode_attention_reference
+from patchattn.variants import zipcache as zipcache_variant
+from patchattn.variants.zipcache import QuantizedBlock, ZipCacheLayer, ZipCacheParams
+from tiny_models import COMMON, VOCAB, tiny_model
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (conftest sets it too)
+triton = pytest.importorskip("triton")
+
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + [torch.bfloat16] * CUDA
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
+
+
+def randn(*shape, gen):
+    return torch.randn(*shape, generator=gen).to(DEV)
+
+
+def make_block(gen, b, hk, n, d, dtype, *, salient=True, **params):
+    """A block of ``n`` random tokens (a few outlier channels) with random salient tokens per KV head."""
+    p = ZipCacheParams(**params)
+    k = randn(b, hk, n, d, gen=gen) * (1 + 4 * (torch.arange(d, device=DEV) % 7 == 0))
+    v = randn(b, hk, n, d, gen=gen)
+    if not salient:
+        return QuantizedBlock(k.to(dtype), v.to(dtype), None, n, p, torch.float16)
+    n_high = max(1, round(p.salient_ratio * n))
+    top = torch.rand(b, hk, n, generator=gen).topk(n_high, -1).indices.to(DEV)
+    mask = torch.zeros(b, hk, n, dtype=torch.bool, device=DEV).scatter_(-1, top, True)
+    return QuantizedBlock(k.to(dtype), v.to(dtype), mask, n_high, p, torch.float16)
+
+
+def check(query, blocks, keys, values, *, scaling, softcap, dtype, **sizes):
+    got = ops.quantized_decode_attention(query, blocks, keys, values, scaling=scaling, softcap=softcap, **sizes)
+    ref = quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling, softcap=softcap)
+    assert got.shape == ref.shape == (query.shape[0], 1, query.shape[1], query.shape[3]) and got.dtype == dtype
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hk, g", [(1, 4), (2, 3)])
+@pytest.mark.parametrize("key_group, value_group", [(0, 0), (16, 32)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernel_matches_reference(kernel_on_cpu, bits, key_group, value_group, hk, g, dtype, softcap):
+    """Three blocks (n not a multiple of the 16-row tile): keys in two tensors split at n_high, keys in one tensor
+    spanning both segments, a uniform block; 32-row splits so programs loop over tiles and segments over splits.
+    Value groups: one zero/step per token (all of its KV heads), or two per head."""
+    gen = torch.Generator().manual_seed(bits * 100 + key_group + hk)
+    b, d = 2, 64
+    common = dict(high_bits=bits, low_bits=2, key_group_size=key_group, value_group_size=value_group,
+                  salient_ratio=0.3)
+    blocks = [make_block(gen, b, hk, 45, d, dtype, **common),
+              make_block(gen, b, hk, 37, d, dtype, key_low_bits=bits, **common),
+              make_block(gen, b, hk, 23, d, dtype, salient=False, **common)]
+    assert [len(block.keys) for block in blocks] == [1 + (bits > 2), 1, 1]
+    assert [len(block.values) for block in blocks] == [2, 2, 1]
+    query = randn(b, hk * g, 1, d, gen=gen).to(dtype)
+    keys, values = randn(b, hk, 3, d, gen=gen).to(dtype), randn(b, hk, 3, d, gen=gen).to(dtype)
+    check(query, blocks, keys, values, scaling=d**-0.5, softcap=softcap, dtype=dtype, block_n=16, split_len=32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [2, 8])
+def test_kernel_matches_reference_at_head_dim_256_with_softcap(kernel_on_cpu, bits, dtype):
+    """Gemma-like: head dim 256, one KV head for four query heads, logit softcapping; default tile/split sizes."""
+    gen = torch.Generator().manual_seed(bits)
+    d = 256
+    blocks = [make_block(gen, 1, 1, 50, d, dtype, high_bits=8, low_bits=bits, key_group_size=16)]
+    query = randn(1, 4, 1, d, gen=gen).to(dtype) * 3  # sharp enough for the cap to matter
+    keys, values = randn(1, 1, 2, d, gen=gen).to(dtype), randn(1, 1, 2, d, gen=gen).to(dtype)
+    check(query, blocks, keys, values, scaling=d**-0.5, softcap=10.0, dtype=dtype)
+
+
+def test_without_blocks_it_is_attention_over_the_full_precision_tokens(kernel_on_cpu):
+    gen = torch.Generator().manual_seed(0)
+    query, keys, values = randn(1, 4, 1, 16, gen=gen), randn(1, 2, 5, 16, gen=gen), randn(1, 2, 5, 16, gen=gen)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=0.3, enable_gqa=True)
+    got = ops.quantized_decode_attention(query, [], keys, values, scaling=0.3)
+    torch.testing.assert_close(got, ref.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_clear_errors():
+    query = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="one decode query per sequence"):
+        ops.quantized_decode_attention(query, [], torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), scaling=1.0)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        ops.quantized_decode_attention(query[:, :, :1], [], torch.zeros(1, 2, 3, 16, dtype=torch.float16),
+                                       torch.zeros(1, 2, 3, 16, dtype=torch.float16), scaling=1.0)
+    with pytest.raises(ValueError, match="at least the current token"):
+        ops.quantized_decode_attention(query[:, :, :1], [], torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16),
+                                       scaling=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ inside generate()
+
+
+def gqa_mistral():
+    """Full attention (no sliding window), four query heads per KV head."""
+    torch.manual_seed(0)
+    config = MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None, head_dim=16)
+    return MistralForCausalLM(config).eval()
+
+
+MODELS = {"llama": lambda: tiny_model("llama"), "mistral-gqa": gqa_mistral, "gemma2": lambda: tiny_model("gemma2")}
+
+
+def generate_both(monkeypatch, model, ids, attention_mask=None, **params):
+    """generate() with ``decode_kernel=False`` and with the kernel forced on CPU; kernel calls are counted."""
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  attention_mask=attention_mask)
+    patchattn.patch_model(model, "zipcache", decode_kernel=False, **params)
+    torch_path = model.generate(ids, **kwargs)
+    patchattn.unpatch_model(model)
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return ops.quantized_decode_attention(*args, **kw)
+
+    monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
+    monkeypatch.setattr(zipcache_variant, "quantized_decode_attention", counted)
+    patchattn.patch_model(model, "zipcache", **params)
+    fused = model.generate(ids, **kwargs)
+    return torch_path, fused, len(calls)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_generate_with_the_kernel_equals_dequantising(monkeypatch, family):
+    """Same greedy tokens, logits and true bytes; every non-probe decode step of every full layer took the kernel
+    (the mask transformers hands a decode step without padding is None)."""
+    model = MODELS[family]().to(DEV)
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
+    torch_path, fused, calls = generate_both(monkeypatch, model, ids, requant_interval=5, sink_tokens=1)
+    assert torch.equal(fused.sequences, torch_path.sequences)
+    for a, b in zip(fused.logits, torch_path.logits):
+        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
+    full = [layer for layer in fused.past_key_values.layers if not layer.is_sliding]
+    assert full and [layer.nbytes() for layer in fused.past_key_values.layers] == [
+        layer.nbytes() for layer in torch_path.past_key_values.layers]
+    # 11 decode steps in windows of 5; the probes are each window's last step (5 % random probes of 5 round to none)
+    probes = sum(1 for step in range(1, 12) if step % 5 == 0)
+    assert calls == (11 - probes) * len(full)
+    assert all(isinstance(layer, ZipCacheLayer) for layer in full)
+
+
+def test_left_padding_falls_back_to_dequantising(monkeypatch):
+    """A padding mask reaches the decode steps: the deferred layers dequantise after all (same result, no kernel)."""
+    model = tiny_model("llama").to(DEV)
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    torch_path, fused, calls = generate_both(monkeypatch, model, ids, attention_mask=mask, requant_interval=5)
+    assert calls == 0 and all(layer.deferred for layer in fused.past_key_values.layers)
+    assert torch.equal(fused.sequences, torch_path.sequences)
+    for a, b in zip(fused.logits, torch_path.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
