@@ -108,6 +108,7 @@ def _convert(name: str, target: Path) -> None:
         # save_pretrained write them as ordinary fp32 tensors (transformers refuses otherwise).
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
+        check_tokenizer(tokenizer, name)
         out = work / "model"
         model.save_pretrained(out)  # weights, config.json, generation_config.json
         tokenizer.save_pretrained(out)
@@ -115,6 +116,22 @@ def _convert(name: str, target: Path) -> None:
         print(f"patchattn: {name} ready in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+#: an English pangram; a real LM tokenizer splits it into ~10-12 tokens, a character-level one into 44
+_PANGRAM = "The quick brown fox jumps over the lazy dog."
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a tokenizer that lost its merges: transformers 5.17's GGUF converter turns Gemma-3's into a
+    character-level one (3x the tokens, perplexity ~400 instead of ~40 on Shakespeare at 4k; 5.24 converts it
+    correctly), and nothing else fails loudly."""
+    n = len(tokenizer(_PANGRAM, add_special_tokens=False).input_ids)
+    if n > len(_PANGRAM) // 2:
+        raise RuntimeError(
+            f"{name}: the tokenizer splits {_PANGRAM!r} into {n} tokens, so its merges were lost in the GGUF "
+            f"conversion (transformers 5.17 does this for Gemma-3). Delete {cache_dir() / 'models' / name} and "
+            "convert again with a newer transformers (5.24 is known to work), or copy a good tokenizer.json there.")
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs):
@@ -125,5 +142,6 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = local_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tokenizer, name)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs), tokenizer

@@ -137,3 +137,19 @@ def test_demo_runs_end_to_end(smollm2, tmp_path):
         assert all(math.isfinite(r[k]) for k in ("ppl_original", "ppl_hyper", "ppl_hyper_levers"))
         assert r["ppl_hyper"] != r["ppl_original"]  # hyper ran (context > min_seq_len)
     assert json.loads((tmp_path / "demo.json").read_text())["layers"] == list(range(22, 30))
+
+
+def test_tokenizer_without_merges_is_refused():
+    """A character-level tokenizer (what transformers 5.17 makes of Gemma-3's GGUF) must not pass silently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(realweights._PANGRAM)) + ["▁"]
+    char_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    char_level.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(RuntimeError, match="merges were lost"):
+        realweights.check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=char_level), "gemma3-270m")
+    word_level = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["<unk>", *realweights._PANGRAM.split()])},
+                                            unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    realweights.check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=word_level), "smollm2-135m")  # passes

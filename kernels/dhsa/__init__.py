@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import triton_available
 from . import naive
 from .gathered import gathered_attention
 from .naive import DhsaSettings
@@ -34,11 +35,7 @@ def triton_supported(q, k, v, settings: DhsaSettings, softcap=None) -> bool:
         return False
     if not (_pow2_at_least_16(settings.chunk_size) and _pow2_at_least_16(settings.query_block)):
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_available()
 
 
 def dhsa_attention(q, k, v, scaling=None, settings: DhsaSettings = DhsaSettings(), *, key_valid=None, softcap=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import triton_available
 from . import naive
 from .naive import HyperSettings
 from .plan import SUPPORTED_HEAD_DIMS
@@ -39,9 +40,7 @@ def triton_supported(q, k, v, settings: HyperSettings, softcap=None) -> bool:
         return False
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1] or k.shape[-2] != q.shape[-2]:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_available():
         return False
     from .plan import settings_supported
 

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from .. import triton_available
 from . import chunk, naive
 from .chunk import normalized_gla_chunked, normalized_gla_step_torch
 from .naive import normalized_gla_recurrent
@@ -30,21 +31,13 @@ BACKEND = os.environ.get("PATCHATTN_LINEAR_BACKEND", "auto")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def backend(x: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: which implementation a call on tensors like ``x`` takes."""
     choice = BACKEND
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"BACKEND / PATCHATTN_LINEAR_BACKEND must be 'auto', 'torch' or 'triton', not {choice!r}")
     if choice == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "torch"
+        return "triton" if x.is_cuda and triton_available() else "torch"
     if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("BACKEND='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported)")
     return choice

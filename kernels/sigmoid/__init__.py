@@ -6,24 +6,14 @@ softmax built in the same kernels, the like-for-like baseline of ``scripts/bench
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .. import triton_available
 from . import naive
 
 #: head dims the kernels are built for (tile shapes are powers of two)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def kernel_supports(q, k, v) -> bool:

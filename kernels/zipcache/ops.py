@@ -7,25 +7,15 @@ both paths without a GPU), the reference in ``naive.py`` elsewhere.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .. import triton_available
 from .naive import quantized_decode_attention_reference
 
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TARGET_PROGRAMS = 264  # about two per H200 multiprocessor
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
