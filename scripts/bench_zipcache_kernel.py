@@ -1,6 +1,7 @@
 """ZipCache decode attention, one step of one layer: bf16 SDPA vs dequantise + SDPA vs the fused kernel.
 
     python scripts/bench_zipcache_kernel.py --out /tmp/zipcache_kernel        # H200, a few minutes
+    python scripts/bench_zipcache_kernel.py --out /tmp/zk --contexts 32768 --tiles 16x256,16x1024,32x1024,64x4096
     python scripts/bench_zipcache_kernel.py --out /tmp/zk --device cpu --contexts 256,512 --heads 4 --kv-heads 2 \\
         --head-dim 64 --batches 1                                               # smoke test (reference path)
 
@@ -103,7 +104,7 @@ def sdpa_candidates(query, keys, values, scaling):
     }
 
 
-def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed) -> dict:
+def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed, tiles=()) -> dict:
     gen = torch.Generator(device=device).manual_seed(seed)
     p = ZipCacheParams(**SETTINGS[setting])
     keys, values, block, fp_keys, fp_values = layer_state(b, hk, d, context, recent, p, device, dtype, gen)
@@ -136,6 +137,10 @@ def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed) -> dict
         row[f"{name}_ms"] = bench_ms(fn, device)
         row[f"{name}_error"] = (fn().float() - reference).abs().max().item()
         row[f"{name}_speedup"] = row["sdpa_ms"] / row[f"{name}_ms"]
+    row["fused_tiles_ms"] = {  # the same kernel at other tile / split sizes (--tiles), for tuning
+        f"{bn}x{sl}": bench_ms(lambda: quantized_decode_attention(query, [block], fp_keys, fp_values, scaling=scaling,
+                                                                  block_n=bn, split_len=sl), device)
+        for bn, sl in tiles}
     del keys, values
     expected = quantized_decode_attention_reference(query, [block], fp_keys, fp_values, scaling=scaling)
     row["fused_kernel_error"] = (fused().float() - expected.float()).abs().max().item()
@@ -153,8 +158,11 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--recent", type=int, default=50, help="full-precision recent tokens beside the block")
     p.add_argument("--settings", default="paper,small-model", help=f"of: {', '.join(SETTINGS)}")
+    p.add_argument("--tiles", default="", help="also time the fused kernel at these BLOCK_NxSPLIT_LEN, e.g. "
+                                               "16x512,32x2048,64x8192 (split a multiple of the block), for tuning")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test (the reference path, no kernel)")
     args = p.parse_args()
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test)")
     dtype = torch.bfloat16
@@ -171,7 +179,7 @@ def main() -> None:
     for i, (b, context, setting) in enumerate(tqdm(cases, desc="zipcache decode", unit="case")):
         try:
             rows.append(run_case(b, args.heads, args.kv_heads, args.head_dim, context, args.recent, setting,
-                                 args.device, dtype, seed=i))
+                                 args.device, dtype, seed=i, tiles=tiles))
         except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the smaller cases
             rows.append({"batch": b, "context": context, "setting": setting, "error": repr(exc)[:200]})
         if args.device == "cuda":
@@ -191,6 +199,8 @@ def main() -> None:
               f"{r['torch_ms']:>9.3f}{r['torch_speedup']:>6.2f}{r['fused_ms']:>9.3f}{r['fused_speedup']:>6.2f}"
               f"{r['sdpa_bytes'] / 2**20:>8.1f}/{r['fused_bytes'] / 2**20:<7.1f}{r['torch_error']:>10.2e}"
               f"{r['fused_error']:>10.2e}{r['fused_kernel_error']:>11.2e}")
+        if r["fused_tiles_ms"]:
+            print("    fused at other tiles (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["fused_tiles_ms"].items()))
 
 
 def _triton_version() -> str | None:
