@@ -8,15 +8,11 @@ sizes; with CUDA the same cases run compiled, plus a bf16 case.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is defined (imported lazily below)
 triton = pytest.importorskip("triton")
 
 import patchattn  # noqa: E402
@@ -25,9 +21,8 @@ from patchattn.kernels.dhsa import (DhsaSettings, dhsa_attention, expected_densi
 from patchattn.kernels.dhsa.gathered import gathered_attention  # noqa: E402
 from patchattn.kernels.dhsa.ops import KernelConfig, block_sparse_attention  # noqa: E402
 from patchattn.kernels.dhsa.select import chunk_scores, structure  # noqa: E402
+from kernel_helpers import CUDA, DEV, rel_err  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
-
-DEV = "cuda" if CUDA else "cpu"
 
 
 def qkv(b, h, hk, n, d, dtype=torch.float32, seed=0):
@@ -41,11 +36,6 @@ def padding(b, n, holes):
     for row, (lo, hi) in holes.items():
         valid[row, lo:hi] = False
     return valid.to(DEV)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 SELECTIONS = {

@@ -7,28 +7,14 @@ rounding: forward relative error <= 1e-3, gradients against autograd through the
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (they are imported lazily below)
 triton = pytest.importorskip("triton")
 
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention, naive  # noqa: E402
 from patchattn.kernels.hyper.ops import hyper_attention_triton  # noqa: E402
-
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
+from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
 
 def make(b, h, hk, n, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

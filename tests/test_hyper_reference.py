@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_helpers import rel_err
 from patchattn.kernels.hyper.naive import HyperSettings, gray_rank, hyper_attention, lsh_projections, lsh_rank
 
 
@@ -16,10 +17,6 @@ def qkv(b=2, h=4, hk=2, n=600, d=32, seed=0, dtype=torch.float32):
 def exact(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
                                           is_causal=mask is None, enable_gqa=True).float()
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_gray_rank_neighbours_differ_in_one_bit():

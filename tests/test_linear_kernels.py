@@ -6,28 +6,13 @@ broken) at small sizes; with CUDA the same cases run compiled, plus the ``gpu`` 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (the kernels are imported lazily below)
 
 import patchattn.kernels.linear as L  # noqa: E402
 from patchattn.kernels.linear import (naive, normalized_gla, normalized_gla_chunked, normalized_gla_step,  # noqa: E402
                                       normalized_gla_step_torch)
-
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
+from kernel_helpers import CUDA, DEV, gpu, needs_cuda, rel_err  # noqa: E402
 
 def make(b, h, hk, n, dk, dv, dtype, *, decay=True, init=False, decay_scale=0.5, seed=0):
     """Non-negative feature-mapped q, k (as the normaliser expects), signed v, log decays <= 0, optional state."""

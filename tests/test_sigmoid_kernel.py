@@ -8,15 +8,10 @@ tanh path, d = 64/128).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (conftest sets it too)
 triton = pytest.importorskip("triton")
 
 import patchattn  # noqa: E402
@@ -24,17 +19,8 @@ from patchattn import logging_utils  # noqa: E402
 from patchattn.kernels.sigmoid import naive, sigmoid_attention, softmax_attention  # noqa: E402
 from patchattn.kernels.sigmoid.ops import KernelConfig  # noqa: E402
 from patchattn.variants import sigmoid as sigmoid_variant  # noqa: E402
+from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
-
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
 
 def make(b, h, hk, nq, nk, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -6,8 +6,6 @@ CUDA the same cases run compiled, plus bf16.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
@@ -16,14 +14,11 @@ import patchattn
 from patchattn.kernels.zipcache import ops, quantized_decode_attention_reference
 from patchattn.variants import zipcache as zipcache_variant
 from patchattn.variants.zipcache import QuantizedBlock, ZipCacheLayer, ZipCacheParams
+from kernel_helpers import CUDA, DEV
 from tiny_models import COMMON, VOCAB, tiny_model
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (conftest sets it too)
 triton = pytest.importorskip("triton")
 
-DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + [torch.bfloat16] * CUDA
 
 
