@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 
 def causal_bool_mask(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -44,12 +46,42 @@ def _grouped(mask: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(2) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], -1, 1, *mask.shape[2:])
 
 
+#: attribute of an attention module of a patched model: the attention implementation its exact path runs
+EXACT_BACKEND_ATTR = "_patchattn_exact_backend"
+
+
+def exact_backend(implementation: str) -> str:
+    """The backend exact layers of a patched model run for the model's ``attn_implementation``.
+
+    patchattn's dispatcher receives sdpa-style masks (boolean ``[b, 1, q, k]`` or None) for every layer, so exact
+    layers keep the user's backend when it takes those: ``sdpa``, ``eager`` and functions registered with sdpa's
+    mask maker. Others (``flash_attention_*``, ``flex_attention``, paged and Hub kernels with their own mask
+    formats) run SDPA instead, logged once.
+    """
+    if implementation in ("sdpa", "eager"):
+        return implementation
+    if implementation.startswith("patchattn"):
+        return "sdpa"
+    if implementation in ALL_ATTENTION_FUNCTIONS and ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is sdpa_mask:
+        return implementation
+    from .logging_utils import warn_once
+
+    warn_once(f"attn_implementation={implementation!r} takes masks in another format than patchattn's dispatcher "
+              "hands its layers: the layers patchattn does not approximate run exact attention with 'sdpa' instead")
+    return "sdpa"
+
+
 def exact_attention(module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None,
                     output_attentions=False, **kwargs):
-    """Unmodified attention: fused SDPA where possible, eager where softcap or the weights are needed."""
-    if softcap is not None or output_attentions:
+    """Unmodified attention with the model's backend (:func:`exact_backend`; SDPA by default), eager where
+    softcap or the weights are needed."""
+    backend = module.__dict__.get(EXACT_BACKEND_ATTR, "sdpa")
+    if softcap is not None or output_attentions or backend == "eager":
         return eager_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                softcap=softcap)
+    if backend != "sdpa":
+        return ALL_ATTENTION_FUNCTIONS[backend](module, query, key, value, attention_mask, scaling=scaling,
+                                                dropout=dropout, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
 
 

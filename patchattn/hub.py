@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from . import __version__
 from .loading import DELTA_FILE, hub_error_hints
-from .patching import is_patched, resolve_family
+from .patching import is_patched, resolve_family, unpatched_config
 from .variants import get_variant
 
 # Files a push owns: a remote one the new upload does not rewrite (old shards, a delta) would be stale, so it goes.
@@ -110,11 +110,9 @@ def _save_delta(model, staging: str, base_model: str, base_revision: str, token)
     The base is loaded exactly as ``from_pretrained`` will load it (same loader, config and dtype), so whatever
     differs — training, merged LoRA, the variant's own weights, which the base lacks — is in the delta.
     """
-    config = copy.deepcopy(model.config)
-    spec = config.patchattn
-    del config.patchattn
-    base = AutoModelForCausalLM.from_pretrained(base_model, revision=base_revision, config=config, dtype=model.dtype,
-                                                token=token)
+    spec = model.config.patchattn
+    base = AutoModelForCausalLM.from_pretrained(base_model, revision=base_revision,
+                                                config=unpatched_config(model.config), dtype=model.dtype, token=token)
     base_state = base.state_dict()
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
@@ -128,6 +126,7 @@ def _save_delta(model, staging: str, base_model: str, base_revision: str, token)
     del base, base_state
     save_file(tensors, os.path.join(staging, DELTA_FILE), metadata={"format": "pt"})
     delta = {"base_model": base_model, "base_revision": base_revision, "file": DELTA_FILE}
+    config = copy.deepcopy(model.config)
     config.patchattn = {**spec, "delta": delta}
     config.save_pretrained(staging)
     if model.generation_config is not None:

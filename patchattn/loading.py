@@ -1,58 +1,91 @@
-"""`patchattn.from_pretrained`: load a base, patched or delta checkpoint (local dir or Hub repo) and re-apply its
-patch."""
+"""`patchattn.from_pretrained`: load a base, patched or delta checkpoint (local dir or Hub repo) with its patch."""
 from __future__ import annotations
 
-import json
+import copy
 import os
 from contextlib import contextmanager
 
-import torch
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.utils import cached_file
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import logging as transformers_logging
 
-from .patching import LAYER_ATTR, patch_model
-from .variants import get_variant
+from .patching import LAYER_ATTR, patched_class, patched_config_class, read_spec
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 DELTA_FILE = "patchattn_delta.safetensors"
 
 
 def from_pretrained(path_or_repo: str, **kwargs):
-    """Load with ``AutoModelForCausalLM`` (ChatGLM2 through patchattn's native port) and re-apply the patch spec
-    recorded in config.json, including the weights of trainable variants. ``kwargs`` go to transformers.
+    """Load a base, patched or delta checkpoint (local dir or Hub repo) with its patch applied; ``kwargs`` go to
+    transformers' ``from_pretrained``.
 
-    A delta repo (``patchattn.push_to_hub(..., delta_only=True)``) records its base model and the base commit in
-    the spec: the base is loaded at that commit with the delta repo's config, patched, then the delta is applied.
+    A checkpoint saved by this version loads as its patched class (``AutoModelForCausalLM`` does the same after
+    ``import patchattn``), so the variant's weights load with the rest. One saved by patchattn 0.1 (a base
+    ``model_type`` with a ``patchattn`` entry) is read as the patched class too. A delta repo
+    (``patchattn.push_to_hub(..., delta_only=True)``) records its base model and commit: the base is loaded at that
+    commit as the patched class, then the delta goes on top.
     """
+    path_or_repo = os.fspath(path_or_repo)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     revision = kwargs.get("revision")
+    _check_local_path(path_or_repo)
     with hub_error_hints(path_or_repo, revision):
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_repo, **hub_kwargs)
-    spec = getattr(config, "patchattn", None)
-    if spec is not None:
-        del config.patchattn  # the base model is loaded first, then patched exactly as recorded
-    delta = (spec or {}).get("delta")
+    spec = read_spec(config, source=f"{path_or_repo}/config.json")  # before any weight is read
+    if spec is None:
+        with hub_error_hints(path_or_repo, revision):
+            return AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
+    config = as_patched_config(config)
+    model_class = patched_class(_causal_lm_class(config))
+    delta = spec.get("delta")
     if delta is None:
         with hub_error_hints(path_or_repo, revision):
-            model = AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
-    else:
-        base_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
-        with hub_error_hints(delta["base_model"], delta["base_revision"], f"base model of {path_or_repo}"):
-            model = AutoModelForCausalLM.from_pretrained(delta["base_model"], config=config,
-                                                         revision=delta["base_revision"], **base_kwargs)
-    if spec is None:
-        return model
-    patch_model(model, spec["variant"], layers=spec["layers"], **spec["params"])
+            return model_class.from_pretrained(path_or_repo, config=config, **kwargs)
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
+    with hub_error_hints(delta["base_model"], delta["base_revision"], f"base model of {path_or_repo}"), \
+            _quiet_missing_variant_weights():
+        model = model_class.from_pretrained(delta["base_model"], config=config, revision=delta["base_revision"],
+                                            **base_kwargs)
     with hub_error_hints(path_or_repo, revision):
-        if delta is not None:
-            _load_delta(model, path_or_repo, delta["file"], hub_kwargs)
-        elif get_variant(spec["variant"]).trainable:
-            _load_variant_weights(model, path_or_repo, hub_kwargs)
+        _load_delta(model, path_or_repo, delta["file"], hub_kwargs)
     return model
+
+
+def as_patched_config(config):
+    """``config`` as an instance of its patched config class (a patchattn 0.1 config keeps a base class)."""
+    patched = patched_config_class(type(config))
+    if type(config) is not patched:
+        config = copy.deepcopy(config)
+        config.__class__ = patched
+    return config
+
+
+def _causal_lm_class(config) -> type:
+    base_config = next(c for c in type(config).__mro__ if c in MODEL_FOR_CAUSAL_LM_MAPPING)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+
+
+def _check_local_path(path_or_repo: str) -> None:
+    """A path that does not exist gets "no such directory", not the Hub's repo-id rules."""
+    looks_local = path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path_or_repo)):
+        raise FileNotFoundError(f"no such directory: {path_or_repo!r} (a local checkpoint must be a directory written "
+                                "by save_pretrained; a Hub model is given as 'owner/name')")
+
+
+@contextmanager
+def _quiet_missing_variant_weights():
+    """A delta's base lacks the variant's weights by design (the delta brings them): keep transformers' report of
+    missing keys out of the user's log for that one load."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 _HINTS = {
@@ -82,32 +115,6 @@ def hub_error_hints(repo: str, revision: str | None = None, role: str = "model r
         if error is e:
             raise
         raise error from None
-
-
-def _checkpoint_files(path_or_repo: str, hub_kwargs: dict) -> list[str]:
-    index = cached_file(path_or_repo, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                        **hub_kwargs)
-    if index is None:
-        return [cached_file(path_or_repo, "model.safetensors", **hub_kwargs)]
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [cached_file(path_or_repo, shard, **hub_kwargs) for shard in shards]
-
-
-def _load_variant_weights(model, path_or_repo: str, hub_kwargs: dict) -> None:
-    """The base loader drops the variant's parameters as unexpected keys; load them now, strictly."""
-    wanted = {k for k in model.state_dict() if f".{LAYER_ATTR}." in k}
-    found: dict[str, torch.Tensor] = {}
-    for file in _checkpoint_files(path_or_repo, hub_kwargs):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    found[key] = f.get_tensor(key)
-    missing = sorted(wanted - set(found))
-    if missing:
-        raise ValueError(f"checkpoint {path_or_repo} lacks {len(missing)} variant weights (e.g. {missing[0]}); "
-                         "it was saved before training the patched model or is truncated")
-    model.load_state_dict(found, strict=False)
 
 
 def _load_delta(model, path_or_repo: str, filename: str, hub_kwargs: dict) -> None:

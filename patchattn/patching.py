@@ -1,31 +1,49 @@
-"""patch_model / unpatch_model and the attention dispatcher transformers calls.
+"""patch_model / unpatch_model, the patched model classes, and the attention dispatcher transformers calls.
 
 How a patch works: every attention module of a patched model calls the ``"patchattn"`` attention function (set
 through ``model.set_attn_implementation``). Patched layers carry their variant as the submodule
-``patchattn_layer``; the dispatcher hands those layers to the variant and runs exact attention for the rest. The
-patch spec (variant, layers, parameters) is stored in ``model.config.patchattn`` so ``save_pretrained`` writes it
-to config.json and ``patchattn.from_pretrained`` can re-apply it.
+``patchattn_layer``; the dispatcher hands those layers to the variant and runs exact attention, with the backend
+the model was loaded with, for the rest.
+
+A patched model is an instance of a patched class (``PatchattnLlamaForCausalLM`` subclasses
+``LlamaForCausalLM``) with its own config of a patched config class (``model_type="patchattn_llama"``) that holds
+the patch spec under ``config.patchattn``. So:
+
+- ``save_pretrained`` writes a config.json that plain transformers refuses ("model type `patchattn_llama` ... not
+  recognised") instead of silently running the original model; after ``import patchattn`` the Auto classes
+  build the patched class, whose ``__init__`` attaches the variant, so its weights load like any other.
+- the record belongs to the model: ``patch_model`` gives the model a copy of its config (transformers 5 shares one
+  config object between models built from it), and ``unpatch_model`` another, so patching or unpatching one model
+  never changes another.
+- ``is_patched(model)`` is true exactly when the variant runs.
 
 The same name is registered with ``AttentionMaskInterface`` (sdpa's mask maker): without it transformers hands a
 custom attention function ``attention_mask=None`` and sliding windows and padding are silently lost.
 """
 from __future__ import annotations
 
+import copy
+import json
+import os
 from typing import Any, Iterable
 
 import torch.nn as nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from . import __version__
-from .attention import exact_attention
-from .cache import install_generation_cache, remove_generation_cache
+from .attention import EXACT_BACKEND_ATTR, exact_backend, exact_attention
+from .cache import build_cache
 from .families import Family, family_for_model_type, supported_model_types
 from .variants import VARIANTS, Variant, get_variant
 
 IMPLEMENTATION = "patchattn"
 LAYER_ATTR = "patchattn_layer"
-_ORIGINAL_IMPL_ATTR = "_patchattn_original_attn_implementation"
+MODEL_TYPE_PREFIX = "patchattn_"
+_SPEC_KEYS = ("variant", "layers", "params", "family")
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
@@ -46,6 +64,7 @@ def _fixed_variant_function(cls: type[Variant]):
         layer = module.__dict__.get("_patchattn_fixed_" + cls.name)
         if layer is None:
             layer = cls(params, layer_idx=getattr(module, "layer_idx", 0))
+            layer.bind(module)
             module.__dict__["_patchattn_fixed_" + cls.name] = layer
         return layer.attention(module, query, key, value, attention_mask, **kwargs)
 
@@ -53,11 +72,12 @@ def _fixed_variant_function(cls: type[Variant]):
 
 
 def register_attention_functions() -> None:
-    """Register ``patchattn`` and ``patchattn_<variant>`` (parameter-free variants) with transformers."""
+    """Register ``patchattn`` and ``patchattn_<variant>`` with transformers: the latter for the training-free
+    variants that need nothing beyond the attention call (no cache layers, no per-model setup)."""
     AttentionInterface.register(IMPLEMENTATION, _dispatch)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     for name, cls in VARIANTS.items():
-        if not cls.trainable:
+        if cls.attention_function_only:
             AttentionInterface.register(f"{IMPLEMENTATION}_{name}", _fixed_variant_function(cls))
             AttentionMaskInterface.register(f"{IMPLEMENTATION}_{name}", sdpa_mask)
 
@@ -67,6 +87,10 @@ def resolve_family(model: nn.Module) -> Family:
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise ValueError("this is a PEFT model: patch the transformers model before wrapping it — "
+                         "patchattn.patch_model(model, ...) first, then get_peft_model(model, LoraConfig(..., "
+                         f"modules_to_save=[{LAYER_ATTR!r}]))")
     if type(model).__module__.startswith("transformers_modules"):
         if getattr(config, "model_type", None) == "chatglm":
             raise ValueError(
@@ -79,11 +103,15 @@ def resolve_family(model: nn.Module) -> Family:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{config.model_type} is an encoder-decoder model; patchattn patches causal decoder-only "
                          f"language models ({', '.join(supported_model_types())})")
-    family = family_for_model_type(getattr(config, "model_type", ""))
+    family = family_for_model_type(base_model_type(getattr(config, "model_type", "")))
     if family is None:
         raise ValueError(f"unsupported model type {getattr(config, 'model_type', None)!r}; supported model types: "
                          f"{', '.join(supported_model_types())}")
     return family
+
+
+def base_model_type(model_type: str) -> str:
+    return model_type[len(MODEL_TYPE_PREFIX):] if model_type.startswith(MODEL_TYPE_PREFIX) else model_type
 
 
 def parse_layers(layers: Any, num_layers: int) -> list[int]:
@@ -112,15 +140,265 @@ def parse_layers(layers: Any, num_layers: int) -> list[int]:
     return sorted(set(indices))
 
 
+# -- the patch spec ------------------------------------------------------------------------------------------------
+
+def read_spec(config, source: str = "config") -> dict | None:
+    """The patch spec recorded in ``config`` (None if there is none), checked before any weight is loaded: a
+    corrupt spec gets an error naming the field and the fix instead of a ``KeyError`` after the model loaded."""
+    spec = getattr(config, "patchattn", None)
+    if spec is None:
+        return None
+    where = f"{source}: the patchattn spec"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be an object with {list(_SPEC_KEYS)}, got {type(spec).__name__}; re-save the "
+                         "model with patchattn (patch_model + save_pretrained, or `patchattn convert`)")
+    missing = [k for k in ("variant", "layers", "params") if k not in spec]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; re-save the model with patchattn")
+    cls = get_variant(spec["variant"])
+    layers = spec["layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"{where}: 'layers' must be a list of layer indices, got {layers!r}")
+    if not isinstance(spec["params"], dict):
+        raise ValueError(f"{where}: 'params' must be an object, got {spec['params']!r}")
+    try:
+        params = cls.make_params(**spec["params"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} has invalid parameters: {e}") from None
+    return {**spec, "params": params.to_dict()}  # normalised as patch_model records them (JSON made keys strings)
+
+
+# -- attaching and detaching the variant layers --------------------------------------------------------------------
+
+def _variant_layers(model: nn.Module) -> dict[int, nn.Module]:
+    family = resolve_family(model)
+    return {i: m._modules[LAYER_ATTR] for i, m in enumerate(family.attention_modules(model)) if LAYER_ATTR in m._modules}
+
+
+def _attach(model: nn.Module, family: Family, spec: dict) -> None:
+    """Create and attach the variant on ``spec['layers']``; on any failure, every layer attached so far is
+    detached again, so a failed patch leaves the model as it was."""
+    cls = get_variant(spec["variant"])
+    params = cls.make_params(**spec["params"])
+    modules = family.attention_modules(model)
+    indices = parse_layers(spec["layers"], len(modules))
+    attached: list[tuple[nn.Module, Variant]] = []
+    try:
+        for i in indices:
+            module = modules[i]
+            layer = cls(params, layer_idx=i)
+            ref = next(module.parameters(), None)
+            if ref is not None:
+                layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+            module.add_module(LAYER_ATTR, layer)
+            attached.append((module, layer))
+            layer.bind(module)
+            layer.attach(module)
+    except BaseException:
+        for module, layer in reversed(attached):
+            try:
+                layer.detach(module)
+            finally:
+                module._modules.pop(LAYER_ATTR, None)
+        raise
+
+
+def _detach(model: nn.Module, family: Family) -> None:
+    for module in family.attention_modules(model):
+        layer = module._modules.get(LAYER_ATTR)
+        if layer is not None:
+            layer.detach(module)
+            del module._modules[LAYER_ATTR]
+
+
+_REQUESTED_ATTR = "_patchattn_requested_implementation"
+
+
+def _set_exact_backend(model: nn.Module, family: Family, implementation: str | None) -> None:
+    """Record the implementation the user asked for (``unpatch_model`` restores it) and the backend exact layers
+    run for it (see ``attention.exact_backend``) on every attention module."""
+    implementation = implementation or "sdpa"
+    model.__dict__[_REQUESTED_ATTR] = implementation
+    backend = exact_backend(implementation)
+    for module in family.attention_modules(model):
+        module.__dict__[EXACT_BACKEND_ATTR] = backend
+
+
+# -- patched classes -----------------------------------------------------------------------------------------------
+
+class PatchedModel:
+    """Mixin of every patched model class (``Patchattn<Base>``, built by :func:`patched_class`).
+
+    Constructing one (``from_pretrained``, ``from_config``, ``cls(config)``) builds the base model and then
+    attaches the variant recorded in ``config.patchattn``, so a checkpoint's variant weights load like any other.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        spec = read_spec(config)
+        if spec is None:
+            raise ValueError(f"{type(self).__name__} needs a config with a patchattn spec; use patchattn.patch_model "
+                             "on an unpatched model instead")
+        super().__init__(config, *args, **kwargs)
+        self.config.patchattn = spec
+        family = resolve_family(self)
+        _attach(self, family, spec)
+        _set_exact_backend(self, family, self.config._attn_implementation)
+        _base_set_attn_implementation(self, IMPLEMENTATION)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        result = super().from_pretrained(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        for layer in _variant_layers(model).values():
+            layer.reset_buffers(layer.host)
+        return result
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return _base_class(cls)._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return _base_class(cls)._can_set_experts_implementation()
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Patched layers keep running the variant: a new implementation becomes the backend of the exact layers
+        (``"sdpa"``, ``"eager"``, ...). ``unpatch_model`` first to run the original attention everywhere."""
+        if not isinstance(attn_implementation, str) or attn_implementation == IMPLEMENTATION:
+            return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        checked = self._check_and_adjust_attn_implementation(attn_implementation, is_init_check=False)
+        _set_exact_backend(self, resolve_family(self), checked)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Replace the DynamicCache generate builds by one whose patched layers are the variants' own cache layers
+        (quantised KV, recurrent states); a cache the user passes is left alone."""
+        before = {key: model_kwargs.get(key) for key in ("cache", "past_key_values")}
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for key, previous in before.items():
+            made = model_kwargs.get(key)
+            if made is not previous and type(made) is DynamicCache:
+                model_kwargs[key] = build_cache(_variant_layers(self), made)
+        return result
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, then remove what a previous save into the same folder left behind
+        (a stale ``model.safetensors.index.json`` next to a new single file, or a stale single file next to new
+        shards): loaders would otherwise read the old weights, or a mix of old and new."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        remove_stale_weights(str(save_directory))
+        return result
+
+
+def remove_stale_weights(directory: str) -> None:
+    """After a save: keep the weights layout it wrote (sharded with an index, or one file), remove the other."""
+    index, single = os.path.join(directory, "model.safetensors.index.json"), os.path.join(directory, "model.safetensors")
+    if not (os.path.isfile(index) and os.path.isfile(single)):
+        return
+    with open(index) as f:
+        shards = set(json.load(f).get("weight_map", {}).values())
+    sharded_is_new = bool(shards) and all(os.path.isfile(os.path.join(directory, s)) for s in shards)
+    os.remove(single if sharded_is_new else index)
+
+
+def _base_class(cls: type) -> type:
+    return next(c for c in cls.__mro__ if c is not cls and not issubclass(c, PatchedModel))
+
+
+def _base_set_attn_implementation(model: nn.Module, implementation: str) -> None:
+    _base_class(type(model)).set_attn_implementation(model, implementation)
+
+
+_PATCHED_CONFIGS: dict[type, type] = {}
+_PATCHED_MODELS: dict[type, type] = {}
+
+
+def patched_config_class(base: type) -> type:
+    """``Patchattn<Base>Config`` with ``model_type = "patchattn_<base model_type>"`` (created once)."""
+    if issubclass(base, tuple(_PATCHED_CONFIGS.values()) or ()):
+        return base
+    cls = _PATCHED_CONFIGS.get(base)
+    if cls is None:
+        name = f"Patchattn{base.__name__}"
+        cls = type(name, (base,), {"model_type": MODEL_TYPE_PREFIX + base.model_type, "__module__": __name__,
+                                   "__doc__": f"{base.__name__} of a model patched by patchattn (spec in .patchattn)"})
+        globals()[name] = cls  # importable by name, so configs pickle
+        _PATCHED_CONFIGS[base] = cls
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+    return cls
+
+
+def patched_class(base: type) -> type:
+    """``Patchattn<Base>``: the patched twin of the model class ``base`` (created once)."""
+    if issubclass(base, PatchedModel):
+        return base
+    cls = _PATCHED_MODELS.get(base)
+    if cls is None:
+        name = f"Patchattn{base.__name__}"
+        cls = type(name, (PatchedModel, base), {"__module__": __name__, "config_class": patched_config_class(
+            base.config_class), "__doc__": f"{base.__name__} with patchattn attention (see patchattn.patching)"})
+        globals()[name] = cls
+        _PATCHED_MODELS[base] = cls
+    return cls
+
+
+def register_auto_classes() -> None:
+    """Map every ``patchattn_<model type>`` to the patched twins of the classes the Auto classes build for the base
+    type, so ``AutoModelForCausalLM.from_pretrained`` loads a patched checkpoint as the patched model."""
+    for model_type in supported_model_types():
+        if model_type not in CONFIG_MAPPING:  # a family newer than the installed transformers
+            continue
+        config_cls = CONFIG_MAPPING[model_type]  # (the lazy mappings support `in` and `[]`, not `.get`)
+        patched_config = patched_config_class(config_cls)
+        for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING), (AutoModel, MODEL_MAPPING)):
+            if config_cls in mapping:
+                auto.register(patched_config, patched_class(mapping[config_cls]), exist_ok=True)
+
+
+def config_copy(config, config_class: type, spec: dict | None, memo: dict | None = None):
+    """A deep copy of ``config`` as an instance of ``config_class`` carrying ``spec`` (None: no spec)."""
+    new = copy.deepcopy(config, memo if memo is not None else {})
+    new.__class__ = config_class
+    if spec is None:
+        new.__dict__.pop("patchattn", None)
+    else:
+        new.patchattn = spec
+    return new
+
+
+def unpatched_config(config):
+    """A copy of a patched model's config as its base config class, without the spec."""
+    base = next(c for c in type(config).__mro__ if c not in _PATCHED_CONFIGS.values())
+    return config_copy(config, base, None)
+
+
+def _replace_config(model: nn.Module, config_class: type, spec: dict | None) -> None:
+    """Give ``model`` its own deep copy of its config (class ``config_class``, patch spec ``spec``), and point every
+    submodule that held the old config or one of its sub-configs at the copy."""
+    memo: dict[int, Any] = {}
+    old = model.config
+    memo[id(old)] = config_copy(old, config_class, spec, memo)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if held is not None and id(held) in memo:
+            module.config = memo[id(held)]
+
+
+# -- the public API ------------------------------------------------------------------------------------------------
+
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model.config, "patchattn", None) is not None
+    """Whether ``model`` (or the model a PEFT model wraps) runs a patchattn variant."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    return isinstance(model, PatchedModel)
 
 
 def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.Module:
     """Patch ``model`` in place with ``variant`` on ``layers`` and return it.
 
     Patching an already patched model raises; call ``unpatch_model`` first (re-patching on top would make the
-    recorded spec lie about what runs).
+    recorded spec lie about what runs). Everything is checked before the model changes, and a failure while
+    attaching leaves it as it was.
     """
     family = resolve_family(model)
     cls = get_variant(variant)
@@ -133,49 +411,36 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
     modules = family.attention_modules(model)
     if not all(getattr(m, "is_causal", True) for m in modules):
         raise ValueError("patchattn patches causal (decoder) attention; this model has non-causal attention layers")
-    indices = parse_layers(layers, len(modules))
-
-    variant_layers = {}
-    for i in indices:
-        module = modules[i]
-        layer = cls(variant_params, layer_idx=i)
-        ref = next(module.parameters(), None)
-        if ref is not None:
-            layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        module.add_module(LAYER_ATTR, layer)
-        layer.attach(module)
-        variant_layers[i] = layer
-    if cls.make_cache_layer is not Variant.make_cache_layer:
-        install_generation_cache(model, variant_layers)
-
-    setattr(model, _ORIGINAL_IMPL_ATTR, model.config._attn_implementation)
-    model.set_attn_implementation(IMPLEMENTATION)
-    model.config.patchattn = {
+    spec = {
         "variant": cls.name,
-        "layers": indices,
+        "layers": parse_layers(layers, len(modules)),
         "params": variant_params.to_dict(),
         "family": family.name,
         "patchattn_version": __version__,
     }
+    model_class = patched_class(type(model))
+    _attach(model, family, spec)
+    implementation = model.config._attn_implementation
+    _replace_config(model, patched_config_class(type(model.config)), spec)
+    model.__class__ = model_class
+    _set_exact_backend(model, family, implementation)
+    _base_set_attn_implementation(model, IMPLEMENTATION)
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Remove the patch: the original modules, forwards and attention implementation come back exactly."""
+    """Remove the patch: the original modules, class, config class and attention implementation come back (the
+    config as a copy owned by this model, without the spec)."""
     if not is_patched(model):
         raise ValueError("model is not patched by patchattn")
     family = resolve_family(model)
+    _detach(model, family)
     for module in family.attention_modules(model):
-        layer = module._modules.get(LAYER_ATTR)
-        if layer is not None:
-            layer.detach(module)
-            del module._modules[LAYER_ATTR]
-    remove_generation_cache(model)
-    original = getattr(model, _ORIGINAL_IMPL_ATTR, None) or "sdpa"
-    model.set_attn_implementation(original)
-    if hasattr(model, _ORIGINAL_IMPL_ATTR):
-        delattr(model, _ORIGINAL_IMPL_ATTR)
-    del model.config.patchattn
+        module.__dict__.pop(EXACT_BACKEND_ATTR, None)
+    implementation = model.__dict__.pop(_REQUESTED_ATTR, "sdpa")
+    _replace_config(model, type(unpatched_config(model.config)), None)
+    model.__class__ = _base_class(type(model))
+    model.set_attn_implementation(implementation)
     return model
 
 

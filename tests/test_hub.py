@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 import patchattn
 from patchattn.loading import DELTA_FILE
+from patchattn.models.chatglm2 import ChatGLM2ForCausalLM
 from hub_server import HubServer
 from tiny_models import VOCAB, tiny_model
 
@@ -206,11 +207,11 @@ def test_chatglm2_port_round_trip(hub):
     patchattn.push_to_hub(model, "me/chatglm2-hyper-delta", delta_only=True, base_model="org/tiny-chatglm2")
 
     config = json.loads(hub.files("me/chatglm2-hyper")["config.json"])
-    assert config["model_type"] == "chatglm" and "auto_map" not in config  # the native port, no remote code
+    assert config["model_type"] == "patchattn_chatglm" and "auto_map" not in config  # the native port, no remote code
     expected = logits(model)
     for repo in ("me/chatglm2-hyper", "me/chatglm2-hyper-delta"):
         loaded = patchattn.from_pretrained(repo)
-        assert type(loaded).__module__.startswith("patchattn.models.chatglm2")
+        assert isinstance(loaded, ChatGLM2ForCausalLM)  # the native port (its patched twin)
         assert torch.equal(logits(loaded), expected)
 
 

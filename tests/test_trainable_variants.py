@@ -11,6 +11,7 @@ import patchattn
 from patchattn.attention import causal_bool_mask
 from patchattn.patching import LAYER_ATTR
 from patchattn.variants.affine import visible_value_mean
+from patchattn.variants.base import handoff
 from patchattn.variants.moh import MoHAttention, load_balance_loss
 from patchattn.variants.sigmoid import calibrate_output_norm
 from tiny_models import BUILDERS, VOCAB, tiny_model
@@ -277,7 +278,7 @@ def test_affine_matches_the_paper_formula():
     q, k, v = _attention_inputs()
     x = torch.randn(2, 12, 64)
     for name, m in _reference_masks(2, 12, 12).items():
-        layer._x = x
+        handoff(module)["hidden_states"] = x  # what the pre-hook hands over inside a real forward
         out, weights = layer.attention(module, q, k, v, m[:, None], scaling=0.35, output_attentions=True)
         alpha = layer.alpha(x).transpose(1, 2)[..., None]  # [b, h, q, 1]
         kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)

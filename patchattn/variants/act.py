@@ -293,12 +293,18 @@ class ActAttention(Variant):
 
     def __init__(self, params: ActParams, layer_idx: int):
         super().__init__(params, layer_idx)
-        heads = params.heads.get(layer_idx, [])
-        self.register_buffer("head_index", torch.tensor(heads, dtype=torch.long) if heads else None,
-                             persistent=False)
+        self.register_buffer("head_index", self._head_index(), persistent=False)
         self._stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generation cache -> SinkStats
         self._cache = None
         self._hook = None
+
+    def _head_index(self) -> torch.Tensor | None:
+        heads = self.params.heads.get(self.layer_idx, [])
+        return torch.tensor(heads, dtype=torch.long) if heads else None
+
+    def reset_buffers(self, attention_module: nn.Module) -> None:
+        index = self._head_index()
+        self.head_index = None if index is None else index.to(next(attention_module.parameters()).device)
 
     def attach(self, attention_module: nn.Module) -> None:
         num_heads = module_dims(attention_module)[0]

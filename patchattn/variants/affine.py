@@ -124,7 +124,7 @@ class AffineScaledAttention(HiddenStatesVariant):
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         b, h, q_len, _ = query.shape
         hk, k_len, d = key.shape[1], key.shape[2], value.shape[-1]
-        x = self.take_hidden_states(q_len)
+        x = self.take_hidden_states(module, q_len)
         out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
         alpha = self.alpha(x)
         if self.training and self.params.momentum < 1.0:

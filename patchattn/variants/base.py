@@ -11,6 +11,7 @@ Variants that change more than the attention function (gates, routers, new norms
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VARIANTS: dict[str, type["Variant"]] = {}
+
+_HANDOFF = "_patchattn_handoff"
+
+
+def handoff(attention_module: nn.Module) -> dict[str, Any]:
+    """Per-call values (captured hidden states, the cache layer of this step) handed to the variant of
+    ``attention_module`` by hooks and cache layers.
+
+    They live on the attention module, not on the variant instance: PEFT's ``modules_to_save`` runs a *copy* of the
+    variant, and a copy must see what the hooks of the module captured for this call.
+    """
+    return attention_module.__dict__.setdefault(_HANDOFF, {})
 
 
 def param(default, *, low=None, high=None, help: str = "", choices=None):
@@ -64,6 +77,9 @@ class Variant(nn.Module):
     Params: ClassVar[type[VariantParams]] = VariantParams
     #: model families this variant supports; None means every registered family
     families: ClassVar[tuple[str, ...] | None] = None
+    #: the variant with default parameters needs nothing but the attention call (no parameters, cache layers or
+    #: per-model setup), so it is also offered as ``attn_implementation="patchattn_<name>"``
+    attention_function_only: ClassVar[bool] = False
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__()
@@ -83,11 +99,29 @@ class Variant(nn.Module):
         params.validate()
         return params
 
+    def bind(self, attention_module: nn.Module) -> None:
+        """Remember the attention module this layer serves (a weak reference: copies of the variant, e.g. PEFT's
+        ``modules_to_save``, share it instead of copying the module)."""
+        self.__dict__["_host"] = weakref.ref(attention_module)
+
+    @property
+    def host(self) -> nn.Module:
+        """The attention module this layer is attached to (see :meth:`bind`)."""
+        ref = self.__dict__.get("_host")
+        module = ref() if ref is not None else None
+        if module is None:
+            raise RuntimeError(f"{self.name}: layer {self.layer_idx} is not attached to an attention module")
+        return module
+
     def attach(self, attention_module: nn.Module) -> None:
         """Modify the attention module beyond its attention function (default: nothing)."""
 
     def detach(self, attention_module: nn.Module) -> None:
         """Undo ``attach`` exactly."""
+
+    def reset_buffers(self, attention_module: nn.Module) -> None:
+        """Recompute the non-persistent buffers: checkpoints do not hold them, and ``from_pretrained`` builds the
+        model on the meta device, so after loading they are placeholders (default: the variant has none)."""
 
     def make_cache_layer(self, default_layer):
         """This layer's entry in the generation cache (see patchattn.cache), or None to keep ``default_layer``."""

@@ -43,6 +43,7 @@ class DynamicHierarchicalSparseAttention(Variant):
     name = "dhsa"
     description = "DHSA: chunk-scored top-budget key chunks + local window, block-sparse exact attention (prefill)."
     Params = DhsaParams
+    attention_function_only = True
 
     def settings(self) -> DhsaSettings:
         p = self.params

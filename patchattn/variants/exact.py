@@ -17,6 +17,7 @@ class ExactAttention(Variant):
     name = "exact"
     description = "Exact attention routed through patchattn (plumbing check; same logits as the original)."
     Params = ExactParams
+    attention_function_only = True
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         return exact_attention(module, query, key, value, attention_mask, **kwargs)

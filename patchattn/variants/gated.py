@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from ..attention import exact_attention
-from .base import Variant, VariantParams, param, register_variant
+from .base import Variant, VariantParams, handoff, param, register_variant
+
+_HIDDEN_STATES = "hidden_states"
 
 
 def module_dims(module: nn.Module) -> tuple[int, int, int]:
@@ -41,16 +43,15 @@ def _reference_parameter(module: nn.Module, own: nn.Module):
 class HiddenStatesVariant(Variant):
     """A variant whose parameters read the attention module's input ``x`` (gates, routers, scale predictors).
 
-    ``attach`` registers a forward pre-hook that stores ``hidden_states`` (first positional argument or keyword)
-    on the variant, calls :meth:`build` to create the parameters for this module's shapes, and moves them to the
-    module's device and dtype. ``attention`` takes the stored ``x`` (``[b, q, hidden]``: at decode steps the new
-    token's hidden state) with :meth:`take_hidden_states`, which also drops the reference. ``detach`` removes the
-    hook.
+    ``attach`` registers a forward pre-hook that hands ``hidden_states`` (first positional argument or keyword)
+    to the variant through the module's :func:`handoff`, calls :meth:`build` to create the parameters for this
+    module's shapes, and moves them to the module's device and dtype. ``attention`` takes the stored ``x``
+    (``[b, q, hidden]``: at decode steps the new token's hidden state) with :meth:`take_hidden_states`, which also
+    drops the reference. ``detach`` removes the hook.
     """
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__(params, layer_idx)
-        self._x: torch.Tensor | None = None
         self._hook = None
 
     def build(self, attention_module: nn.Module) -> None:
@@ -68,14 +69,15 @@ class HiddenStatesVariant(Variant):
         if self._hook is not None:
             self._hook.remove()
         self._hook = None
-        self._x = None
+        handoff(attention_module).pop(_HIDDEN_STATES, None)
 
-    def _capture(self, module, args, kwargs):
-        self._x = args[0] if args else kwargs.get("hidden_states")
+    @staticmethod
+    def _capture(module, args, kwargs):
+        handoff(module)[_HIDDEN_STATES] = args[0] if args else kwargs.get("hidden_states")
         return None
 
-    def take_hidden_states(self, q_len: int) -> torch.Tensor:
-        x, self._x = self._x, None
+    def take_hidden_states(self, module: nn.Module, q_len: int) -> torch.Tensor:
+        x = handoff(module).pop(_HIDDEN_STATES, None)
         if x is None:
             raise RuntimeError(f"{self.name}: no hidden states were captured for layer {self.layer_idx}; the attention "
                                "function must run inside the attention module's forward (call the module)")
@@ -111,7 +113,7 @@ class GatedAttention(HiddenStatesVariant):
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         b, _, q_len, _ = query.shape
-        x = self.take_hidden_states(q_len)
+        x = self.take_hidden_states(module, q_len)
         out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
         gate = 2.0 * torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)).float())  # exactly 1.0 at init
         out = out * gate.view(b, q_len, self.heads, self.width).to(out.dtype)

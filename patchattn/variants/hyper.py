@@ -31,6 +31,7 @@ class HyperAttention(Variant):
     name = "hyper"
     description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
     Params = HyperParams
+    attention_function_only = True
 
     def settings(self) -> HyperSettings:
         p = self.params

@@ -161,7 +161,7 @@ class MoHAttention(HiddenStatesVariant):
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         b, _, q_len, _ = query.shape
-        x = self.take_hidden_states(q_len)
+        x = self.take_hidden_states(module, q_len)
         valid = valid_queries(attention_mask, b, q_len, key.shape[2], query.device)
         gates = self.head_weights(x, query, valid)
         if self._can_skip_heads(query, attention_mask, kwargs):

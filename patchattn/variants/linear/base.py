@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.linear import normalized_gla, normalized_gla_step
-from ..base import VariantParams, param
+from ..base import VariantParams, handoff, param
 from ..gated import HiddenStatesVariant, module_dims
-from .cache import LinearStateLayer
+from .cache import STATE_KEY, LinearStateLayer
 
 State = dict[str, torch.Tensor]
 
@@ -130,7 +130,6 @@ class LinearAttentionVariant(HiddenStatesVariant):
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__(params, layer_idx)
-        self._active_state: LinearStateLayer | None = None
         self.window = int(getattr(params, "window", 0))
         self.conv_size = int(getattr(params, "conv_size", 1))
 
@@ -177,8 +176,8 @@ class LinearAttentionVariant(HiddenStatesVariant):
     def attention(self, module, query, key, value, attention_mask, *, scaling, softcap=None, sliding_window=None,
                   **kwargs):
         n, k_len = query.shape[2], key.shape[2]
-        x = self.take_hidden_states(n)
-        layer, self._active_state = self._active_state, None
+        x = self.take_hidden_states(module, n)
+        layer: LinearStateLayer | None = handoff(module).pop(STATE_KEY, None)
         if layer is None and k_len != n:
             raise RuntimeError(f"{self.name}: layer {self.layer_idx} got {k_len} cached keys for {n} queries but no "
                                "recurrent state; decode with model.generate() (which installs the variant's cache "

@@ -3,8 +3,9 @@
 One :class:`LinearStateLayer` per patched layer holds whatever the variant needs to continue the sequence (the
 state ``S``/``z``, the conv tails of q and k, the hybrid window's last keys and values, ...) as a dict of tensors
 whose shapes do not depend on the context length. transformers' attention module calls ``update(key, value)``
-right before the attention function; the layer hands itself to its variant (``variant._active_state = self``)
-and returns the new keys/values unchanged, and the variant reads and replaces ``state``.
+right before the attention function; the layer hands itself to its variant through the attention module's
+``handoff`` (key ``STATE_KEY``) and returns the new keys/values unchanged, and the variant reads and replaces
+``state``.
 
 Why not transformers' ``LinearAttentionCacheLayerMixin``: transformers 5.17 counts every instance of it as a pure
 linear layer (``Cache.is_linear``), so masks, ``get_seq_length`` and generate's input slicing would skip it. The
@@ -17,6 +18,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ...cache import TensorMapLayerMixin
+from ..base import handoff
+
+STATE_KEY = "linear_state"
 
 
 class LinearStateLayer(TensorMapLayerMixin, CacheLayerMixin):
@@ -45,7 +49,7 @@ class LinearStateLayer(TensorMapLayerMixin, CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.cumulative_length += key_states.shape[-2]
-        self.variant._active_state = self
+        handoff(self.variant.host)[STATE_KEY] = self
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

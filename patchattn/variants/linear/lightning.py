@@ -52,11 +52,17 @@ class LightningAttention(LinearAttentionVariant):
     Params = LightningParams
 
     def build_variant(self, attention_module):
+        self.register_buffer("log_lambda", self._log_lambda(attention_module), persistent=False)
+        self.norm_gain = nn.Parameter(torch.ones(self.heads, self.head_dim))
+
+    def reset_buffers(self, attention_module):
+        self.log_lambda = self._log_lambda(attention_module).to(self.norm_gain.device)
+
+    def _log_lambda(self, attention_module) -> torch.Tensor:
+        """Fixed per-KV-head log decays: ALiBi slopes scaled down with depth (deeper layers remember longer)."""
         layers = int(attention_module.config.num_hidden_layers)
         depth = 1.0 - self.layer_idx / (layers - 1) + 1e-5 if layers > 1 else 1.0 + 1e-5
-        slopes = torch.tensor(alibi_slopes(self.kv_heads)) * depth
-        self.register_buffer("log_lambda", -slopes, persistent=False)
-        self.norm_gain = nn.Parameter(torch.ones(self.heads, self.head_dim))
+        return -torch.tensor(alibi_slopes(self.kv_heads)) * depth
 
     def feature_maps(self, q, k):
         return F.silu(q), F.silu(k)
