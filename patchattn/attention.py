@@ -89,27 +89,44 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, q_len: int, k_len
     """Is ``attention_mask`` exactly "causal AND key padding"? Returns ``(ok, key_valid [b, k] or None)``.
 
     Variants that only understand causal attention with padded keys use this to decide whether they may run or
-    must fall back; anything else (sliding windows, packed sequences, custom masks) answers ``ok=False``.
+    must fall back; anything else (sliding windows, packed sequences, custom masks) answers ``ok=False``. The check
+    is strict because a wrong yes is silent: a packed block-diagonal mask read as left padding would send the first
+    document's queries through the approximation with the wrong keys.
     """
     if attention_mask is None:
         return True, None
-    if attention_mask.dtype != torch.bool or attention_mask.shape[1] != 1:
+    if (attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+            or attention_mask.shape[-2:] != (q_len, k_len)):
         return False, None
-    key_valid = attention_mask[:, 0, -1, :]  # the last query sees every valid key under a causal mask
-    expected = causal_bool_mask(q_len, k_len, attention_mask.device) & key_valid[:, None, :]
-    # Rows of padded queries see nothing (or everything, depending on the mask maker); they never matter.
-    query_valid = key_valid[:, k_len - q_len:]
-    same = (attention_mask[:, 0] == expected) | ~query_valid[:, :, None]
-    if not bool(same.all()):
+    rows = attention_mask[:, 0]
+    key_valid = rows[:, -1, :]  # the last query sees every valid key under a causal mask
+    if not bool(_is_batch_padding(key_valid).all()):
+        return False, None
+    expected = causal_bool_mask(q_len, k_len, rows.device) & key_valid[:, None, :]
+    real_row = (rows == expected).all(dim=-1)
+    # A padded query (its own key is padding) gets an all-False row from transformers' mask makers, or all-True
+    # where the maker unmasks fully masked rows for the fused kernels; its output is never used.
+    padded_query = ~key_valid[:, k_len - q_len:]
+    padded_row = padded_query & (~rows.any(dim=-1) | rows.all(dim=-1))
+    if not bool((real_row | padded_row).all()):
         return False, None
     return True, (None if bool(key_valid.all()) else key_valid)
 
 
+def _is_batch_padding(key_valid: torch.Tensor) -> torch.Tensor:
+    """``[b]``: is each row of ``key_valid [b, k]`` the pattern a padded batch has, left padding (invalid keys,
+    then valid ones) or right padding (valid, then invalid)? Holes in the middle mean some other mask."""
+    steps = key_valid[:, 1:].int() - key_valid[:, :-1].int()
+    return (steps >= 0).all(dim=-1) | (steps <= 0).all(dim=-1)
+
+
 def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, attention_mask, *, min_seq_len: int,
-                        sliding_window: int | None = None, dropout: float = 0.0) -> tuple[bool, torch.Tensor | None]:
+                        sliding_window: int | None = None, dropout: float = 0.0,
+                        training: bool = False) -> tuple[bool, torch.Tensor | None]:
     """May a long-prefill approximation (``hyper``, ``dhsa``) run here? Only on causal prefill (queries == keys)
-    longer than ``min_seq_len`` under a causal mask with optional key padding. Returns ``(ok, key_valid)``; decode
-    steps and short inputs answer ``ok=False`` silently, the unexpected cases are logged once."""
+    longer than ``min_seq_len`` under a causal mask with optional key padding, without attention dropout in
+    training (the approximations have no dropout). Returns ``(ok, key_valid)``; decode steps and short inputs
+    answer ``ok=False`` silently, the unexpected cases are logged once."""
     from .logging_utils import warn_once
 
     q_len, k_len = query.shape[2], key.shape[2]
@@ -119,6 +136,9 @@ def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, atten
         return False, None
     if q_len <= min_seq_len:
         return False, None
+    if dropout and training:
+        warn_once(f"{name}: attention dropout (training mode) is not in the approximation; using exact attention")
+        return False, None
     if sliding_window is not None and k_len > sliding_window:
         warn_once(f"{name}: sliding-window layers (window {sliding_window}) keep exact attention")
         return False, None
@@ -126,6 +146,15 @@ def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, atten
     if not ok:
         warn_once(f"{name}: attention mask is not causal+padding (packed or custom mask); using exact attention")
         return False, None
-    if dropout:
-        warn_once(f"{name}: attention dropout is not applied inside the approximation")
     return True, key_valid
+
+
+def weights_requested(name: str, layer_idx: int, output_attentions: bool) -> bool:
+    """Does this call need the attention weights? Variants that do not materialise them run exact (eager) attention
+    instead, so ``output_attentions=True`` never silently comes back without weights on some layers."""
+    if not output_attentions:
+        return False
+    from .logging_utils import warn_once
+
+    warn_once(f"{name}: output_attentions=True needs the attention weights; layer {layer_idx} runs exact attention")
+    return True

@@ -168,7 +168,7 @@ def _both_paths(monkeypatch, fn):
 def test_variant_kernel_path_matches_torch_path(monkeypatch, kernel_calls, params):
     """Logits (plain and left-padded batches) and the gradients of the variant's gains and of q_proj."""
     model = _patched(**params)
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     valid = mask.bool()
@@ -192,7 +192,7 @@ def test_variant_kernel_path_matches_torch_path(monkeypatch, kernel_calls, param
 def test_variant_kernel_path_generates_like_torch_path(monkeypatch, kernel_calls):
     """Greedy generation with the KV cache: prefill, then decode steps (one query over the cache) in the kernel."""
     model = _patched()
-    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEV)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
 
@@ -212,7 +212,7 @@ def test_variant_falls_back_where_the_kernel_does_not_apply(monkeypatch, kernel_
     """Gemma 2 (softcap): logged once, PyTorch path, same logits as without the switch."""
     monkeypatch.setattr(logging_utils, "_seen", set())  # warn_once may have fired earlier in this process
     model = _patched("gemma2")
-    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3)).to(DEV)
     with caplog.at_level("WARNING", logger="patchattn"):
         want, got = _both_paths(monkeypatch, lambda: model(input_ids=ids).logits.detach())
     assert not kernel_calls

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_can_take
+
 _TARGET_PROGRAMS = 264  # about two per H200 multiprocessor
 
 
@@ -62,6 +64,10 @@ def active_head_decode(query, key, value, head_table, scale: float, block_n: int
     hk, k_len = key.shape[1], key.shape[2]
     if q_len != 1:
         raise ValueError(f"active_head_decode handles one query token per sequence, got {q_len}")
+    if not triton_can_take(query) or {key.device, value.device, head_table.device} != {query.device}:
+        raise ValueError(f"active_head_decode needs query, key, value and head_table on one CUDA device (got "
+                         f"{query.device}, {key.device}, {value.device}, {head_table.device}); CPU tensors only run "
+                         "under TRITON_INTERPRET=1. Use patchattn.kernels.moh.active_head_decode_reference on CPU")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("active_head_decode needs the head dimension contiguous (stride 1)")
     n_active = head_table.shape[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import triton_available
+from .. import triton_can_take
 from .naive import quantized_decode_attention_reference
 
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
@@ -19,8 +19,8 @@ _TARGET_PROGRAMS = 264  # about two per H200 multiprocessor
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
-    """Whether the fused kernel runs for tensors like ``x`` (CUDA, or CPU under the switch; triton importable)."""
-    return (x.is_cuda or KERNEL_ON_CPU) and x.dtype in SUPPORTED_DTYPES and triton_available()
+    """Whether the fused kernel runs for tensors like ``x`` (CUDA, or CPU under the switch and the interpreter)."""
+    return (x.is_cuda or KERNEL_ON_CPU) and x.dtype in SUPPORTED_DTYPES and triton_can_take(x)
 
 
 def block_segments(block) -> list[tuple]:

@@ -137,26 +137,37 @@ def reference_act(query, key, value, attention_mask, *, scaling: float, heads: S
                   theta: float = 0.1, threshold: str = "absolute", softcap: float | None = None):
     """ACT on the materialised map: softmax, column means, sinks, damp and redistribute, times V. The test oracle,
     and the weights of ``output_attentions``. Returns ``(out [b, q, h, d], weights [b, h, q, k])`` in fp32."""
+    attn, visible = _attention_map(query, key, attention_mask, scaling=scaling, softcap=softcap)
+    index = torch.as_tensor(heads, dtype=torch.long, device=query.device)
+    sinks = sink_columns(attn.sum(dim=-2), visible.sum(dim=-2).float(), theta, threshold)[:, index]
+    attn = _calibrate_rows(attn, visible, sinks, index, beta)
+    v = value.repeat_interleave(query.shape[1] // key.shape[1], dim=1).float()
+    return torch.matmul(attn, v).transpose(1, 2), attn
+
+
+def _attention_map(query, key, attention_mask, *, scaling: float, softcap: float | None):
+    """Softmax rows ``[b, h, q, k]`` (fp32; rows that see nothing stay 0) and the visibility they were taken over."""
     _check_mask(attention_mask)
     b, h, q_len, _ = query.shape
     k_len = key.shape[2]
-    group = h // key.shape[1]
-    k = key.repeat_interleave(group, dim=1)
-    v = value.repeat_interleave(group, dim=1).float()
+    k = key.repeat_interleave(h // key.shape[1], dim=1)
     visible = _visible(attention_mask, 0, q_len, q_len, k_len, query.device).expand(b, h, q_len, k_len)
     scores = _scores(query, k, scaling, softcap).masked_fill(~visible, -math.inf)
-    attn = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # rows that see nothing (padding) stay 0
-    sinks = sink_columns(attn.sum(dim=-2), visible.sum(dim=-2).float(), theta, threshold)[:, :, None, :]
-    mass = (attn * sinks).sum(dim=-1, keepdim=True)  # σ_i
-    others = attn * ~sinks
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0), visible
+
+
+def _calibrate_rows(attn, visible, sinks, heads: torch.Tensor, beta: float) -> torch.Tensor:
+    """Damp the sink columns ``sinks [b, len(heads), k]`` of the rows ``attn [b, h, q, k]`` by beta in ``heads`` and
+    hand the removed mass to the other visible keys in proportion; rows with nowhere to send it stay unchanged."""
+    a, sinks = attn[:, heads], sinks[:, :, None, :]
+    mass = (a * sinks).sum(dim=-1, keepdim=True)  # σ_i
+    others = a * ~sinks
     share = others / others.sum(dim=-1, keepdim=True)  # each non-sink key's share of the non-sink attention
-    calibrated = torch.where(sinks, beta * attn, attn + (1 - beta) * mass * share)
-    has_rest = (visible & ~sinks).any(dim=-1, keepdim=True)
-    calibrated = torch.where(has_rest, calibrated, attn)
-    chosen = torch.zeros(h, dtype=torch.bool, device=query.device)
-    chosen[torch.as_tensor(heads, dtype=torch.long, device=query.device)] = True
-    attn = torch.where(chosen[None, :, None, None], calibrated, attn)
-    return torch.matmul(attn, v).transpose(1, 2), attn
+    calibrated = torch.where(sinks, beta * a, a + (1 - beta) * mass * share)
+    has_rest = (visible[:, heads] & ~sinks).any(dim=-1, keepdim=True)
+    out = attn.clone()
+    out[:, heads] = torch.where(has_rest, calibrated, a)
+    return out
 
 
 # -- the fused path --------------------------------------------------------------------------------------------------
@@ -333,20 +344,19 @@ class ActAttention(Variant):
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None,
                   output_attentions=False, **kwargs):
         cache, self._cache = self._cache, None
+
+        def exact(weights: bool = output_attentions):
+            return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   softcap=softcap, output_attentions=weights, **kwargs)
+
         if self.head_index is None:
-            return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   softcap=softcap, output_attentions=output_attentions, **kwargs)
-
-        def exact():
-            return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   softcap=softcap, **kwargs)[0]
-
+            return exact()
         if dropout:
             warn_once("act: attention dropout (training mode) is not calibrated; using exact attention")
-            return exact(), None
+            return exact()
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             warn_once(f"act: {attention_mask.dtype} attention masks are not supported; using exact attention")
-            return exact(), None
+            return exact()
         p = self.params
         q_len, k_len = query.shape[2], key.shape[2]
         prior = None
@@ -355,20 +365,17 @@ class ActAttention(Variant):
             if prior is None or prior.keys != k_len - q_len or prior.colsum.shape[0] != query.shape[0]:
                 warn_once("act: no sink statistics match this cache (not built by the patched model, cropped, or a "
                           "rolled-over sliding window); those calls use exact attention")
-                return exact(), None
+                return exact()
         out, stats = act_attention(query, key, value, attention_mask, scaling=scaling, heads=self.head_index,
                                    beta=p.beta, theta=p.theta, threshold=p.threshold, softcap=softcap,
-                                   block_size=p.block_size, prior=prior, exact=exact)
+                                   block_size=p.block_size, prior=prior, exact=lambda: exact(False)[0])
         if cache is not None:
             self._stats[cache] = stats
         weights = None
-        if output_attentions:  # the calibrated map, materialised; only a whole sequence has all of its rows
-            if prior is None:
-                weights = reference_act(query, key, value, attention_mask, scaling=scaling,
-                                        heads=self.head_index.tolist(), beta=p.beta, theta=p.theta,
-                                        threshold=p.threshold, softcap=softcap)[1].to(query.dtype)
-            else:
-                warn_once("act: no attention weights after the prefill (the earlier rows are not kept)")
+        if output_attentions:  # these rows of the calibrated map, with the sinks of every row seen so far
+            attn, visible = _attention_map(query, key, attention_mask, scaling=scaling, softcap=softcap)
+            sinks = sink_columns(stats.colsum, stats.count, p.theta, p.threshold)
+            weights = _calibrate_rows(attn, visible, sinks, self.head_index, p.beta).to(query.dtype)
         return out, weights
 
 

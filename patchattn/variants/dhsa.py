@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attention import exact_attention, long_causal_prefill
+from ..attention import exact_attention, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
@@ -51,12 +51,14 @@ class DynamicHierarchicalSparseAttention(Variant):
                             p.sink_tokens)
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
-                  softcap=None, **kwargs):
+                  softcap=None, output_attentions=False, **kwargs):
         exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
-                                        dropout=dropout, softcap=softcap, **kwargs)
+                                        dropout=dropout, softcap=softcap, output_attentions=output_attentions,
+                                        **kwargs)
         ok, key_valid = long_causal_prefill("dhsa", query, key, attention_mask, min_seq_len=self.params.min_seq_len,
-                                            sliding_window=sliding_window, dropout=dropout)
-        if not ok:
-            return exact()  # decode steps: exact by design
+                                            sliding_window=sliding_window, dropout=dropout,
+                                            training=module.training)
+        if not ok or weights_requested("dhsa", self.layer_idx, output_attentions):
+            return exact()  # decode steps (exact by design), short inputs, fallbacks, requested weights
         out, _ = dhsa_attention(query, key, value, scaling, self.settings(), key_valid=key_valid, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None

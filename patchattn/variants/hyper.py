@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attention import exact_attention, long_causal_prefill
+from ..attention import exact_attention, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
 from patchattn.kernels.hyper import HyperSettings, hyper_attention
 
@@ -40,13 +40,15 @@ class HyperAttention(Variant):
                              local_window=p.local_window, center_keys=p.center_keys)
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
-                  softcap=None, **kwargs):
+                  softcap=None, output_attentions=False, **kwargs):
         q_len = query.shape[2]
         exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
-                                        dropout=dropout, softcap=softcap, **kwargs)
+                                        dropout=dropout, softcap=softcap, output_attentions=output_attentions,
+                                        **kwargs)
         ok, key_valid = long_causal_prefill("hyper", query, key, attention_mask, min_seq_len=self.params.min_seq_len,
-                                            sliding_window=sliding_window, dropout=dropout)
-        if not ok:
+                                            sliding_window=sliding_window, dropout=dropout,
+                                            training=module.training)
+        if not ok or weights_requested("hyper", self.layer_idx, output_attentions):
             return exact()
         from patchattn.kernels.hyper import exact_is_faster
 

@@ -43,7 +43,8 @@ Two implementations of the same function:
   attention dropout in training, ``output_attentions`` and other head dims; the fallback is logged once per reason.
 
 ``KERNEL_ON_CPU = True`` sends CPU tensors to the kernels as well; that only works under Triton's CPU interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported) and is how the tests compare both paths without a GPU.
+(``TRITON_INTERPRET=1`` set before triton is imported; without it CPU tensors keep the PyTorch path, logged) and is
+how the tests compare both paths without a GPU.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from ..logging_utils import warn_once
 from .affine import valid_queries, visible_keys
 from .base import Variant, VariantParams, param, register_variant
 from .gated import _reference_parameter, module_dims
+from patchattn.kernels import triton_can_take
 from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton_available
 
 _EPS = 1e-6
@@ -138,6 +140,8 @@ class SigmoidAttention(Variant):
         key_start, reason = None, None
         if not triton_available():
             reason = "triton is not installed"
+        elif not triton_can_take(query):
+            reason = f"{query.device} tensors need TRITON_INTERPRET=1 for the kernels"
         elif not kernel_supports(query, key, value):
             reason = f"head dim {query.shape[-1]} / dtype {query.dtype} is not covered by the kernels"
         elif softcap is not None:

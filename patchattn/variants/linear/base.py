@@ -174,7 +174,11 @@ class LinearAttentionVariant(HiddenStatesVariant):
 
     # -- the attention function -------------------------------------------------------------------------------
     def attention(self, module, query, key, value, attention_mask, *, scaling, softcap=None, sliding_window=None,
-                  **kwargs):
+                  output_attentions=False, **kwargs):
+        if output_attentions:
+            raise ValueError(f"{self.name}: linear attention keeps a recurrent state and has no [query, key] attention "
+                             f"weights to return (layer {self.layer_idx}); call the model with "
+                             "output_attentions=False, or patch only the layers whose weights you do not need")
         n, k_len = query.shape[2], key.shape[2]
         x = self.take_hidden_states(module, n)
         layer: LinearStateLayer | None = handoff(module).pop(STATE_KEY, None)

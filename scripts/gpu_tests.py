@@ -1,0 +1,128 @@
+"""Run the test suite and write a JSON summary (counts, failing test ids, versions, commit), for the GPU machine.
+
+    python scripts/gpu_tests.py [--output benchmarks/results/gpu_tests.json] [-- extra pytest arguments]
+
+pytest runs in a child process (``python -m pytest -q``, as the README runs it) with this file loaded as a plugin
+(``-p gpu_tests``) that records every test's outcome by its exact node id. On a CUDA machine a stray
+``TRITON_INTERPRET`` is removed from the child's environment so the kernels run compiled (tests/conftest.py only
+sets it where CUDA is absent). The commit is ``PATCHATTN_COMMIT`` if set (a copied checkout's .git can be stale),
+else ``git rev-parse HEAD``. The exit status is pytest's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TALLY_ENV = "PATCHATTN_GPU_TESTS_TALLY"
+
+# -- the plugin (runs inside pytest) ---------------------------------------------------------------------------------
+_outcomes: dict[str, str] = {}
+
+
+def _record(nodeid: str, outcome: str) -> None:
+    """Keep the worst outcome per test: a teardown error after a pass still makes the test an error."""
+    rank = ("passed", "skipped", "failed", "error")
+    if rank.index(outcome) >= rank.index(_outcomes.get(nodeid, "passed")):
+        _outcomes[nodeid] = outcome
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.failed:
+        _record(report.nodeid, "failed" if report.when == "call" else "error")
+    elif report.skipped:
+        _record(report.nodeid, "skipped")
+    elif report.when == "call":
+        _record(report.nodeid, "passed")
+
+
+def pytest_collectreport(report) -> None:
+    if report.failed:  # a test file that does not import: every test in it is missing
+        _record(report.nodeid, "error")
+
+
+def pytest_sessionfinish(session) -> None:
+    path = os.environ.get(TALLY_ENV)
+    if path:
+        Path(path).write_text(json.dumps(_outcomes))
+
+
+# -- the driver ------------------------------------------------------------------------------------------------------
+def summarize(outcomes: dict[str, str]) -> dict:
+    """Counts per outcome and the sorted ids of the tests that failed or errored."""
+    counts = {key: sum(v == key for v in outcomes.values()) for key in ("passed", "failed", "skipped")}
+    counts["errors"] = sum(v == "error" for v in outcomes.values())
+    counts["failures"] = sorted(k for k, v in outcomes.items() if v in ("failed", "error"))
+    return counts
+
+
+def commit() -> str | None:
+    if os.environ.get("PATCHATTN_COMMIT"):
+        return os.environ["PATCHATTN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict:
+    """GPU and library versions, read in this process (never in pytest's: importing triton there before
+    conftest.py would fix the interpreter switch too early)."""
+    import torch
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__}
+
+
+def run_pytest(pytest_args: list[str], cuda: bool) -> tuple[int, dict[str, str]]:
+    """``python -m pytest -q`` in the repository root with this plugin; returns (exit status, outcomes)."""
+    env = dict(os.environ)
+    if cuda:
+        env.pop("TRITON_INTERPRET", None)  # the kernels must run compiled where CUDA exists
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        env[TALLY_ENV] = tally = os.path.join(tmp, "tally.json")
+        status = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "gpu_tests", *pytest_args],
+                                 cwd=ROOT, env=env)
+        outcomes = json.loads(Path(tally).read_text()) if os.path.exists(tally) else {}
+    return status, outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="benchmarks/results/gpu_tests.json",
+                        help="where the JSON summary goes (relative to the repository root)")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest after '--'")
+    args = parser.parse_args(argv)
+    env = environment()
+    status, outcomes = run_pytest(args.pytest_args, cuda=env["gpu"] is not None)
+    result = {"commit": commit(), **summarize(outcomes), **env,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", "-m", "pytest", "-q", *args.pytest_args])}
+    if not outcomes and status not in (0, 5):  # 5: no test selected
+        result["errors"] = max(result["errors"], 1)  # pytest died before reporting anything
+        result["failures"] = [f"pytest exited with status {status} before reporting"]
+    out = ROOT / args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped, "
+          f"{result['errors']} errors -> {out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
