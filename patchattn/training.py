@@ -440,20 +440,23 @@ def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str =
     if config.trainable == "full":
         model.requires_grad_(True)
         return model
+    params = variant_parameters(model)
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                 lora_dropout=config.lora_dropout,
-                                                 target_modules=list(config.lora_targets)))
-    else:
-        model.requires_grad_(False)
-    params = variant_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
-    if config.trainable == "variant" and not params:
+        from patchattn.patching import LAYER_ATTR
+
+        # modules_to_save: PEFT trains the variant beside LoRA and stores it in the adapter
+        return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                lora_dropout=config.lora_dropout,
+                                                target_modules=list(config.lora_targets),
+                                                modules_to_save=[LAYER_ATTR] if params else None))
+    if not params:
         raise ConfigError(f"config field {prefix + 'trainable'!r}: variant {variant!r} adds no parameters; use "
                           "trainable: lora or full")
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     return model
 
 
