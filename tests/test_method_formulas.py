@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -71,7 +70,8 @@ def _seed_average(fn, q, k, v, valid, settings, causal, seeds):
 @pytest.mark.parametrize("causal", [False, True])
 def test_hyper_reference_is_unbiased_over_seeds(causal):
     """One seed is far off (the sample is small); 300 seeds average to the exact normaliser and numerator, which
-    only holds with the sampled keys weighted by n_valid / m (without it the normaliser falls to ~0.4x)."""
+    only holds with the sampled keys weighted by n_valid / m (without it the mean ratio falls to ~0.35 non-causal,
+    ~0.86 causal, where the exact leaves carry much of the mass)."""
     q, k, v, valid, exact = _hyper_problem()
     settings = dict(lsh_num_projs=3, block_size=32, sample_size=8, min_seq_len=32)
     z_ref, num_ref = exact[causal]
@@ -84,17 +84,23 @@ def test_hyper_reference_is_unbiased_over_seeds(causal):
     assert abs(num_ratio.mean().item() - 1) < 0.01 and (num_ratio - 1).abs().max() < 0.15
 
 
-def test_hyper_kernel_is_unbiased_over_seeds():
-    """The Triton kernels (interpreter on CPU): the same unbiasedness, fewer seeds, so a looser bound (a kernel
-    without the n_valid / m sample weight lands near 0.4)."""
+@pytest.mark.parametrize("pad", [40, 0])
+def test_hyper_kernel_is_unbiased_over_seeds(pad):
+    """The Triton kernels (interpreter on CPU), with and without key padding (two paths to the sample weights):
+    the same unbiasedness over fewer seeds, so a looser bound (16 seeds land within 3%; kernels without the
+    n_valid / m sample weight near 0.35)."""
+    pytest.importorskip("triton")
+    from kernel_helpers import DEV
     from patchattn.kernels.hyper.ops import hyper_attention_triton
 
-    q, k, v, valid, exact = _hyper_problem(h=1)
+    q, k, v, valid, exact = _hyper_problem(h=1, pad=pad)
+    q, k, v, valid = (t.to(DEV) for t in (q, k, v, valid))
     settings = dict(lsh_num_projs=3, block_size=32, sample_size=8)
-    z, num = _seed_average(hyper_attention_triton, q, k, v, valid, settings, False, range(24))
+    z, num = _seed_average(hyper_attention_triton, q, k, v, valid if pad else None, settings, False, range(16))
+    z, num = z.cpu(), num.cpu()
     z_ref, num_ref = exact[False]
-    assert abs((z / z_ref).mean().item() - 1) < 0.05
-    assert abs((num / num_ref).mean().item() - 1) < 0.05
+    assert abs((z / z_ref).mean().item() - 1) < 0.1
+    assert abs((num / num_ref).mean().item() - 1) < 0.1
 
 
 def test_patchattn_hyper_implementation_approximates_above_min_seq_len():
