@@ -558,7 +558,7 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
                 self.sink_keys = torch.cat([self.sink_keys, buffers[0][:, :, :sinks]], dim=2)
                 self.sink_values = torch.cat([self.sink_values, buffers[1][:, :, :sinks]], dim=2)
                 buffers = [t[:, :, sinks:] for t in buffers]
-            pieces = [buffers[0].shape[2]]
+            pieces = [buffers[0].shape[2]] if buffers[0].shape[2] else []  # all sinks so far: no block
         else:
             n = min(buffers[0].shape[2], self.sliding_window - 1)
             buffers = [t[:, :, t.shape[2] - n:] for t in buffers]
