@@ -738,13 +738,23 @@ def finish(model, gradient_checkpointing: bool):
     return model
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; matplotlib is the optional ``plot`` extra, so a missing one
+    says how to install it (recipes call this before training, not after)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the loss-curve plot needs matplotlib: pip install 'patchattn[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_losses(records: list[dict], path: Path, title: str, stage_titles: dict[int, str] | None = None) -> None:
     """Training loss per step (and the held-out loss where logged) with held-out perplexity on a second axis; one
     panel per stage (``stage_titles``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = sorted({r.get("stage", 0) for r in records}) or [0]
     fig, axes = plt.subplots(1, len(stages), figsize=(7 * len(stages), 4), squeeze=False)
