@@ -9,8 +9,10 @@ from there afterwards.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,6 +62,29 @@ _SOURCES = {
 }
 
 KNOWN_MODELS: dict[str, str] = {name: src.description for name, src in _SOURCES.items()}
+
+
+#: a Hub repo id: owner/name, each part letters, digits, ``-``, ``_`` or ``.``
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def model_source(ref: str) -> str:
+    """Where a MODEL argument points: ``"shipped"`` (a name in :data:`KNOWN_MODELS`), ``"local"`` (an existing
+    directory) or ``"hub"`` (``owner/name``). Anything else is refused here, before any download or load, so a typo
+    such as ``smollm2-135`` names the shipped models instead of failing as a Hub lookup."""
+    if ref in KNOWN_MODELS:
+        return "shipped"
+    if os.path.isdir(os.path.expanduser(ref)):
+        return "local"
+    if _HUB_ID.fullmatch(ref) and not ref.startswith("."):
+        return "hub"
+    if ref.startswith(("./", "../", "/", "~")) or os.sep in ref or (os.altsep and os.altsep in ref):
+        raise ValueError(f"no such directory: {ref!r}; give an existing local model directory, a Hub repo id "
+                         f"(owner/name) or a shipped model ({', '.join(KNOWN_MODELS)})")
+    close = difflib.get_close_matches(ref, list(KNOWN_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown model {ref!r}: {hint}shipped models are {', '.join(KNOWN_MODELS)}; otherwise give an "
+                     "existing local directory or a Hub repo id of the form owner/name")
 
 
 def cache_dir() -> Path:
