@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,20 +25,78 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _params(pairs: list[str] | None) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects KEY=VALUE, got {pair!r}")
-        out[key] = _parse_value(value)
-    return out
+# argparse `type=` converters: a bad value fails at parse time as "argument --opt: <message>", exit code 2, before
+# any model loads (argparse also runs them on string defaults).
+
+def _param_pair(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. block_size=128), got {text!r}")
+    return key, _parse_value(value)
 
 
-def _layers(text: str | None):
-    if text is None or text == "all" or ":" in text:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [_positive_int(x.strip()) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 2048,4096), got {text!r}") \
+            from None
+
+
+def _layers(text: str):
+    """'all', 'last:N', 'first:N' (N >= 1) or comma-separated indices (negative count from the end)."""
+    kind, colon, count = text.partition(":")
+    if text == "all" or (colon and kind in ("last", "first") and count.isdigit() and int(count) >= 1):
         return text
-    return [int(x) for x in text.split(",")]
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all', 'last:N', 'first:N' or comma-separated layer indices "
+                                         f"(e.g. 0,1,-1), got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    """A perplexity budget: ``5%`` or ``0.05``."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive percentage or fraction (e.g. 5% or 0.05), got {text!r}")
+    return value
+
+
+def _model_ref(text: str) -> str:
+    from .realweights import model_source
+
+    try:
+        model_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _text_file(text: str) -> str:
+    from importlib.resources import files
+
+    if not (Path(text).is_file() or files("patchattn.data").joinpath(text).is_file()):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r} (give a text file, or the name of a shipped one: "
+                                         "shakespeare.txt, kjv_sample.txt)")
+    return text
+
+
+def _params(args) -> dict:
+    return dict(args.param or [])
 
 
 def load(model_ref: str, dtype: torch.dtype = torch.float32):
@@ -42,25 +104,63 @@ def load(model_ref: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoTokenizer
 
     from . import from_pretrained
-    from .realweights import KNOWN_MODELS, load_model
+    from .realweights import load_model, model_source
 
-    if model_ref in KNOWN_MODELS:
+    if model_source(model_ref) == "shipped":
         return load_model(model_ref, dtype=dtype)
+    model_ref = os.path.expanduser(model_ref)
     model = from_pretrained(model_ref, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(model_ref)
 
 
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, type=_model_ref,
+                   help=f"shipped model name, local dir or Hub repo owner/name (default: {DEFAULT_MODEL})")
+
+
 def _add_patch_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--variant", required=required, help="variant name (see `patchattn list`)")
-    p.add_argument("--layers", help="'all', 'last:N', 'first:N' or comma-separated indices (default: all)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="variant parameter (repeatable)")
+    p.add_argument("--layers", type=_layers,
+                   help="'all', 'last:N', 'first:N' or comma-separated indices (default: all)")
+    _add_param_arg(p, "variant parameter (repeatable)")
+
+
+def _add_param_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--param", action="append", type=_param_pair, metavar="KEY=VALUE", help=help)
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Checks that involve several options or the variant's parameters, still before any model loads."""
+    from .variants import get_variant
+
+    variant = getattr(args, "variant", None)
+    if getattr(args, "param", None) and not variant:
+        parser.error("argument --param: variant parameters need --variant")
+    if variant:
+        try:
+            cls = get_variant(variant)
+        except ValueError as exc:
+            parser.error(f"argument --variant: {exc}")
+        try:
+            cls.make_params(**_params(args))
+        except (ValueError, TypeError) as exc:
+            parser.error(f"argument --param: {exc}")
+    stride, context = getattr(args, "stride", None), getattr(args, "context_length", None)
+    if stride is not None and stride > context:
+        parser.error(f"argument --stride: must be <= --context-length ({context}), got {stride}")
+    if args.command == "convert":
+        out = Path(args.output)
+        if out.exists() and not out.is_dir():
+            parser.error(f"argument output: {out} is a file; give a directory")
+        if out.is_dir() and any(out.iterdir()) and not args.force:
+            parser.error(f"argument output: {out} is not empty; pass --force to replace it, or choose a new directory")
 
 
 def _apply_patch(model, args) -> None:
     from . import patch_model
 
     if args.variant:
-        patch_model(model, args.variant, layers=_layers(args.layers), **_params(args.param))
+        patch_model(model, args.variant, layers=args.layers, **_params(args))
 
 
 def cmd_list(args) -> None:
@@ -91,8 +191,17 @@ def cmd_list(args) -> None:
 def cmd_convert(args) -> None:
     model, tokenizer = load(args.model, DTYPES[args.dtype])
     _apply_patch(model, args)
-    model.save_pretrained(args.output, max_shard_size=args.max_shard_size)
-    tokenizer.save_pretrained(args.output)
+    out = Path(args.output)
+    # written beside OUT and moved into place whole: --force replaces OUT, and no stale shards of an older model stay
+    work = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(work, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(work)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     spec = getattr(model.config, "patchattn", None)
     print(f"saved {args.output}: " + (json.dumps(spec) if spec else "unpatched"))
 
@@ -142,12 +251,12 @@ def cmd_bench(args) -> None:
     for col in ("seq len", "original", args.variant, "speedup"):
         table.add_column(col, justify="right")
     rows = []
-    for n in [int(x) for x in args.seq_lens.split(",")]:
+    for n in args.seq_lens:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
         run = lambda: model(input_ids=ids, logits_to_keep=1)  # noqa: E731
         with torch.inference_mode():
             base = _time(run, device, args.repeats)
-            patch_model(model, args.variant, layers=_layers(args.layers), **_params(args.param))
+            patch_model(model, args.variant, layers=args.layers, **_params(args))
             patched = _time(run, device, args.repeats)
             unpatch_model(model)
         rows.append({"n": n, "original_ms": base, "patched_ms": patched})
@@ -158,18 +267,14 @@ def cmd_bench(args) -> None:
             json.dump({"device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=2)
 
 
-def _fraction(text: str) -> float:
-    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-
-
 def cmd_plan(args) -> None:
     from .data import read_text
     from .planner import plan_layers
 
     model, tokenizer = load(args.model, DTYPES[args.dtype])
     plan = plan_layers(model, tokenizer, read_text(args.text), args.variant,
-                       max_ppl_increase=_fraction(args.max_ppl_increase), context_length=args.context_length,
-                       max_tokens=args.max_tokens, **_params(args.param))
+                       max_ppl_increase=args.max_ppl_increase, context_length=args.context_length,
+                       max_tokens=args.max_tokens, **_params(args))
     for idx, err in sorted(plan.errors.items()):
         print(f"layer {idx:>3}: relative attention error {err:.3f}" + ("  <- patch" if idx in plan.layers else ""))
     print(f"perplexity {plan.baseline_ppl:.3f} -> {plan.ppl:.3f} "
@@ -183,67 +288,69 @@ def cmd_plan(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(model_name=args.model, contexts=[int(x) for x in args.contexts.split(",")], max_tokens=args.max_tokens,
-             layers=_layers(args.layers), params=_params(args.param), json_path=args.json)
+    run_demo(model_name=args.model, contexts=args.contexts, max_tokens=args.max_tokens, layers=args.layers,
+             params=_params(args), json_path=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .realweights import KNOWN_MODELS
+
     parser = argparse.ArgumentParser(prog="patchattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="variants, model families and shipped real models").set_defaults(fn=cmd_list)
 
     p = sub.add_parser("convert", help="load a model, patch it, save it (the patch goes into config.json)")
-    p.add_argument("model", help="shipped model name, local dir or Hub repo")
-    p.add_argument("output", help="output directory")
+    p.add_argument("model", type=_model_ref, help="shipped model name, local dir or Hub repo owner/name")
+    p.add_argument("output", help="output directory (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
     _add_patch_args(p, required=False)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_model_arg(p)
     _add_patch_args(p, required=False)
-    p.add_argument("--text", help="text file (default: the shipped Shakespeare plays)")
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--stride", type=int, help="score only the last STRIDE tokens of overlapping windows")
-    p.add_argument("--max-tokens", type=int, help="truncate the tokenised text")
+    p.add_argument("--text", type=_text_file, help="text file (default: the shipped Shakespeare plays)")
+    p.add_argument("--context-length", type=_positive_int, default=2048)
+    p.add_argument("--stride", type=_positive_int, help="score only the last STRIDE tokens of overlapping windows")
+    p.add_argument("--max-tokens", type=_positive_int, help="truncate the tokenised text")
     p.add_argument("--exp2", action="store_true", help="also print 2**(mean natural-log NLL), as the paper does")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json", help="write the result here")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="prefill time, original vs patched")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_model_arg(p)
     _add_patch_args(p, required=True)
-    p.add_argument("--seq-lens", default="2048,4096,8192")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seq-lens", type=_int_list, default="2048,4096,8192")
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--device")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("plan", help="choose the layers to patch for a perplexity budget (calibrated on text)")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_model_arg(p)
     p.add_argument("--variant", default="hyper")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="variant parameter (repeatable)")
-    p.add_argument("--max-ppl-increase", default="5%", help="budget, e.g. 5%% or 0.05")
-    p.add_argument("--text", help="calibration text (default: the shipped Shakespeare plays)")
-    p.add_argument("--context-length", type=int, default=8192)
-    p.add_argument("--max-tokens", type=int, help="tokens scored per perplexity check (default: all)")
+    _add_param_arg(p, "variant parameter (repeatable)")
+    p.add_argument("--max-ppl-increase", type=_fraction, default="5%", help="budget, e.g. 5%% or 0.05")
+    p.add_argument("--text", type=_text_file, help="calibration text (default: the shipped Shakespeare plays)")
+    p.add_argument("--context-length", type=_positive_int, default=8192)
+    p.add_argument("--max-tokens", type=_positive_int, help="tokens scored per perplexity check (default: all)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs hyper perplexity at 2k/4k/8k on shipped text")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--contexts", default="2048,4096,8192")
-    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of text scored at each context length")
-    p.add_argument("--layers", default="last:8")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="hyper parameter (default min_seq_len=1024, block_size=256, sample_size=256)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(KNOWN_MODELS), help="a shipped model")
+    p.add_argument("--contexts", type=_int_list, default="2048,4096,8192")
+    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="tokens of text scored at each context length")
+    p.add_argument("--layers", type=_layers, default="last:8")
+    _add_param_arg(p, "hyper parameter (default min_seq_len=1024, block_size=256, sample_size=256)")
     p.add_argument("--json", help="write the table here")
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=cmd_demo, variant="hyper")  # variant: what _check_args validates --param against
 
     from .hub import add_cli
 
@@ -252,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     try:
         args.fn(args)
     except (ValueError, OSError) as e:  # bad input or a Hub/file problem: the message says what to fix

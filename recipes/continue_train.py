@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import torch
 import yaml
@@ -51,6 +50,7 @@ def main(config: RecipeConfig) -> dict:
     import patchattn
     from patchattn.variants.moh import load_balance_loss
 
+    training.preflight(config)  # before Run creates output_dir and before any weights load
     run = training.Run(config)
     acc = run.accelerator
     model, tokenizer, train_chunks, eval_chunks = training.load_patched_model(config, config.batch_size)
@@ -65,10 +65,10 @@ def main(config: RecipeConfig) -> dict:
     if run.resume_from is not None:
         run.load_checkpoint(run.resume_from)
 
-    eval_ppl_start = None
-    if run.state.step == 0:
-        eval_ppl_start = training.evaluate(model, eval_chunks, acc, config.batch_size)
-        run.print(f"step 0: held-out ppl {eval_ppl_start:.3f}")
+    if run.state.step == 0:  # saved with every checkpoint, so a resumed run still reports it
+        run.state.metrics["eval_ppl_start"] = training.evaluate(model, eval_chunks, acc, config.batch_size)
+        run.print(f"step 0: held-out ppl {run.state.metrics['eval_ppl_start']:.3f}")
+    eval_ppl_start = run.state.metrics.get("eval_ppl_start")
 
     def next_token_loss(model, x):
         loss = model(input_ids=x, labels=x, use_cache=False).loss
@@ -101,9 +101,4 @@ def main(config: RecipeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        cfg = parse_args()
-    except ConfigError as exc:
-        print(f"continue_train: bad config: {exc}", file=sys.stderr)
-        sys.exit(2)
-    main(cfg)
+    training.run_main("continue_train", parse_args, main)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -242,13 +241,15 @@ def main(config: DistillConfig) -> dict:
     import patchattn
     from accelerate.utils import set_seed
 
+    training.preflight(config)  # before Run creates output_dir and before any weights load
+    resume_from = training.resume_checkpoint(config)
+    if resume_from is not None and training.checkpoint_position(resume_from)[0] == 0:
+        raise ConfigError(f"config field 'resume': {resume_from} is not a checkpoint of this recipe "
+                          "(checkpoints/stage1/step_N or checkpoints/stage2/step_N)")
     run = training.Run(config)
     acc = run.accelerator
     model, tokenizer, train_chunks, eval_chunks = training.load_patched_model(config, config.stage1.batch_size)
     resume_stage = training.checkpoint_position(run.resume_from)[0] if run.resume_from is not None else 0
-    if resume_stage == 0 and run.resume_from is not None:
-        raise ConfigError(f"config field 'resume': {run.resume_from} is not a checkpoint of this recipe "
-                          "(checkpoints/stage1/step_N or checkpoints/stage2/step_N)")
     if resume_stage < 2:
         model = attention_transfer_stage(run, config, model, tokenizer, train_chunks, eval_chunks)
         acc.free_memory()  # drop stage 1's wrapper and optimizer from the accelerator's checkpointed objects
@@ -280,9 +281,4 @@ def main(config: DistillConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        cfg = parse_args()
-    except ConfigError as exc:
-        print(f"distill: bad config: {exc}", file=sys.stderr)
-        sys.exit(2)
-    main(cfg)
+    training.run_main("distill", parse_args, main)

@@ -64,6 +64,16 @@ def test_convert_then_load(model_dir, tmp_path):
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
+def test_convert_force_replaces_a_non_empty_output(model_dir, tmp_path):
+    out = tmp_path / "outputs" / "converted"
+    out.mkdir(parents=True)
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard of an older model")
+    assert main(["convert", str(model_dir), str(out), "--variant", "exact", "--force"]) == 0
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["patchattn"]["variant"] == "exact"
+    assert [p.name for p in out.parent.iterdir()] == ["converted"]  # no temporary directory left beside it
+
+
 def test_eval_exact_variant_matches_original(model_dir, text_file, tmp_path):
     results = []
     for extra in ([], ["--variant", "exact"]):
@@ -77,10 +87,14 @@ def test_eval_exact_variant_matches_original(model_dir, text_file, tmp_path):
 
 
 def test_bad_input_exits_with_message(model_dir, capsys):
-    assert main(["convert", str(model_dir), "/tmp/never", "--variant", "hyper", "--param", "block_size=0"]) == 2
-    assert "parameter 'block_size' must be in [1," in capsys.readouterr().err
-    assert main(["eval", str(model_dir), "--variant", "nope"]) == 2
-    assert "known variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(model_dir), "/tmp/never", "--variant", "hyper", "--param", "block_size=0"])
+    assert info.value.code == 2
+    assert "argument --param: hyper: parameter 'block_size' must be in [1," in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(model_dir), "--variant", "nope"])
+    assert info.value.code == 2
+    assert "argument --variant: unknown variant 'nope'; known variants" in capsys.readouterr().err
 
 
 def test_layer_errors_zero_where_variant_falls_back():

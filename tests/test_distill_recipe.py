@@ -186,6 +186,29 @@ def test_bad_config_names_the_field(override, field):
         recipe.load_config(str(TINY), override)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"layers": "first:4"}, "config field 'layers' for tiny-llama (2 layers)"),
+    ({"data": "missing.jsonl"}, "config field 'data' names a file that does not exist"),
+])
+def test_bad_config_is_refused_before_anything_is_written(override, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    out = tmp_path / "run"
+    with pytest.raises(training.ConfigError) as info:
+        recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), **override}))
+    assert message in str(info.value)
+    assert not out.exists()
+
+
+def test_resume_of_a_finished_run_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # what a finished run writes last
+    with pytest.raises(training.ConfigError, match="holds a finished run"):
+        recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "resume": True}))
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+
+
 def test_command_line_overrides_nested_fields():
     config = recipe.parse_args(["--config", str(TINY), "--stage2.lr", "5e-4", "--stage1.max_steps=3",
                                 "--mixed_precision", "no"])  # YAML 1.1 reads 5e-4 as a string and no as false

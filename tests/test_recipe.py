@@ -3,10 +3,13 @@
 1. in-process run: the loss falls and the saved model reloads (patchattn.from_pretrained) with identical logits;
 2. a real 2-process `accelerate launch --multi_gpu` run on CPU (gloo) completes and its loss falls;
 3. a run SIGKILLed after a checkpoint, resumed from it, reproduces the uninterrupted loss curve;
-4. bad configs fail with an error naming the field.
+4. bad configs fail with an error naming the field, before anything is written or loaded (exit code 2 on the
+   command line);
+5. resume restores the perplexity before training, and refuses a finished run.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -81,7 +84,8 @@ def test_kill_and_resume_reproduces_the_loss_curve(uninterrupted, tmp_path):
 
     resumed = recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": STEPS,
                                                          "save_every": 5, "resume": True}))
-    assert resumed["eval_ppl_start"] is None  # it did not start over
+    # restored from the checkpoint (it did not start over, and it still reports the perplexity before training)
+    assert resumed["eval_ppl_start"] == pytest.approx(uninterrupted["eval_ppl_start"], rel=1e-6)
     got = {r["step"]: r["loss"] for r in read_log(out)}
     want = {r["step"]: r["loss"] for r in read_log(uninterrupted["output_dir"])}
     assert sorted(got) == list(range(1, STEPS + 1))  # steps 6..8 of the killed run were replaced, not duplicated
@@ -109,6 +113,88 @@ def test_bad_config_on_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "seq_length" in proc.stderr and "unknown config field" in proc.stderr
+
+
+@pytest.fixture()
+def no_weights(monkeypatch):
+    """Building the model fails the test: config errors must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the config error")
+
+    monkeypatch.setattr(training, "build_model", refuse)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data": "no/such/corpus.txt"}, "config field 'data' names a file that does not exist"),
+    ({"data": ["shakespeare.txt", "./missing.jsonl"]}, "config field 'data' names a file that does not exist"),
+    ({"layers": [5]}, "config field 'layers' for tiny-llama (2 layers): layer index 5 is out of range"),
+    ({"layers": "last:3"}, "config field 'layers' for tiny-llama (2 layers): layers='last:3': N must be in [1, 2]"),
+    ({"layers": "middle"}, "config field 'layers' for tiny-llama (2 layers): layers='middle' is not understood"),
+    ({"model": "smollm2-135"}, "config field 'model': unknown model 'smollm2-135': did you mean 'smollm2-135m'?"),
+    ({"model": "./no-such-model"}, "config field 'model': no such directory"),
+    ({"variant": "moh", "variant_params": {"aux_loss_weight": float("nan")}},
+     "moh: parameter 'aux_loss_weight' must be a finite number"),
+])
+def test_bad_config_is_refused_before_anything_is_written(override, message, tmp_path, no_weights):
+    out = tmp_path / "run"
+    with pytest.raises(recipe.ConfigError) as info:
+        recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), **override}))
+    assert message in str(info.value)
+    assert not out.exists()
+
+
+def test_missing_data_file_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--output_dir", str(out), "--data",
+                           str(tmp_path / "corpus.txt")], cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "continue_train: bad config: config field 'data' names a file that does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_bad_layers_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--output_dir", str(out), "--layers",
+                           "[0, 7]"], cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config field 'layers' for tiny-llama (2 layers): layer index 7 is out of range" in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_matplotlib_is_refused_before_training(tmp_path, monkeypatch, no_weights):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    with pytest.raises(recipe.ConfigError, match=r"pip install 'patchattn\[plot\]'"):
+        recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out)}))
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """Three steps with a checkpoint after step 2: a finished run to resume from."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    return recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": 3, "save_every": 2,
+                                                      "eval_every": 0, "eval_tokens": 256}))
+
+
+def test_resume_restores_the_perplexity_before_training(short_run, tmp_path):
+    out = tmp_path / "resumed"
+    checkpoint = short_run["output_dir"] / "checkpoints" / "step_2"
+    resumed = recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": 3, "eval_every": 0,
+                                                         "eval_tokens": 256, "resume": str(checkpoint)}))
+    assert [r["step"] for r in read_log(out)] == [3]  # it resumed at step 2
+    assert resumed["eval_ppl_start"] == short_run["eval_ppl_start"]
+    assert json.loads((out / "summary.json").read_text())["eval_ppl_start"] == short_run["eval_ppl_start"]
+
+
+def test_resume_of_a_finished_run_is_refused(short_run, no_weights):
+    out = short_run["output_dir"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(recipe.ConfigError, match="holds a finished run .* use a new output_dir"):
+        recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), "max_steps": 3, "resume": True}))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # final/ and the log untouched
 
 
 def test_lora_moh_with_accumulation_and_checkpointing(tmp_path):

@@ -11,6 +11,7 @@ Variants that change more than the attention function (gates, routers, new norms
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from typing import Any, ClassVar
 
@@ -58,11 +59,14 @@ class VariantParams:
                 continue
             if isinstance(f.default, int) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{where} must be an integer, got {value!r}")
-            if isinstance(f.default, float) and not isinstance(value, (int, float)):
-                raise ValueError(f"{where} must be a number, got {value!r}")
             low, high = meta.get("low"), meta.get("high")
+            allowed = f"[{low}, {'inf' if high is None else high}]"
+            if isinstance(f.default, float):
+                # NaN passes every comparison and inf reaches math.log: both must be refused here, by name
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{where} must be a finite number in {allowed}, got {value!r}")
             if (low is not None and value < low) or (high is not None and value > high):
-                raise ValueError(f"{where} must be in [{low}, {'inf' if high is None else high}], got {value!r}")
+                raise ValueError(f"{where} must be in {allowed}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
