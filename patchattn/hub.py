@@ -22,13 +22,13 @@ import huggingface_hub
 import torch
 import transformers
 import yaml
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from . import __version__
 from .loading import DELTA_FILE, hub_error_hints
-from .patching import is_patched, resolve_family, unpatched_config
+from .patching import base_model_type, is_patched, resolve_family, unpatched_config
 from .variants import get_variant
 
 # Files a push owns: a remote one the new upload does not rewrite (old shards, a delta) would be stale, so it goes.
@@ -38,13 +38,14 @@ _OWNED = ("*.safetensors", "*.safetensors.index.json")
 def push_to_hub(model, repo_id: str, *, tokenizer=None, eval_results=None, recipe_config=None, delta_only=False,
                 base_model: str | None = None, base_revision: str | None = None, private: bool = False,
                 commit_message: str | None = None, max_shard_size: int | str = "2GB", revision: str | None = None,
-                token: str | None = None) -> huggingface_hub.CommitInfo:
+                token: str | None = None, license: str | None = None) -> huggingface_hub.CommitInfo:
     """Upload a patched model to ``repo_id`` (created if missing) in one commit and return the commit info.
 
     ``delta_only`` uploads just the variant's weights and the tensors that differ from ``base_model`` at
     ``base_revision`` (pinned to its commit sha); ``base_model`` defaults to the Hub repo the model was loaded from.
     ``eval_results`` (a dict or a list of dicts, one per table row) and ``recipe_config`` (a dict or YAML text) go
-    into the model card. ``revision`` pushes to that branch, creating it from main if needed.
+    into the model card (also as machine-readable ``model-index``). ``license`` defaults to the base model's.
+    ``revision`` pushes to that branch, creating it from main if needed.
     """
     if getattr(model, "peft_config", None):
         raise ValueError("the model carries PEFT adapters: merge them first (model = model.merge_and_unload()), so "
@@ -68,7 +69,8 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, eval_results=None, recip
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         card = model_card(model, repo_id, base_model=base_model, delta=delta, eval_results=eval_results,
-                          recipe_config=recipe_config, tokenizer_repo=repo_id if tokenizer is not None else base_model)
+                          recipe_config=recipe_config, tokenizer_repo=repo_id if tokenizer is not None else base_model,
+                          license=license)
         card.save(os.path.join(staging, "README.md"))
         spec = model.config.patchattn
         message = commit_message or (f"patchattn: {'delta of ' if delta else ''}{spec['family']} model with "
@@ -143,14 +145,16 @@ def template_path() -> Path:
 
 
 def model_card(model, repo_id: str, *, base_model=None, delta=None, eval_results=None, recipe_config=None,
-               tokenizer_repo=None) -> ModelCard:
+               tokenizer_repo=None, license: str | None = None) -> ModelCard:
     """The README of a push: Hub metadata (base model and relation, library, tags, pipeline) and the sections of
     the template (patch, loading snippet, evaluation, recipe, versions)."""
     spec = model.config.patchattn
     variant = get_variant(spec["variant"])
     relation = {"base_model_relation": "adapter" if delta else "finetune"} if base_model else {}
+    license_ = license or _base_license(base_model)
     data = ModelCardData(base_model=base_model, library_name="patchattn", pipeline_tag="text-generation",
-                         tags=["patchattn", spec["variant"], spec["family"]], **relation)
+                         tags=["patchattn", spec["variant"], spec["family"]], license=license_,
+                         model_name=repo_id, eval_results=_model_index(eval_results) or None, **relation)
     columns, rows = _eval_table(eval_results)
     recipe = (yaml.safe_dump(recipe_config, sort_keys=False) if isinstance(recipe_config, dict)
               else recipe_config or "").strip()
@@ -159,10 +163,35 @@ def model_card(model, repo_id: str, *, base_model=None, delta=None, eval_results
     return ModelCard.from_template(
         data, template_path=str(template_path()), repo_id=repo_id, variant=spec["variant"],
         variant_description=variant.description, variant_kind="trainable" if variant.trainable else "training-free",
-        family=spec["family"], layers=spec["layers"], num_layers=len(resolve_family(model).attention_modules(model)),
+        family=spec["family"], family_model_type=base_model_type(model.config.model_type), layers=spec["layers"], num_layers=len(resolve_family(model).attention_modules(model)),
         params=spec["params"], delta=delta is not None, delta_tensors=(delta or {}).get("tensors"),
         delta_file=DELTA_FILE, base_revision=(delta or {}).get("base_revision"), tokenizer_repo=tokenizer_repo,
         eval_columns=columns, eval_rows=rows, recipe=recipe, versions=versions)
+
+
+def _base_license(base_model: str | None) -> str | None:
+    """The licence in the base model's card: a derived model is under the base model's terms."""
+    if base_model is None:
+        return None
+    try:
+        return ModelCard.load(base_model).data.license
+    except Exception:  # no card, no access: the card then names no licence (pass license= to set one)
+        return None
+
+
+def _model_index(results) -> list[EvalResult]:
+    """Eval rows as the Hub's machine-readable ``model-index``: each float field is a metric; the other scalar
+    fields describe the setting (dataset config), ``task``/``dataset`` name the dataset."""
+    entries = []
+    for row in [results] if isinstance(results, dict) else list(results or []):
+        dataset = str(row.get("dataset") or row.get("task") or "custom")
+        setting = ", ".join(f"{k}={v}" for k, v in row.items()
+                            if k not in ("dataset", "task") and isinstance(v, (str, int, bool)))
+        for name, value in row.items():
+            if isinstance(value, float):
+                entries.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
+                                          dataset_config=setting or None, metric_type=name, metric_value=value))
+    return entries
 
 
 def _eval_table(results) -> tuple[list[str], list[list[str]]]:

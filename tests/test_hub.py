@@ -120,6 +120,9 @@ def test_full_round_trip(hub, tmp_path):
     assert card.data.tags == ["patchattn", "hyper", "llama"]
     assert "| 2048 | 12.35 |" in card.text and "nested" not in card.text and "lr: 0.0001" in card.text
     assert f"transformers {transformers.__version__}" in card.text and "min_seq_len" in card.text
+    assert "patchattn_llama" in card.text and "modules_to_save" in card.text  # plain loaders, PEFT
+    index = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}  # model-index
+    assert index == {("context=2048", "perplexity"): 12.3456, ("context=4096", "perplexity"): 13.5}
 
     expected = logits(model)
     fresh = patchattn.from_pretrained("me/llama-hyper", cache_dir=tmp_path / "fresh_cache")
@@ -138,6 +141,8 @@ def test_full_round_trip(hub, tmp_path):
 
 def test_delta_round_trip_matches_full_upload(hub):
     tiny_model("llama").push_to_hub("org/tiny-llama")
+    HfApi().upload_file(path_or_fileobj=b"---\nlicense: apache-2.0\n---\nA tiny base model.\n",
+                        path_in_repo="README.md", repo_id="org/tiny-llama")
     base_sha = hub.commits("org/tiny-llama")[0]
     model = patched()
     trained = ["model.layers[1].mlp.down_proj.weight", "model.norm.weight"]
@@ -153,6 +158,7 @@ def test_delta_round_trip_matches_full_upload(hub):
         "base_model": "org/tiny-llama", "base_revision": base_sha, "file": DELTA_FILE}
     card = ModelCard(files["README.md"].decode())
     assert (card.data.base_model, card.data.base_model_relation) == ("org/tiny-llama", "adapter")
+    assert card.data.license == "apache-2.0"  # carried over from the base model's card
     full_card = ModelCard(hub.files("me/llama-hyper-full")["README.md"].decode())
     assert full_card.data.base_model_relation == "finetune"
 
