@@ -44,6 +44,7 @@ def from_pretrained(path_or_repo: str, **kwargs):
     if delta is None:
         with hub_error_hints(path_or_repo, revision):
             return model_class.from_pretrained(path_or_repo, config=config, **kwargs)
+    config.patchattn = {k: v for k, v in spec.items() if k != "delta"}  # the loaded model is a whole model
     base_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
     with hub_error_hints(delta["base_model"], delta["base_revision"], f"base model of {path_or_repo}"), \
             _quiet_missing_variant_weights():

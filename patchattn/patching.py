@@ -28,7 +28,7 @@ import os
 from typing import Any, Iterable
 
 import torch.nn as nn
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -246,8 +246,12 @@ class PatchedModel:
         _base_set_attn_implementation(self, IMPLEMENTATION)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        result = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if isinstance(config, PretrainedConfig) and (read_spec(config) or {}).get("delta"):
+            raise ValueError(f"{pretrained_model_name_or_path} is a delta upload (only the tensors that differ from "
+                             f"its base model): load it with patchattn.from_pretrained({str(pretrained_model_name_or_path)!r})")
+        result = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         for layer in _variant_layers(model).values():
             layer.reset_buffers(layer.host)

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchattn
 from patchattn.loading import DELTA_FILE
@@ -163,8 +163,12 @@ def test_delta_round_trip_matches_full_upload(hub):
     assert full_card.data.base_model_relation == "finetune"
 
     expected = logits(model)
-    assert torch.equal(logits(patchattn.from_pretrained("me/llama-hyper-delta")), expected)
+    from_delta = patchattn.from_pretrained("me/llama-hyper-delta")
+    assert torch.equal(logits(from_delta), expected)
+    assert "delta" not in from_delta.config.patchattn  # a re-save of the loaded model is a whole model
     assert torch.equal(logits(patchattn.from_pretrained("me/llama-hyper-full")), expected)
+    with pytest.raises(ValueError, match="delta upload"):
+        AutoModelForCausalLM.from_pretrained("me/llama-hyper-delta")
 
 
 def test_trainable_variant_round_trip_full_and_delta(hub):
