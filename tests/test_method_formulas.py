@@ -22,6 +22,7 @@ from patchattn import planner
 from patchattn.kernels.hyper import HyperSettings, naive
 from patchattn.patching import LAYER_ATTR, resolve_family
 from patchattn.variants import VARIANTS, Variant
+from patchattn.variants.base import handoff
 from tiny_models import VOCAB, tiny_model
 
 
@@ -144,7 +145,7 @@ def test_gated_output_is_attention_times_two_sigmoid(granularity, width):
         layer.gate.bias.copy_(torch.randn(layer.gate.bias.shape, generator=g))
     q, k, v = (torch.randn(2, h, 10, 16, generator=g) for h in (4, 2, 2))
     x = torch.randn(2, 10, 64, generator=g)
-    layer._x = x
+    handoff(module)["hidden_states"] = x  # what the pre-hook hands over inside a real forward
     with torch.no_grad():
         out, _ = layer.attention(module, q, k, v, None, scaling=0.25)
     z = x @ layer.gate.weight.T + layer.gate.bias  # [b, q, heads * width]
@@ -173,7 +174,7 @@ def test_moh_router_matches_the_paper_formula():
             p.copy_(torch.randn(p.shape, generator=g))
     x = torch.randn(2, 7, 64, generator=g)
     q, k, v = (torch.randn(2, h, 7, 8, generator=g) for h in (8, 4, 4))
-    layer._x = x
+    handoff(module)["hidden_states"] = x
     with torch.no_grad():
         out, _ = layer.attention(module, q, k, v, None, scaling=8**-0.5)
 
