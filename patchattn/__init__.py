@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 from .families import FAMILIES
 from .logging_utils import logger
 from .variants import VARIANTS, describe_params
-from .patching import (LAYER_ATTR, is_patched, patch_model, patched_layers, register_attention_functions,
-                       register_auto_classes, unpatch_model)
+from .patching import (LAYER_ATTR, attention_paths, is_patched, patch_model, patched_layers,
+                       register_attention_functions, register_auto_classes, unpatch_model)
 from .loading import from_pretrained
 from .hub import push_to_hub
 from .models import register_models
@@ -46,5 +46,5 @@ def list_families() -> list[dict]:
 
 __all__ = [
     "__version__", "patch_model", "unpatch_model", "is_patched", "patched_layers", "from_pretrained",
-    "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR",
+    "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths",
 ]

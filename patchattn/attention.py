@@ -122,31 +122,50 @@ def _is_batch_padding(key_valid: torch.Tensor) -> torch.Tensor:
 
 def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, attention_mask, *, min_seq_len: int,
                         sliding_window: int | None = None, dropout: float = 0.0,
-                        training: bool = False) -> tuple[bool, torch.Tensor | None]:
+                        training: bool = False) -> tuple[str, torch.Tensor | None]:
     """May a long-prefill approximation (``hyper``, ``dhsa``) run here? Only on causal prefill (queries == keys)
     longer than ``min_seq_len`` under a causal mask with optional key padding, without attention dropout in
-    training (the approximations have no dropout). Returns ``(ok, key_valid)``; decode steps and short inputs
-    answer ``ok=False`` silently, the unexpected cases are logged once."""
+    training (the approximations have no dropout). Returns ``(path, key_valid)`` with ``path`` one of
+    ``"approximate"``, ``"exact_decode"`` (decode steps: exact by design), ``"exact_short"`` (at most
+    ``min_seq_len`` queries) or ``"fallback"`` (the unexpected cases, logged once)."""
     from .logging_utils import warn_once
 
     q_len, k_len = query.shape[2], key.shape[2]
     if q_len != k_len:
         if q_len > 1:
             warn_once(f"{name}: prefill over a non-empty cache (chunked prefill) uses exact attention")
-        return False, None
+            return "fallback", None
+        return "exact_decode", None
     if q_len <= min_seq_len:
-        return False, None
+        return "exact_short", None
     if dropout and training:
         warn_once(f"{name}: attention dropout (training mode) is not in the approximation; using exact attention")
-        return False, None
+        return "fallback", None
     if sliding_window is not None and k_len > sliding_window:
         warn_once(f"{name}: sliding-window layers (window {sliding_window}) keep exact attention")
-        return False, None
+        return "fallback", None
     ok, key_valid = key_padding_from_mask(attention_mask, q_len, k_len)
     if not ok:
         warn_once(f"{name}: attention mask is not causal+padding (packed or custom mask); using exact attention")
-        return False, None
-    return True, key_valid
+        return "fallback", None
+    return "approximate", key_valid
+
+
+def exact_tail(module, out: torch.Tensor, query, key, value, attention_mask, tail: int, *, scaling: float,
+               softcap=None) -> torch.Tensor:
+    """``out [b, n, h, d]`` of an approximate causal prefill with its last ``tail`` query rows recomputed exactly
+    over all keys. The question of a long prompt sits at its end: exact rows there keep what the prompt asks
+    about reachable (retrieval), at O(n·tail) extra work."""
+    n = query.shape[2]
+    tail = min(tail, n)
+    if tail <= 0:
+        return out
+    mask = (attention_mask[:, :, -tail:] if attention_mask is not None
+            else causal_bool_mask(tail, n, query.device)[None, None])
+    rows, _ = exact_attention(module, query[:, :, -tail:], key, value, mask, scaling=scaling, softcap=softcap)
+    out = out.clone()
+    out[:, -tail:] = rows.to(out.dtype)
+    return out
 
 
 def weights_requested(name: str, layer_idx: int, output_attentions: bool) -> bool:

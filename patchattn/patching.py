@@ -448,5 +448,19 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str, int]]:
+    """Per patched layer, how many attention calls took each path since the last reset: ``approximate`` (the
+    variant's method ran), ``exact_short`` / ``exact_decode`` / ``exact_crossover`` (exact by design: short input,
+    decode step, below the measured speed crossover) or ``fallback`` (a case the method does not cover). A result
+    credited to an approximation should show ``approximate`` calls."""
+    paths = {}
+    for i, layer in _variant_layers(model).items():
+        counts = layer.__dict__.get("path_counts")
+        paths[i] = dict(counts or {})
+        if reset and counts is not None:
+            counts.clear()
+    return paths
+
+
 def patched_layers(model: nn.Module) -> list[int]:
     return list(model.config.patchattn["layers"]) if is_patched(model) else []

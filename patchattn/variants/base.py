@@ -10,6 +10,7 @@ Variants that change more than the attention function (gates, routers, new norms
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import weakref
@@ -122,6 +123,12 @@ class Variant(nn.Module):
 
     def detach(self, attention_module: nn.Module) -> None:
         """Undo ``attach`` exactly."""
+
+    def record_path(self, path: str) -> None:
+        """Count which path a call took (``"approximate"``, ``"exact_short"``, ``"fallback"``, ...), so users and
+        benchmarks can see whether the approximation ran (:func:`patchattn.attention_paths`)."""
+        counts = self.__dict__.setdefault("path_counts", collections.Counter())
+        counts[path] += 1
 
     def reset_buffers(self, attention_module: nn.Module) -> None:
         """Recompute the non-persistent buffers: checkpoints do not hold them, and ``from_pretrained`` builds the

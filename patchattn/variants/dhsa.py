@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attention import exact_attention, long_causal_prefill, weights_requested
+from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
@@ -36,6 +36,8 @@ class DhsaParams(VariantParams):
     local_window: int = param(256, low=0, help="keys before each query block always kept (its own chunks are)")
     sink_tokens: int = param(64, low=0, help="first keys always kept (attention sinks; 0 = the paper's selection)")
     min_seq_len: int = param(4096, low=1, help="prefills of at most this many tokens use exact attention")
+    exact_tail: int = param(0, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
+                                           "prompt's question sits; 0 = the paper's method)")
 
 
 @register_variant
@@ -55,10 +57,15 @@ class DynamicHierarchicalSparseAttention(Variant):
         exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
                                         dropout=dropout, softcap=softcap, output_attentions=output_attentions,
                                         **kwargs)
-        ok, key_valid = long_causal_prefill("dhsa", query, key, attention_mask, min_seq_len=self.params.min_seq_len,
-                                            sliding_window=sliding_window, dropout=dropout,
-                                            training=module.training)
-        if not ok or weights_requested("dhsa", self.layer_idx, output_attentions):
+        path, key_valid = long_causal_prefill("dhsa", query, key, attention_mask,
+                                              min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
+                                              dropout=dropout, training=module.training)
+        if path == "approximate" and weights_requested("dhsa", self.layer_idx, output_attentions):
+            path = "fallback"
+        self.record_path(path)
+        if path != "approximate":
             return exact()  # decode steps (exact by design), short inputs, fallbacks, requested weights
         out, _ = dhsa_attention(query, key, value, scaling, self.settings(), key_valid=key_valid, softcap=softcap)
-        return out.transpose(1, 2).contiguous(), None
+        out = out.transpose(1, 2)
+        return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
+                          softcap=softcap).contiguous(), None

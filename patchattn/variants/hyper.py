@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attention import exact_attention, long_causal_prefill, weights_requested
+from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
-from patchattn.kernels.hyper import HyperSettings, hyper_attention
+from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
 
 @dataclasses.dataclass
@@ -24,6 +24,8 @@ class HyperParams(VariantParams):
     sink_tokens: int = param(0, low=0, help="first keys every query attends to exactly (attention sinks)")
     local_window: int = param(0, low=0, help="keys before each query attended exactly (0 = none)")
     center_keys: bool = param(False, help="hash keys after subtracting their mean")
+    exact_tail: int = param(0, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
+                                           "prompt's question sits; 0 = the paper's method)")
 
 
 @register_variant
@@ -45,15 +47,18 @@ class HyperAttention(Variant):
         exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
                                         dropout=dropout, softcap=softcap, output_attentions=output_attentions,
                                         **kwargs)
-        ok, key_valid = long_causal_prefill("hyper", query, key, attention_mask, min_seq_len=self.params.min_seq_len,
-                                            sliding_window=sliding_window, dropout=dropout,
-                                            training=module.training)
-        if not ok or weights_requested("hyper", self.layer_idx, output_attentions):
+        path, key_valid = long_causal_prefill("hyper", query, key, attention_mask,
+                                              min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
+                                              dropout=dropout, training=module.training)
+        if path == "approximate" and weights_requested("hyper", self.layer_idx, output_attentions):
+            path = "fallback"
+        if path == "approximate" and query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
+            path = "exact_crossover"  # below the measured crossover, fused SDPA is faster than the estimator
+        self.record_path(path)
+        if path != "approximate":
             return exact()
-        from patchattn.kernels.hyper import exact_is_faster
-
-        if query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
-            return exact()  # below the measured crossover, fused SDPA is faster than the estimator
         out, _ = hyper_attention(query, key, value, scaling, self.settings(), causal=True, key_valid=key_valid,
                                  softcap=softcap)
-        return out.transpose(1, 2).contiguous(), None
+        out = out.transpose(1, 2)
+        return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
+                          softcap=softcap).contiguous(), None
