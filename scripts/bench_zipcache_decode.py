@@ -2,7 +2,7 @@
 
 For each model and context: prefill ``context`` tokens of real text (the shipped Shakespeare, repeated as needed),
 then ``--steps`` greedy decode steps, one forward per token, timed with CUDA syncs. The ZipCache runs (the paper's
-setting and ``SMALL_MODEL_SETTING``) use the cache ``generate()`` would build (``generation_cache``); ``--steps`` >
+setting and ``PAPER_SETTING``) use the cache ``generate()`` would build (``generation_cache``); ``--steps`` >
 ``requant_interval`` (100) so one streaming re-quantisation is inside the mean. ``--decode-paths`` picks how their
 decode steps attend: ``fused`` (the default ``decode_kernel=True``: the Triton kernel reads the packed blocks) and/or
 ``torch`` (``decode_kernel=False``: dequantise every block, then SDPA), each a row ``<setting>/<path>``. Also
@@ -44,10 +44,10 @@ import patchattn
 from patchattn.cache import layer_nbytes
 from patchattn.data import read_text
 from patchattn.realweights import load_model
-from patchattn.variants.zipcache import SMALL_MODEL_SETTING, generation_cache
+from patchattn.variants.zipcache import PAPER_SETTING, generation_cache
 
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-CONFIGS = {"paper": {}, "small-model": SMALL_MODEL_SETTING}
+CONFIGS = {"paper": PAPER_SETTING, "default": {}}
 DECODE_PATHS = {"fused": True, "torch": False}  # the zipcache parameter decode_kernel of each
 
 
@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--contexts", default="4096,8192,16384,32768")
     p.add_argument("--steps", type=int, default=110, help="decode steps (> 100: one streaming re-quantisation)")
-    p.add_argument("--configs", default="paper,small-model", help=f"zipcache settings, of: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="paper,default", help=f"zipcache settings, of: {', '.join(CONFIGS)}")
     p.add_argument("--decode-paths", default="fused", help=f"zipcache decode paths, of: {', '.join(DECODE_PATHS)}")
     p.add_argument("--random-init", action="store_true", help="random weights from --config-json (no weights needed)")
     p.add_argument("--config-json", help="with --random-init: comma-separated config.json paths (replace --models)")

@@ -6,7 +6,7 @@
         --head-dim 64 --batches 1                                               # smoke test (reference path)
 
 Per shape (``--batches`` × 32 query / 8 KV heads × head dim 128 by default), context and ZipCache setting (the
-paper's and ``SMALL_MODEL_SETTING``) it builds a realistic layer state: random bf16 keys/values of ``context``
+paper's and ``PAPER_SETTING``) it builds a realistic layer state: random bf16 keys/values of ``context``
 tokens (a few outlier key channels), the first ``sink_tokens`` kept full precision, the rest quantised as one
 prefill block (random salient tokens at ``salient_ratio``), plus a ``--recent``-token full-precision buffer. Then
 it times one decode attention:
@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from patchattn.kernels.zipcache import quantized_decode_attention, quantized_decode_attention_reference
-from patchattn.variants.zipcache import SMALL_MODEL_SETTING, QuantizedBlock, ZipCacheParams
+from patchattn.variants.zipcache import PAPER_SETTING, QuantizedBlock, ZipCacheParams
 
-SETTINGS = {"paper": {}, "small-model": SMALL_MODEL_SETTING}
+SETTINGS = {"paper": PAPER_SETTING, "default": {}}
 METHODS = ("sdpa", "torch", "fused")
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--recent", type=int, default=50, help="full-precision recent tokens beside the block")
-    p.add_argument("--settings", default="paper,small-model", help=f"of: {', '.join(SETTINGS)}")
+    p.add_argument("--settings", default="paper,default", help=f"of: {', '.join(SETTINGS)}")
     p.add_argument("--tiles", default="", help="also time the fused kernel at these BLOCK_NxSPLIT_LEN, e.g. "
                                                "16x512,32x2048,64x8192 (split a multiple of the block), for tuning")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test (the reference path, no kernel)")

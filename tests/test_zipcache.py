@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 import patchattn
 from patchattn.cache import PatchattnCache
 from patchattn.variants.zipcache import (
-    SMALL_MODEL_SETTING, QuantizedBlock, ZipCacheLayer, ZipCacheParams, generation_cache, pack_codes, probe_scores,
+    PAPER_SETTING, QuantizedBlock, ZipCache, ZipCacheLayer, ZipCacheParams, generation_cache, pack_codes, probe_scores,
     quantize_keys, quantize_values, unpack_codes,
 )
 from tiny_models import BUILDERS, VOCAB, tiny_model
@@ -91,7 +91,7 @@ def test_more_bits_less_error_and_channel_scaling_beats_plain_tokenwise_on_outli
 
 
 def test_block_keeps_salient_tokens_at_high_bits_and_restores_order():
-    params = ZipCacheParams(high_bits=8, low_bits=2)
+    params = ZipCacheParams(**{**PAPER_SETTING, "high_bits": 8, "low_bits": 2})
     k, v = randn(1, 2, 40, 16, seed=5), randn(1, 2, 40, 16, seed=6)
     salient = torch.zeros(1, 2, 40, dtype=torch.bool)
     salient[0, 0, ::4] = True
@@ -139,11 +139,11 @@ def test_probe_saliency_with_every_query_a_probe_equals_the_exact_normalised_sco
 
 def test_layer_picks_all_queries_as_probes_at_ratio_one_and_the_last_ones_plus_random_by_default():
     model = tiny_model("llama")
-    patchattn.patch_model(model, "zipcache", probe_recent_ratio=1.0)
+    patchattn.patch_model(model, "zipcache", preset="paper", probe_recent_ratio=1.0)
     layer = generation_cache(model).layers[0]
     layer.lazy_initialization(torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16))
     assert layer.pick_probes(30).tolist() == list(range(30))
-    layer.variant.params = ZipCacheParams()  # 5 % + 5 %
+    layer.variant.params = ZipCacheParams(**PAPER_SETTING)  # 5 % + 5 %
     rows = layer.pick_probes(200).tolist()
     assert len(rows) == 20 and rows[-10:] == list(range(190, 200)) and all(r < 190 for r in rows[:10])
 
@@ -156,7 +156,7 @@ def test_estimated_saliency_marks_the_tokens_that_get_attention():
     magnets = torch.tensor([3, 50, 120, 170])
     k[0, 0, magnets] = 3.0
     model = tiny_model("gemma")
-    patchattn.patch_model(model, "zipcache", salient_ratio=0.05)
+    patchattn.patch_model(model, "zipcache", preset="paper", salient_ratio=0.05)
     layer = generation_cache(model).layers[0]
     layer.lazy_initialization(k[:, :, :0], k[:, :, :0])
     layer.recent_keys, layer.recent_values = k, k
@@ -194,7 +194,7 @@ def expected_block_bytes(block, hk, d, params):
 
 # (parameters, fp16 / nbytes bounds for full layers: above, from the parameter overhead at head_dim 16 with 10-token
 # streaming blocks; below, the codes alone: 16 / 3 bits at 4/2 bits and 50 % salient, 16 / 3.2 for keys at 4 bits)
-SETTINGS = {"4/2, 50 %": ({"salient_ratio": 0.5}, 3.3, 16 / 3), "small-model": (SMALL_MODEL_SETTING, 3.2, 16 / 3.2)}
+SETTINGS = {"4/2, 50 %": ({**PAPER_SETTING, "salient_ratio": 0.5}, 3.3, 16 / 3), "default": ({}, 3.2, 16 / 3.2)}
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -242,11 +242,11 @@ def test_eight_bits_everywhere_gives_logits_close_to_exact(family):
     model = tiny_model(family)
     ids = prompt(65, batch=2)
     ref = stepwise_logits(model, ids, 40, DynamicCache(config=model.config))
-    patchattn.patch_model(model, "zipcache", high_bits=8, low_bits=8, requant_interval=8)
+    patchattn.patch_model(model, "zipcache", preset="paper", high_bits=8, low_bits=8, requant_interval=8)
     eight = stepwise_logits(model, ids, 40, generation_cache(model))
     torch.testing.assert_close(eight, ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
     patchattn.unpatch_model(model)
-    patchattn.patch_model(model, "zipcache", requant_interval=8)  # default 4/2 bits: visibly further away
+    patchattn.patch_model(model, "zipcache", preset="paper", requant_interval=8)  # default 4/2 bits: visibly further away
     low = stepwise_logits(model, ids, 40, generation_cache(model))
     assert (low - ref).abs().max() > 10 * (eight - ref).abs().max()
 
@@ -256,7 +256,7 @@ def test_without_a_zipcache_layer_it_is_exact_attention():
     x = prompt(50, batch=2)
     with torch.no_grad():
         ref = model(input_ids=x).logits
-        patchattn.patch_model(model, "zipcache")
+        patchattn.patch_model(model, "zipcache", preset="paper")
         assert torch.equal(model(input_ids=x).logits, ref)  # model(...) builds a plain DynamicCache
         user = DynamicCache(config=model.config)
         ref_gen = model.generate(x, max_new_tokens=5, do_sample=False, past_key_values=user)
@@ -267,7 +267,7 @@ def test_without_a_zipcache_layer_it_is_exact_attention():
 
 def test_streaming_requantisation_happens_every_interval_with_its_probe_steps():
     model = tiny_model("llama")
-    patchattn.patch_model(model, "zipcache", requant_interval=20)
+    patchattn.patch_model(model, "zipcache", preset="paper", requant_interval=20)
     cache = generation_cache(model)
     probes = []
     original = ZipCacheLayer.record_probes
@@ -301,7 +301,7 @@ def test_streaming_requantisation_happens_every_interval_with_its_probe_steps():
 
 def test_sliding_layer_bookkeeping_matches_transformers():
     model = tiny_model("mistral")  # window 24 on every layer
-    patchattn.patch_model(model, "zipcache", requant_interval=7)
+    patchattn.patch_model(model, "zipcache", preset="paper", requant_interval=7)
     ours = generation_cache(model).layers[0]
     theirs = DynamicSlidingWindowLayer(sliding_window=24)
     for n in [30, 1, 1, 5, *[1] * 20, 40, 1]:
@@ -318,14 +318,14 @@ def test_sliding_layer_bookkeeping_matches_transformers():
 
 def test_sliding_layers_can_stay_full_precision():
     model = tiny_model("gemma3")
-    patchattn.patch_model(model, "zipcache", quantize_sliding=False)
+    patchattn.patch_model(model, "zipcache", preset="paper", quantize_sliding=False)
     cache = generation_cache(model)
     assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer", "ZipCacheLayer"] * 2
 
 
 def test_beam_search_reorders_the_quantised_cache():
     model = tiny_model("qwen2")
-    patchattn.patch_model(model, "zipcache", requant_interval=4)
+    patchattn.patch_model(model, "zipcache", preset="paper", requant_interval=4)
     out = model.generate(prompt(20, batch=2), max_new_tokens=10, num_beams=3, do_sample=False)
     assert out.shape == (2, 30)
 
@@ -339,12 +339,12 @@ def test_beam_search_reorders_the_quantised_cache():
 ])
 def test_parameters_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        patchattn.patch_model(tiny_model("llama"), "zipcache", **kwargs)
+        patchattn.patch_model(tiny_model("llama"), "zipcache", preset="paper", **kwargs)
 
 
 def test_value_group_size_must_divide_a_tokens_value_channels():
     model = tiny_model("llama")  # head_dim 16
-    patchattn.patch_model(model, "zipcache", value_group_size=6)
+    patchattn.patch_model(model, "zipcache", preset="paper", value_group_size=6)
     with pytest.raises(ValueError, match="value_group_size 6 does not divide the 32 value channels"):
         model.generate(prompt(8), max_new_tokens=2)
 
@@ -359,7 +359,7 @@ def test_chatglm2_port_generates_with_the_cache():
     x = prompt(30)
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
     ref = model.generate(x, **kwargs)
-    patchattn.patch_model(model, "zipcache", high_bits=8, low_bits=8, requant_interval=5)
+    patchattn.patch_model(model, "zipcache", preset="paper", high_bits=8, low_bits=8, requant_interval=5)
     out = model.generate(x, **kwargs)
     assert [type(layer) for layer in out.past_key_values.layers] == [ZipCacheLayer] * 2
     assert out.past_key_values.layers[0].blocks_made == 3  # prefill + 2 streaming windows of 5
@@ -369,7 +369,7 @@ def test_chatglm2_port_generates_with_the_cache():
 
 def test_save_and_load_keep_the_cache(tmp_path):
     model = tiny_model("gemma3")
-    patchattn.patch_model(model, "zipcache", **SMALL_MODEL_SETTING)
+    patchattn.patch_model(model, "zipcache")
     x = prompt(30)
     ref = model.generate(x, max_new_tokens=12, do_sample=False)
     model.save_pretrained(tmp_path)
@@ -388,7 +388,7 @@ def test_decode_in_stored_order_equals_token_order(family, padded):
     ids = prompt(40, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0 if padded else 1  # left padding
-    patchattn.patch_model(model, "zipcache", requant_interval=6)
+    patchattn.patch_model(model, "zipcache", preset="paper", requant_interval=6)
     kwargs = dict(attention_mask=mask, max_new_tokens=15, do_sample=False, return_dict_in_generate=True,
                   output_logits=True, output_attentions=padded)
     stored = model.generate(ids, **kwargs)
@@ -406,3 +406,12 @@ def test_decode_in_stored_order_equals_token_order(family, padded):
     for step_a, step_b in zip(stored.attentions or (), ordered.attentions or ()):
         for a, b in zip(step_a, step_b):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_defaults_are_the_recommendation_and_the_paper_is_a_preset():
+    default, paper = ZipCache.make_params(), ZipCache.make_params(preset="paper")
+    assert (default.key_low_bits, default.salient_ratio, default.key_group_size, default.sink_tokens) == (4, 0.2, 128, 1)
+    assert (paper.key_low_bits, paper.salient_ratio, paper.key_group_size, paper.sink_tokens) == (0, 0.6, 0, 0)
+    assert ZipCache.make_params(preset="paper", sink_tokens=4).sink_tokens == 4  # arguments go on top
+    with pytest.raises(ValueError, match="unknown preset 'fast'; presets: \\['paper'\\]"):
+        ZipCache.make_params(preset="fast")

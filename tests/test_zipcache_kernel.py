@@ -13,7 +13,7 @@ from transformers import MistralConfig, MistralForCausalLM
 import patchattn
 from patchattn.kernels.zipcache import ops, quantized_decode_attention_reference
 from patchattn.variants import zipcache as zipcache_variant
-from patchattn.variants.zipcache import QuantizedBlock, ZipCacheLayer, ZipCacheParams
+from patchattn.variants.zipcache import PAPER_SETTING, QuantizedBlock, ZipCacheLayer, ZipCacheParams
 from kernel_helpers import CUDA, DEV
 from tiny_models import COMMON, VOCAB, tiny_model
 
@@ -33,7 +33,7 @@ def randn(*shape, gen):
 
 def make_block(gen, b, hk, n, d, dtype, *, salient=True, **params):
     """A block of ``n`` random tokens (a few outlier channels) with random salient tokens per KV head."""
-    p = ZipCacheParams(**params)
+    p = ZipCacheParams(**{**PAPER_SETTING, **params})
     k = randn(b, hk, n, d, gen=gen) * (1 + 4 * (torch.arange(d, device=DEV) % 7 == 0))
     v = randn(b, hk, n, d, gen=gen)
     if not salient:
@@ -124,7 +124,7 @@ def generate_both(monkeypatch, model, ids, attention_mask=None, **params):
     """generate() with ``decode_kernel=False`` and with the kernel forced on CPU; kernel calls are counted."""
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True,
                   attention_mask=attention_mask)
-    patchattn.patch_model(model, "zipcache", decode_kernel=False, **params)
+    patchattn.patch_model(model, "zipcache", preset="paper", decode_kernel=False, **params)
     torch_path = model.generate(ids, **kwargs)
     patchattn.unpatch_model(model)
     calls = []
@@ -135,7 +135,7 @@ def generate_both(monkeypatch, model, ids, attention_mask=None, **params):
 
     monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
     monkeypatch.setattr(zipcache_variant, "quantized_decode_attention", counted)
-    patchattn.patch_model(model, "zipcache", **params)
+    patchattn.patch_model(model, "zipcache", preset="paper", **params)
     fused = model.generate(ids, **kwargs)
     return torch_path, fused, len(calls)
 

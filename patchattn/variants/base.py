@@ -85,6 +85,8 @@ class Variant(nn.Module):
     #: the variant with default parameters needs nothing but the attention call (no parameters, cache layers or
     #: per-model setup), so it is also offered as ``attn_implementation="patchattn_<name>"``
     attention_function_only: ClassVar[bool] = False
+    #: named parameter sets one argument away (``preset="paper"``); the defaults are the measured recommendation
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__()
@@ -95,7 +97,13 @@ class Variant(nn.Module):
         self.transfer_loss: "torch.Tensor | None" = None
 
     @classmethod
-    def make_params(cls, **kwargs) -> VariantParams:
+    def make_params(cls, preset: str | None = None, **kwargs) -> VariantParams:
+        """Validated parameters: the defaults (the measured recommendation), or a named ``preset`` (e.g.
+        ``"paper"``: the published setting), with ``kwargs`` on top."""
+        if preset is not None:
+            if preset not in cls.presets:
+                raise ValueError(f"{cls.name}: unknown preset {preset!r}; presets: {sorted(cls.presets) or 'none'}")
+            kwargs = {**cls.presets[preset], **kwargs}
         known = {f.name for f in dataclasses.fields(cls.Params)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
