@@ -30,6 +30,9 @@ def test_core_dependencies():
 
 def test_extras():
     assert "matplotlib" in _requirements("plot") and "matplotlib" in _requirements("test")
+    assert "lm-eval" in _requirements("eval") and "lm-eval" in _requirements("test")  # tests/test_harness.py
+    assert "torch" not in _requirements("eval")  # lm-eval must not bring its own torch
+    assert PROJECT["scripts"]["patchattn-lm-eval"] == "patchattn.harness:main"
     for group in ("triton", "test"):
         marker = _requirements(group)["triton"].marker
         assert marker.evaluate({"platform_system": "Linux"})
