@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,13 +25,23 @@ TALLY_ENV = "PATCHATTN_GPU_TESTS_TALLY"
 
 # -- the plugin (runs inside pytest) ---------------------------------------------------------------------------------
 _outcomes: dict[str, str] = {}
+_writes_tally = True  # false in pytest-xdist workers: their reports reach the controller, which writes
+
+
+def pytest_configure(config) -> None:
+    global _writes_tally
+    _writes_tally = not hasattr(config, "workerinput")
 
 
 def _record(nodeid: str, outcome: str) -> None:
-    """Keep the worst outcome per test: a teardown error after a pass still makes the test an error."""
+    """Keep the worst outcome per test (a teardown error after a pass still makes the test an error), and write the
+    tally as tests finish, so a run stopped at a time limit still says what ran."""
     rank = ("passed", "skipped", "failed", "error")
     if rank.index(outcome) >= rank.index(_outcomes.get(nodeid, "passed")):
         _outcomes[nodeid] = outcome
+    path = os.environ.get(TALLY_ENV)
+    if path and _writes_tally:
+        Path(path).write_text(json.dumps(_outcomes))
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -45,12 +56,6 @@ def pytest_runtest_logreport(report) -> None:
 def pytest_collectreport(report) -> None:
     if report.failed:  # a test file that does not import: every test in it is missing
         _record(report.nodeid, "error")
-
-
-def pytest_sessionfinish(session) -> None:
-    path = os.environ.get(TALLY_ENV)
-    if path:
-        Path(path).write_text(json.dumps(_outcomes))
 
 
 # -- the driver ------------------------------------------------------------------------------------------------------
@@ -88,16 +93,35 @@ def environment() -> dict:
             "transformers": transformers.__version__}
 
 
-def run_pytest(pytest_args: list[str], cuda: bool) -> tuple[int, dict[str, str]]:
-    """``python -m pytest -q`` in the repository root with this plugin; returns (exit status, outcomes)."""
+def _workers(pytest_args: list[str]) -> int:
+    """pytest-xdist's ``-n N`` (1 without it)."""
+    for i, arg in enumerate(pytest_args):
+        if arg == "-n" and i + 1 < len(pytest_args) and pytest_args[i + 1].isdigit():
+            return int(pytest_args[i + 1])
+        if arg.startswith("-n") and arg[2:].isdigit():
+            return int(arg[2:])
+    return 1
+
+
+def run_pytest(pytest_args: list[str], cuda: bool, timeout_s: float | None) -> tuple[int | None, dict[str, str]]:
+    """``python -m pytest -q`` in the repository root with this plugin; returns (exit status, or None when stopped
+    at ``timeout_s``; outcomes so far)."""
     env = dict(os.environ)
     if cuda:
         env.pop("TRITON_INTERPRET", None)  # the kernels must run compiled where CUDA exists
+    # N xdist workers each running torch with every core's threads oversubscribe the CPU many times over
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers(pytest_args))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         env[TALLY_ENV] = tally = os.path.join(tmp, "tally.json")
-        status = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "gpu_tests", *pytest_args],
-                                 cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "gpu_tests", *pytest_args], cwd=ROOT,
+                                env=env, start_new_session=True)
+        try:
+            status = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = None
         outcomes = json.loads(Path(tally).read_text()) if os.path.exists(tally) else {}
     return status, outcomes
 
@@ -106,14 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="benchmarks/results/gpu_tests.json",
                         help="where the JSON summary goes (relative to the repository root)")
+    parser.add_argument("--timeout-s", type=float, help="stop pytest after this many seconds; the JSON then says "
+                                                           "'complete': false and counts what ran")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest after '--'")
     args = parser.parse_args(argv)
     env = environment()
-    status, outcomes = run_pytest(args.pytest_args, cuda=env["gpu"] is not None)
-    result = {"commit": commit(), **summarize(outcomes), **env,
+    status, outcomes = run_pytest(args.pytest_args, cuda=env["gpu"] is not None, timeout_s=args.timeout_s)
+    result = {"commit": commit(), "complete": status is not None, **summarize(outcomes), **env,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "-m", "pytest", "-q", *args.pytest_args])}
-    if not outcomes and status not in (0, 5):  # 5: no test selected
+    if status is None:
+        status = 124
+    elif not outcomes and status not in (0, 5):  # 5: no test selected
         result["errors"] = max(result["errors"], 1)  # pytest died before reporting anything
         result["failures"] = [f"pytest exited with status {status} before reporting"]
     out = ROOT / args.output

@@ -46,6 +46,8 @@ def accelerate_launch(script: Path, *args: str, env: dict[str, str], timeout: fl
     processes form a gloo group (MULTI_CPU)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes (gloo) on a CUDA machine too: one GPU cannot
+    # host a 2-process --multi_gpu run, and these tests are about the CPU/gloo path
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -14,7 +14,7 @@ from patchattn import logging_utils
 from patchattn.cloze import build_cloze, choice_scores
 from patchattn.variants import act as act_module
 from patchattn.variants.act import ActAttention, act_attention, reference_act, search_heads, sink_columns
-from tiny_models import BUILDERS, VOCAB, tiny_model
+from tiny_models import CACHE_KW, BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)
 HEADS = {1: [0, 2], 3: [1]}  # tiny models: 4 layers of 4 query heads (2 KV heads; gemma 1)
@@ -190,12 +190,12 @@ def test_decode_without_statistics_falls_back_to_exact(caplog, monkeypatch):
     prompt, nxt = ids(1, 24, seed=4), ids(1, 1, seed=5)
     cache, fresh = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=prompt, cache=cache)
-        model(input_ids=prompt, cache=fresh)
-        exact = model(input_ids=nxt, cache=fresh).logits
+        model(input_ids=prompt, **{CACHE_KW: cache})
+        model(input_ids=prompt, **{CACHE_KW: fresh})
+        exact = model(input_ids=nxt, **{CACHE_KW: fresh}).logits
         patchattn.patch_model(model, "act", heads=HEADS, theta=0.05)
         with caplog.at_level(logging.WARNING, logger="patchattn"):
-            step = model(input_ids=nxt, cache=cache).logits
+            step = model(input_ids=nxt, **{CACHE_KW: cache}).logits
     torch.testing.assert_close(step, exact, atol=1e-6, rtol=0)
     assert any("no sink statistics match this cache" in r.getMessage() for r in caplog.records)
 

@@ -10,7 +10,7 @@ import torch
 import patchattn
 from patchattn import logging_utils
 from patchattn.attention import key_padding_from_mask
-from tiny_models import VOCAB, tiny_model
+from tiny_models import CACHE_KW, VOCAB, tiny_model
 
 pytest.importorskip("triton")
 
@@ -165,8 +165,8 @@ def test_act_returns_weights_at_decode_steps():
     patchattn.patch_model(model, "act", heads={1: [0, 2], 3: [1]}, theta=0.05)
     full = attentions(model, ids)
     cache = DynamicCache(config=model.config)
-    attentions(model, ids[:, :-1], cache=cache)
-    step = attentions(model, ids[:, -1:], cache=cache)
+    attentions(model, ids[:, :-1], **{CACHE_KW: cache})
+    step = attentions(model, ids[:, -1:], **{CACHE_KW: cache})
     for a, b in zip(step[:2], full[:2]):
         torch.testing.assert_close(a[:, :, 0], b[:, :, -1], atol=1e-5, rtol=0)
     assert all(w.shape == (2, 4, 1, 25) for w in step)

@@ -35,9 +35,9 @@ def test_summary_counts_ids_and_metadata(tmp_path, monkeypatch):
     status = load_script().main(["--output", str(out), "--", str(sample), "-p", "no:cacheprovider"])
     result = json.loads(out.read_text())
     assert status == 1
-    assert set(result) == {"commit", "passed", "failed", "skipped", "errors", "failures", "gpu", "torch", "triton",
+    assert set(result) == {"commit", "complete", "passed", "failed", "skipped", "errors", "failures", "gpu", "torch", "triton",
                            "transformers", "date", "command"}
     assert (result["passed"], result["failed"], result["skipped"], result["errors"]) == (2, 2, 1, 1)
     assert [f.split("::")[-1] for f in result["failures"]] == ["test_error", "test_fail", "test_param[2]"]
     assert all(f.split("::")[0].endswith("test_sample.py") for f in result["failures"])
-    assert result["commit"] == "abc123" and result["command"].startswith("python -m pytest -q ")
+    assert result["complete"] and result["commit"] == "abc123" and result["command"].startswith("python -m pytest -q ")

@@ -10,6 +10,7 @@ whose only configuration is the environment.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -91,6 +92,11 @@ def train(model, *keys: str) -> None:
             params[key].add_(0.05)
 
 
+#: huggingface_hub 1.x posts ModelCard.validate() to https://huggingface.co whatever HF_ENDPOINT says (no network in
+#: tests); later versions post to the configured endpoint, the local server
+VALIDATES_ON_ENDPOINT = "constants.ENDPOINT" in inspect.getsource(ModelCard.validate)
+
+
 def delta_keys(hub, repo_id: str) -> set[str]:
     return set(safetensors.torch.load(hub.files(repo_id)[DELTA_FILE]))
 
@@ -113,9 +119,10 @@ def test_full_round_trip(hub, tmp_path):
     assert len(commits) == 2 and commits[0] == info.oid  # the repo's initial commit + the push
 
     card = ModelCard(files["README.md"].decode())
-    card.validate()  # POST /api/validate-yaml on the local server, which does reject bad metadata:
-    with pytest.raises(ValueError, match="base_model_relation"):
-        ModelCard("---\nbase_model: a/b\nbase_model_relation: remix\n---\n").validate()
+    if VALIDATES_ON_ENDPOINT:  # POST /api/validate-yaml on the local server, which does reject bad metadata:
+        card.validate()
+        with pytest.raises(ValueError, match="base_model_relation"):
+            ModelCard("---\nbase_model: a/b\nbase_model_relation: remix\n---\n").validate()
     assert card.data.library_name == "patchattn" and card.data.pipeline_tag == "text-generation"
     assert card.data.tags == ["patchattn", "hyper", "llama"]
     assert "| 2048 | 12.35 |" in card.text and "nested" not in card.text and "lr: 0.0001" in card.text

@@ -47,7 +47,7 @@ def test_single_process_loss_falls_and_saved_model_reloads(uninterrupted):
     assert (out / "loss_curve.png").stat().st_size > 0
     reloaded = patchattn.from_pretrained(str(out / "final")).eval()
     assert reloaded.config.patchattn["variant"] == "gated"
-    model = uninterrupted["model"].eval()
+    model = uninterrupted["model"].eval().cpu()  # trained on the accelerator's device (CUDA where present)
     ids = uninterrupted["tokenizer"]("To be, or not to be, that is the question", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
@@ -207,7 +207,7 @@ def test_lora_moh_with_accumulation_and_checkpointing(tmp_path):
         "grad_accum": 2, "gradient_checkpointing": True}))
     records = read_log(out)
     assert len(records) == 3 and all(r["aux_loss"] > 0 for r in records)
-    model = result["model"].eval()
+    model = result["model"].eval().cpu()
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged
     reloaded = patchattn.from_pretrained(str(out / "final")).eval()
     assert reloaded.config.patchattn["variant"] == "moh"

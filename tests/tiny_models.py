@@ -7,8 +7,11 @@ from transformers import (
     LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 VOCAB = 96
+#: the keyword a model call takes its cache by (transformers renamed past_key_values -> cache after 5.17)
+CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -26,7 +29,8 @@ BUILDERS = {
     "mistral": lambda: _build(MistralConfig, MistralForCausalLM, sliding_window=24, head_dim=16),
     "gemma": lambda: _build(GemmaConfig, GemmaForCausalLM, head_dim=16, num_key_value_heads=1),
     "gemma2": lambda: _build(Gemma2Config, Gemma2ForCausalLM, head_dim=16, sliding_window=24,
-                             query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
+                             query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=15.0,
+                             attn_implementation="eager"),
     "gemma3": lambda: _build(Gemma3TextConfig, Gemma3ForCausalLM, head_dim=16, sliding_window=24,
                              query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2),
     "qwen2": lambda: _build(Qwen2Config, Qwen2ForCausalLM),
