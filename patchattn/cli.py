@@ -53,6 +53,22 @@ def _int_list(text: str) -> list[int]:
             from None
 
 
+def _context_lengths(text: str) -> list[int]:
+    """One length, or a comma list (several only with --tasks, see _check_eval); a bad entry gets the message a single
+    bad length gets."""
+    return [_positive_int(x.strip()) for x in text.split(",")]
+
+
+def _task_list(text: str) -> list[str]:
+    from .tasks import TASKS
+
+    names = [x.strip() for x in text.split(",")]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    return names
+
+
 def _layers(text: str):
     """'all', 'last:N', 'first:N' (N >= 1) or comma-separated indices (negative count from the end)."""
     kind, colon, count = text.partition(":")
@@ -145,6 +161,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
             cls.make_params(**_params(args))
         except (ValueError, TypeError) as exc:
             parser.error(f"argument --param: {exc}")
+    if args.command == "eval":
+        _check_eval(parser, args)
     stride, context = getattr(args, "stride", None), getattr(args, "context_length", None)
     if stride is not None and stride > context:
         parser.error(f"argument --stride: must be <= --context-length ({context}), got {stride}")
@@ -154,6 +172,27 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"argument output: {out} is a file; give a directory")
         if out.is_dir() and any(out.iterdir()) and not args.force:
             parser.error(f"argument output: {out} is not empty; pass --force to replace it, or choose a new directory")
+
+
+_TASK_OPTIONS = {"samples": "--samples", "batch_size": "--batch-size", "haystack": "--haystack", "out": "--out"}
+_PERPLEXITY_OPTIONS = {"stride": "--stride", "max_tokens": "--max-tokens", "exp2": "--exp2", "text": "--text",
+                       "json": "--json"}
+
+
+def _check_eval(parser: argparse.ArgumentParser, args) -> None:
+    """``eval`` is two commands in one: options of the mode not chosen are refused rather than silently ignored.
+    Without --tasks, --context-length is a single window length (perplexity)."""
+    if args.tasks:
+        for dest, flag in _PERPLEXITY_OPTIONS.items():
+            if getattr(args, dest):
+                parser.error(f"argument {flag}: perplexity option, not used with --tasks")
+        return
+    for dest, flag in _TASK_OPTIONS.items():
+        if getattr(args, dest) is not None:
+            parser.error(f"argument {flag}: needs --tasks")
+    if len(args.context_length) > 1:
+        parser.error("argument --context-length: several lengths need --tasks (perplexity uses one window length)")
+    args.context_length = args.context_length[0]
 
 
 def _apply_patch(model, args) -> None:
@@ -210,6 +249,9 @@ def cmd_eval(args) -> None:
     from .data import read_text
     from .evaluation import perplexity
 
+    if args.tasks:
+        _eval_tasks(args)
+        return
     model, tokenizer = load(args.model, DTYPES[args.dtype])
     _apply_patch(model, args)
     res = perplexity(model, tokenizer, read_text(args.text), context_length=args.context_length,
@@ -223,6 +265,54 @@ def cmd_eval(args) -> None:
         with open(args.json, "w") as f:
             json.dump({**res.__dict__, "model": args.model, "patch": getattr(model.config, "patchattn", None)}, f,
                       indent=2)
+
+
+def _eval_tasks(args) -> None:
+    """Task accuracy of the model as loaded, then (with --variant) patched, on the same prompts."""
+    from . import is_patched, patch_model, unpatch_model
+    from .tasks import run_tasks
+
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    if args.variant and is_patched(model):  # refused now rather than after the first, unpatched-model pass
+        raise ValueError(f"{args.model} is already patched ({model.config.patchattn['variant']}); drop --variant to "
+                         "evaluate it as saved")
+
+    def run() -> list[dict]:
+        return run_tasks(model, tokenizer, args.tasks, args.context_length, samples=args.samples or 10,
+                         batch_size=args.batch_size or 4, haystack=args.haystack, model_name=args.model)
+
+    rows = run()
+    if args.variant:
+        patch_model(model, args.variant, layers=args.layers, **_params(args))
+        try:
+            rows += run()
+        finally:
+            unpatch_model(model)
+    _print_task_table(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _print_task_table(rows: list[dict]) -> None:
+    """Tasks down, context lengths across, one column per setting (exact / patched) under each length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = list(dict.fromkeys(r["variant"] for r in rows))
+    contexts = list(dict.fromkeys(r["context"] for r in rows))
+    cell = {(r["task"], r["context"], r["variant"]): r for r in rows}
+    table = Table(title=f"task accuracy [95% Wilson interval], {rows[0]['samples']} samples each ({rows[0]['model']})")
+    table.add_column("task")
+    for context in contexts:
+        for variant in settings:
+            table.add_column(f"{context} {variant}", justify="right")
+    for task in dict.fromkeys(r["task"] for r in rows):
+        table.add_row(task, *(f"{r['accuracy']:.0%} [{r['ci_low']:.0%}-{r['ci_high']:.0%}]"
+                              for c in contexts for v in settings for r in [cell[task, c, v]]))
+    table.add_row("prefill s", *(f"{sum(r['prefill_s'] for r in rows if (r['context'], r['variant']) == (c, v)):.1f}"
+                                 for c in contexts for v in settings))
+    Console().print(table)
 
 
 def _time(fn, device, repeats: int) -> float:
@@ -309,11 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
+    p = sub.add_parser("eval", help="sliding-window perplexity over a text file, or (--tasks) long-context task "
+                                    "accuracy, exact vs patched")
     _add_model_arg(p)
     _add_patch_args(p, required=False)
     p.add_argument("--text", type=_text_file, help="text file (default: the shipped Shakespeare plays)")
-    p.add_argument("--context-length", type=_positive_int, default=2048)
+    p.add_argument("--context-length", type=_context_lengths, default="2048",
+                   help="window length; with --tasks a comma list of prompt+answer lengths (default: 2048)")
+    p.add_argument("--tasks", type=_task_list, help="comma list of RULER-style tasks (patchattn.tasks.TASKS): "
+                   "runs the model as loaded, then patched with --variant, on the same prompts")
+    p.add_argument("--samples", type=_positive_int, help="prompts per task and length, with --tasks (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int, help="prompts per generate() batch, with --tasks (default: 4)")
+    p.add_argument("--haystack", type=_text_file, help="filler text for --tasks (default: the shipped Shakespeare)")
+    p.add_argument("--out", help="with --tasks: write the result rows here (JSON list)")
     p.add_argument("--stride", type=_positive_int, help="score only the last STRIDE tokens of overlapping windows")
     p.add_argument("--max-tokens", type=_positive_int, help="truncate the tokenised text")
     p.add_argument("--exp2", action="store_true", help="also print 2**(mean natural-log NLL), as the paper does")
