@@ -56,6 +56,8 @@ def pytest_runtest_logreport(report) -> None:
 def pytest_collectreport(report) -> None:
     if report.failed:  # a test file that does not import: every test in it is missing
         _record(report.nodeid, "error")
+    elif report.skipped:  # a module-level skip (e.g. an optional package missing) counts as one, as pytest does
+        _record(report.nodeid, "skipped")
 
 
 # -- the driver ------------------------------------------------------------------------------------------------------
