@@ -46,6 +46,7 @@ class DynamicHierarchicalSparseAttention(Variant):
     description = "DHSA: chunk-scored top-budget key chunks + local window, block-sparse exact attention (prefill)."
     Params = DhsaParams
     attention_function_only = True
+    presets = {"paper": {"sink_tokens": 0, "exact_tail": 0}}
 
     def settings(self) -> DhsaSettings:
         p = self.params

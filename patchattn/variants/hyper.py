@@ -34,6 +34,7 @@ class HyperAttention(Variant):
     description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
     Params = HyperParams
     attention_function_only = True
+    presets = {"paper": {"exact_tail": 0}}
 
     def settings(self) -> HyperSettings:
         p = self.params
