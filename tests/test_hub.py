@@ -35,7 +35,7 @@ from patchattn.models.chatglm2 import ChatGLM2ForCausalLM
 from hub_server import HubServer
 from tiny_models import VOCAB, tiny_model
 
-HYPER = dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8)  # hyper really runs on IDS
+HYPER = dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)  # hyper really runs on IDS
 IDS = torch.randint(4, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
 
 

@@ -18,7 +18,7 @@ import patchattn
 from patchattn.attention import EXACT_BACKEND_ATTR
 from patchattn.variants.gated import GatedAttention
 
-APPROX = dict(min_seq_len=16, block_size=16, sample_size=16, lsh_num_projs=3)
+APPROX = dict(min_seq_len=16, block_size=16, sample_size=16, lsh_num_projs=3, exact_tail=0)
 
 
 def tokens(n=48, batch=2, seed=0):

@@ -249,7 +249,7 @@ def test_planner_under_a_binding_budget_keeps_the_lowest_error_layers(monkeypatc
     """Perplexity replaced by ``1 + Σ (error of each patched layer)``: the largest affordable set is then, by brute
     force over all subsets, the cheapest k layers; a planner ordering layers any other way picks another set."""
     model = tiny_model("llama")
-    approx = dict(min_seq_len=16, block_size=8, sample_size=8)
+    approx = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
     ids = tokens(1, 64, seed=2)
     errors = planner.layer_errors(planner.capture(model, ids), "hyper", progress=False, **approx)
     assert len(set(errors.values())) == 4 and min(errors.values()) > 0

@@ -16,7 +16,7 @@ FAMILIES = sorted(BUILDERS)
 # estimator is exact: any difference from exact attention is a plumbing bug.
 FULL_BUDGET = dict(min_seq_len=16, block_size=4096, sample_size=16)
 # a real approximation on 64-token prompts
-APPROX = dict(min_seq_len=16, block_size=8, sample_size=8)
+APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 
 
 def tokens(batch=2, n=64, seed=1):
@@ -151,7 +151,7 @@ def test_list_variants_and_families():
     assert hyper["kind"] == "training-free"
     assert {k: p["default"] for k, p in hyper["params"].items()} == {
         "lsh_num_projs": 7, "block_size": 256, "sample_size": 256, "min_seq_len": 4096, "seed": 0,
-        "sink_tokens": 0, "local_window": 0, "center_keys": False, "exact_tail": 0}
+        "sink_tokens": 0, "local_window": 0, "center_keys": False, "exact_tail": 256}
     families = {f["name"] for f in patchattn.list_families()}
     assert {"llama", "mistral", "gemma", "gemma2", "gemma3", "qwen", "chatglm2"} <= families
 

@@ -24,8 +24,8 @@ class HyperParams(VariantParams):
     sink_tokens: int = param(0, low=0, help="first keys every query attends to exactly (attention sinks)")
     local_window: int = param(0, low=0, help="keys before each query attended exactly (0 = none)")
     center_keys: bool = param(False, help="hash keys after subtracting their mean")
-    exact_tail: int = param(0, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
-                                           "prompt's question sits; 0 = the paper's method)")
+    exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a "
+                                             "long prompt's question sits; 0 = the paper's method)")
 
 
 @register_variant
