@@ -92,6 +92,27 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _points(text: str) -> float:
+    """An accuracy budget in percentage points: ``2`` lets 90% become 88%."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= 100):
+        raise argparse.ArgumentTypeError(f"expected percentage points of accuracy in [0, 100] (e.g. 2: 90% may "
+                                         f"become 88%), got {text!r}")
+    return value
+
+
+def _metric(text: str) -> str:
+    """``ppl`` or a task name (patchattn.tasks.TASKS)."""
+    from .tasks import TASKS
+
+    if text != "ppl" and text not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown metric {text!r}; metrics: ppl, {', '.join(TASKS)}")
+    return text
+
+
 def _model_ref(text: str) -> str:
     from .realweights import model_source
 
@@ -163,6 +184,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"argument --param: {exc}")
     if args.command == "eval":
         _check_eval(parser, args)
+    if args.command == "plan":
+        _check_plan(parser, args)
     stride, context = getattr(args, "stride", None), getattr(args, "context_length", None)
     if stride is not None and stride > context:
         parser.error(f"argument --stride: must be <= --context-length ({context}), got {stride}")
@@ -193,6 +216,31 @@ def _check_eval(parser: argparse.ArgumentParser, args) -> None:
     if len(args.context_length) > 1:
         parser.error("argument --context-length: several lengths need --tasks (perplexity uses one window length)")
     args.context_length = args.context_length[0]
+
+
+_PLAN_TASK_OPTIONS = {"max_drop": "--max-drop", "samples": "--samples", "batch_size": "--batch-size",
+                      "haystack": "--haystack"}
+_PLAN_PERPLEXITY_OPTIONS = {"max_ppl_increase": "--max-ppl-increase", "text": "--text", "max_tokens": "--max-tokens"}
+
+
+def _check_plan(parser: argparse.ArgumentParser, args) -> None:
+    """``plan`` measures either perplexity or one task's accuracy: the other metric's options are refused, a task
+    metric needs its budget (--max-drop), and the defaults of the chosen one are filled in."""
+    if args.metric == "ppl":
+        for dest, flag in _PLAN_TASK_OPTIONS.items():
+            if getattr(args, dest) is not None:
+                parser.error(f"argument {flag}: needs a task metric (--metric niah_single, ...)")
+        if args.max_ppl_increase is None:
+            args.max_ppl_increase = 0.05
+        return
+    for dest, flag in _PLAN_PERPLEXITY_OPTIONS.items():
+        if getattr(args, dest) is not None:
+            parser.error(f"argument {flag}: perplexity option, not used with --metric {args.metric}")
+    if args.max_drop is None:
+        parser.error(f"argument --max-drop: required with --metric {args.metric} (the accuracy drop allowed, in "
+                     "percentage points)")
+    args.samples = args.samples or 10
+    args.batch_size = args.batch_size or 4
 
 
 def _apply_patch(model, args) -> None:
@@ -359,20 +407,23 @@ def cmd_bench(args) -> None:
 
 def cmd_plan(args) -> None:
     from .data import read_text
-    from .planner import plan_layers
+    from .planner import PerplexityMetric, TaskMetric, plan_with
 
     model, tokenizer = load(args.model, DTYPES[args.dtype])
-    plan = plan_layers(model, tokenizer, read_text(args.text), args.variant,
-                       max_ppl_increase=args.max_ppl_increase, context_length=args.context_length,
-                       max_tokens=args.max_tokens, **_params(args))
+    if args.metric == "ppl":
+        metric = PerplexityMetric(tokenizer, read_text(args.text), max_increase=args.max_ppl_increase,
+                                  context_length=args.context_length, max_tokens=args.max_tokens)
+    else:
+        metric = TaskMetric(tokenizer, args.metric, max_drop=args.max_drop, context_length=args.context_length,
+                            samples=args.samples, batch_size=args.batch_size, haystack=args.haystack)
+    plan = plan_with(model, args.variant, metric, **_params(args))
     for idx, err in sorted(plan.errors.items()):
         print(f"layer {idx:>3}: relative attention error {err:.3f}" + ("  <- patch" if idx in plan.layers else ""))
-    print(f"perplexity {plan.baseline_ppl:.3f} -> {plan.ppl:.3f} "
-          f"({100 * (plan.ppl / plan.baseline_ppl - 1):+.2f}%, budget {100 * plan.budget:.1f}%) with "
-          f"{len(plan.layers)} layers: --layers {','.join(map(str, plan.layers)) or 'none'}")
+    print(f"{metric.summary(plan.baseline, plan.value)} with {len(plan.layers)} layers: "
+          f"--layers {','.join(map(str, plan.layers)) or 'none'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(plan.__dict__, f, indent=2)
+            json.dump({**plan.to_json(), "model": args.model}, f, indent=2)
 
 
 def cmd_demo(args) -> None:
@@ -429,14 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("plan", help="choose the layers to patch for a perplexity budget (calibrated on text)")
+    p = sub.add_parser("plan", help="choose the layers to patch for a perplexity budget (calibrated on text) or a "
+                                    "task-accuracy budget (--metric TASK --max-drop POINTS)")
     _add_model_arg(p)
     p.add_argument("--variant", default="hyper")
     _add_param_arg(p, "variant parameter (repeatable)")
-    p.add_argument("--max-ppl-increase", type=_fraction, default="5%", help="budget, e.g. 5%% or 0.05")
+    p.add_argument("--metric", type=_metric, default="ppl",
+                   help="what the budget is on: ppl (perplexity of --text, default) or a task of patchattn.tasks "
+                        "(niah_single, niah_multikey, vt, ...: accuracy versus exact on the same prompts)")
+    p.add_argument("--max-ppl-increase", type=_fraction,
+                   help="perplexity budget, e.g. 5%% or 0.05 (default: 5%%); --metric ppl only")
+    p.add_argument("--max-drop", type=_points, metavar="POINTS",
+                   help="task budget: largest accuracy drop in percentage points versus exact (2: 90%% may become "
+                        "88%%); required with a task --metric")
     p.add_argument("--text", type=_text_file, help="calibration text (default: the shipped Shakespeare plays)")
-    p.add_argument("--context-length", type=_positive_int, default=8192)
+    p.add_argument("--context-length", type=_positive_int, default=8192,
+                   help="perplexity window, or a task prompt's length with its answer (default: 8192)")
     p.add_argument("--max-tokens", type=_positive_int, help="tokens scored per perplexity check (default: all)")
+    p.add_argument("--samples", type=_positive_int, help="prompts per task check, with a task --metric (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="prompts per generate() batch, with a task --metric (default: 4)")
+    p.add_argument("--haystack", type=_text_file,
+                   help="filler text of the task prompts (default: the shipped Shakespeare plays)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--json")
     p.set_defaults(fn=cmd_plan)

@@ -1,6 +1,11 @@
-"""The command line (list / convert / eval / plan / bad input) and the error-budget planner, on tiny models."""
+"""The command line (list / convert / eval / plan / bad input) and the error-budget planner, on tiny models.
+
+The planner is checked on perplexity and on a task budget: with the task's accuracy replaced by a known function of
+the patched layers, the plan must be the best subset found by brute force; the CLI runs a task plan end to end on a
+tiny random Llama, and refuses bad plan options before any model loads."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,7 +16,9 @@ from transformers import PreTrainedTokenizerFast
 import patchattn
 from patchattn.cli import main
 from patchattn.data import read_text
-from patchattn.planner import capture, layer_errors, plan_layers
+from patchattn import cli, planner
+from patchattn.planner import capture, layer_errors, plan_layers, plan_layers_for_task
+from patchattn.tasks import setting
 from tiny_models import tiny_model
 
 APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
@@ -116,3 +123,115 @@ def test_plan_respects_the_budget(tokenizer, text_file):
                              progress=False, **APPROX)
     assert impossible.layers == [] and impossible.ppl == impossible.baseline_ppl
     assert not patchattn.is_patched(model)
+
+
+def test_plan_on_a_task_under_a_binding_budget_keeps_the_cheapest_layers(monkeypatch):
+    """Task accuracy replaced by ``1 - Σ cost(layer)/100`` over the patched layers, each layer's cost (in points) a
+    known increasing function of its attention error: the largest affordable set is then, by brute force over all
+    subsets, the cheapest k layers; the plan must be exactly that set, measured against the exact model's 100%."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(planner.TaskMetric, "calibration_ids", lambda self: ids)
+    errors = layer_errors(capture(model, ids), "hyper", progress=False, **APPROX)
+    assert len(set(errors.values())) == 4 and min(errors.values()) > 0
+    cost = {i: 3 * e + e * e for i, e in errors.items()}  # points lost by patching layer i, independent of the rest
+    calls = []
+
+    def fake_run_tasks(m, tokenizer, tasks, context_lengths, *, samples, batch_size, haystack, seed, progress):
+        assert (tasks, context_lengths, samples, batch_size) == (["niah_multikey"], [512], 3, 2)
+        layers = setting(m)["layers"]
+        calls.append(layers)
+        return [{"task": tasks[0], "accuracy": 1 - sum(cost[i] for i in layers) / 100}]
+
+    monkeypatch.setattr(planner, "run_tasks", fake_run_tasks)
+    cheapest = sorted(cost.values())
+    for k in range(1, 4):
+        budget = sum(cheapest[:k]) + 0.5 * cheapest[k]
+        best = max((s for r in range(5) for s in itertools.combinations(range(4), r)
+                    if sum(cost[i] for i in s) <= budget), key=lambda s: (len(s), -sum(cost[i] for i in s)))
+        calls.clear()
+        plan = plan_layers_for_task(model, None, "niah_multikey", "hyper", max_drop=budget, context_length=512,
+                                    samples=3, batch_size=2, progress=False, **APPROX)
+        assert len(best) == k and plan.layers == sorted(best), (budget, cost, plan.tried)
+        assert (plan.metric, plan.baseline, plan.budget) == ("niah_multikey", 1.0, budget)
+        assert plan.value == pytest.approx(1 - sum(cost[i] for i in best) / 100)
+        assert calls[0] == [] and len(calls) <= 4  # exact first, then a bisection over 4 layers
+        assert [t["layers"] for t in plan.tried] == [sorted(c) for c in calls[1:]]
+        assert plan.settings == {"context_length": 512, "samples": 3, "batch_size": 2, "haystack": None, "seed": 0}
+    generous = plan_layers_for_task(model, None, "niah_multikey", "hyper", max_drop=100, context_length=512,
+                                    samples=3, batch_size=2, progress=False, **APPROX)
+    strict = plan_layers_for_task(model, None, "niah_multikey", "hyper", max_drop=0, context_length=512,
+                                  samples=3, batch_size=2, progress=False, **APPROX)
+    assert generous.layers == [0, 1, 2, 3] and strict.layers == [] and strict.value == strict.baseline == 1.0
+    with pytest.raises(AttributeError, match="not perplexity"):
+        strict.ppl
+    assert not patchattn.is_patched(model)
+
+
+def test_task_budget_is_in_points_of_accuracy():
+    metric = planner.TaskMetric(None, "vt", max_drop=2)
+    assert metric.within_budget(0.5, 0.48) and metric.within_budget(0.9, 0.95)  # 2.0000000000000018 is 2 points
+    assert not metric.within_budget(0.5, 0.475)
+    assert planner.TaskMetric(None, "vt", max_drop=0).within_budget(0.3, 0.3)
+    with pytest.raises(ValueError, match="unknown task 'needle'"):
+        planner.TaskMetric(None, "needle", max_drop=2)
+
+
+def test_cli_plan_on_a_task(model_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["plan", str(model_dir), "--metric", "niah_single", "--max-drop", "2", "--context-length", "256",
+            "--samples", "2", "--json", str(out)]
+    for key, value in APPROX.items():
+        argv += ["--param", f"{key}={value}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    assert plan["metric"] == "niah_single" and plan["variant"] == "hyper" and plan["budget"] == 2
+    assert plan["settings"] == {"context_length": 256, "samples": 2, "batch_size": 4, "haystack": None, "seed": 0}
+    assert 0 <= plan["baseline"] <= 1 and 0 <= plan["value"] <= 1 and plan["baseline"] - plan["value"] <= 0.02
+    assert set(plan["layers"]) <= {int(i) for i in plan["errors"]} <= {0, 1, 2, 3} and plan["errors"]
+    assert all(set(t) == {"layers", "niah_single"} for t in plan["tried"]) and plan["tried"]
+    assert "baseline_ppl" not in plan and plan["model"] == str(model_dir)
+    assert "relative attention error" in printed
+    assert (f"niah_single accuracy {100 * plan['baseline']:.1f}% -> {100 * plan['value']:.1f}%" in printed
+            and f"--layers {','.join(map(str, plan['layers'])) or 'none'}" in printed)
+
+
+def test_cli_plan_on_perplexity_keeps_its_json(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["plan", str(model_dir), "--text", str(text_file), "--context-length", "64", "--max-tokens", "128",
+            "--max-ppl-increase", "1000%", "--json", str(out)]
+    for key, value in APPROX.items():
+        argv += ["--param", f"{key}={value}"]
+    assert main(argv) == 0
+    plan = json.loads(out.read_text())
+    assert plan["metric"] == "ppl" and plan["budget"] == 10.0 and plan["layers"] == [0, 1, 2, 3]
+    assert (plan["baseline_ppl"], plan["ppl"]) == (plan["baseline"], plan["value"])
+    assert plan["settings"] == {"context_length": 64, "max_tokens": 128}
+    assert f"perplexity {plan['baseline']:.3f} -> {plan['value']:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metric", "needle"], "argument --metric: unknown metric 'needle'; metrics: ppl, niah_single,"),
+    (["--metric", "niah_single"], "argument --max-drop: required with --metric niah_single"),
+    (["--metric", "vt", "--max-drop", "2", "--max-ppl-increase", "5%"],
+     "argument --max-ppl-increase: perplexity option, not used with --metric vt"),
+    (["--metric", "vt", "--max-drop", "2", "--text", "shakespeare.txt"], "argument --text: perplexity option"),
+    (["--metric", "vt", "--max-drop", "2", "--max-tokens", "64"], "argument --max-tokens: perplexity option"),
+    (["--max-drop", "2"], "argument --max-drop: needs a task metric"),
+    (["--metric", "ppl", "--samples", "2"], "argument --samples: needs a task metric"),
+    (["--batch-size", "2"], "argument --batch-size: needs a task metric"),
+    (["--haystack", "shakespeare.txt"], "argument --haystack: needs a task metric"),
+    (["--metric", "vt", "--max-drop", "-1"], "argument --max-drop: expected percentage points of accuracy in [0, 100]"),
+    (["--metric", "vt", "--max-drop", "2%"], "points of accuracy in [0, 100] (e.g. 2: 90% may become 88%), got '2%'"),
+    (["--metric", "vt", "--max-drop", "nan"], "argument --max-drop: expected percentage points"),
+    (["--metric", "vt", "--max-drop", "2", "--samples", "0"], "argument --samples: expected a positive integer"),
+    (["--metric", "vt", "--max-drop", "2", "--context-length", "0"], "argument --context-length: expected a positive"),
+    (["--metric", "vt", "--max-drop", "2", "--haystack", "no/such.txt"], "argument --haystack: no such file"),
+    (["--metric", "vt", "--max-drop", "2", "--variant", "nope"], "argument --variant: unknown variant 'nope'"),
+])
+def test_cli_plan_options_are_checked_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["plan", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
