@@ -7,9 +7,10 @@ import platform
 import torch
 import transformers
 
-from . import __version__, patch_model, unpatch_model
+from ._version import __version__
 from .data import read_text
 from .evaluation import perplexity
+from .patching import patch_model, unpatch_model
 from .realweights import load_model
 
 #: exact_tail=0: perplexity scores the last tokens of each window, which an exact tail would compute exactly; the

@@ -26,7 +26,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResul
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from . import __version__
+from ._version import __version__
 from .loading import DELTA_FILE, hub_error_hints
 from .patching import base_model_type, is_patched, resolve_family, unpatched_config
 from .variants import get_variant

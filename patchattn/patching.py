@@ -34,9 +34,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from . import __version__
+from ._version import __version__
 from .attention import EXACT_BACKEND_ATTR, exact_backend, exact_attention
-from .cache import build_cache
+from .cache import PatchattnCache, build_cache
 from .families import Family, family_for_model_type, supported_model_types
 from .variants import VARIANTS, Variant, get_variant
 
@@ -460,6 +460,19 @@ def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str
         if reset and counts is not None:
             counts.clear()
     return paths
+
+
+def generation_cache(model: nn.Module) -> PatchattnCache:
+    """The cache ``generate()`` would build for a patched model, for direct ``model(..., past_key_values=cache)``
+    calls (chunked prefill, teacher-forced evaluation): a ``DynamicCache`` for the model's config whose patched
+    layers are replaced by the variants' own cache layers (``Variant.make_cache_layer``; a variant without one keeps
+    the default layer)."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by patchattn; call patchattn.patch_model(model, ...) first")
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    return build_cache(_variant_layers(model), DynamicCache(config=model.config))
 
 
 def patched_layers(model: nn.Module) -> list[int]:

@@ -27,7 +27,7 @@ import patchattn
 from patchattn.cloze import accuracy, build_cloze, choice_logprobs, choice_scores, mean_logprob
 from patchattn.data import read_text
 from patchattn.realweights import load_model
-from patchattn.variants.act import search_heads
+from patchattn.head_search import search_heads
 
 
 def test_sets(tok, items: int, context: int) -> dict:

@@ -44,7 +44,8 @@ import patchattn
 from patchattn.cache import layer_nbytes
 from patchattn.data import read_text
 from patchattn.realweights import load_model
-from patchattn.variants.zipcache import PAPER_SETTING, generation_cache
+from patchattn.patching import generation_cache
+from patchattn.variants.zipcache import PAPER_SETTING
 
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 CONFIGS = {"paper": PAPER_SETTING, "default": {}}

@@ -34,7 +34,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 import patchattn
 from patchattn.data import read_text
 from patchattn.realweights import load_model
-from patchattn.variants.zipcache import PAPER_SETTING, ZipCacheLayer, generation_cache
+from patchattn.patching import generation_cache
+from patchattn.variants.zipcache import PAPER_SETTING, ZipCacheLayer
 
 # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"

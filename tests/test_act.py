@@ -13,7 +13,8 @@ import patchattn
 from patchattn import logging_utils
 from patchattn.cloze import build_cloze, choice_scores
 from patchattn.variants import act as act_module
-from patchattn.variants.act import ActAttention, act_attention, reference_act, search_heads, sink_columns
+from patchattn.head_search import search_heads
+from patchattn.variants.act import ActAttention, act_attention, reference_act, sink_columns
 from tiny_models import CACHE_KW, BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)

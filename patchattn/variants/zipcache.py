@@ -35,8 +35,8 @@ it costs +1.1 % perplexity instead of +15 %, and on Qwen2.5-0.5B at 32k it kept 
 
 Where: ``patch_model(model, "zipcache")`` makes ``generate()`` build a :class:`patchattn.cache.PatchattnCache` whose
 patched layers are :class:`ZipCacheLayer` (``cache.nbytes()`` = true bytes: codes, quantisation parameters,
-saliency bitmaps, sinks, the recent buffer and its probe statistics); :func:`generation_cache` builds the same for
-direct ``model(...)`` calls. Sliding-window layers (Mistral, Gemma 2/3 local layers) are quantised too by default:
+saliency bitmaps, sinks, the recent buffer and its probe statistics); :func:`patchattn.generation_cache` builds the
+same for direct ``model(...)`` calls. Sliding-window layers (Mistral, Gemma 2/3 local layers) are quantised too by default:
 they keep the last ``window - 1`` tokens in blocks of at most ``requant_interval`` tokens and drop a block once all
 of it has slid out (so up to one block more than the window is held; a window shorter than ``requant_interval``
 never quantises decode tokens); ``quantize_sliding=False`` keeps transformers' full-precision sliding layer for them.
@@ -645,18 +645,3 @@ class ZipCache(Variant):
                                               softcap=softcap, columns=columns))
         layer.after_attention(q_len)
         return result
-
-
-def generation_cache(model):
-    """The :class:`~patchattn.cache.PatchattnCache` that ``generate()`` would build for a ``zipcache``-patched model,
-    for direct ``model(..., past_key_values=cache)`` calls (chunked prefill, teacher-forced evaluation)."""
-    from transformers.cache_utils import DynamicCache
-
-    from ..cache import build_cache
-    from ..patching import LAYER_ATTR, resolve_family
-
-    variants = {i: m._modules[LAYER_ATTR] for i, m in enumerate(resolve_family(model).attention_modules(model))
-                if isinstance(m._modules.get(LAYER_ATTR), ZipCache)}
-    if not variants:
-        raise ValueError("model has no zipcache-patched layer; call patchattn.patch_model(model, 'zipcache') first")
-    return build_cache(variants, DynamicCache(config=model.config))
