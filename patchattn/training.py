@@ -125,7 +125,7 @@ class ModelFields(ConfigBase):
     model: str = option("smollm2-135m", types=(str,))  # shipped name, local dir, Hub id, patched dir or "tiny-llama"
     model_config: dict = option(types=(dict,), factory=dict)  # tiny-llama only: LlamaConfig overrides
     tokenizer_vocab: int = option(512, types=(int,), low=1)  # tiny-llama only: word-level vocabulary size
-    variant: str = option("gated", types=(str,))
+    variant: str = option(None, types=(str,))  # required (no default variant): a name in patchattn.VARIANTS
     layers: Any = None  # None/"all", "last:N", "first:N" or a list of indices (checked by patch_model)
     variant_params: dict = option(types=(dict,), factory=dict)
 
@@ -419,8 +419,8 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def load_patched_model(config, calibration_rows: int):
     """Read and split the data, build the model, patch it (or check an already patched checkpoint's variant), pack
-    the train and held-out chunks, and calibrate data-dependent variant state (`sigmoid`'s output norm, on the first
-    ``calibration_rows`` chunks, identically on every process). ``config`` has ModelFields and DataFields.
+    the train and held-out chunks, and calibrate data-dependent variant state (``Variant.calibrate``, e.g. an output
+    norm, on the first ``calibration_rows`` chunks, identically on every process). ``config`` has ModelFields and DataFields.
     Returns ``(model, tokenizer, train_chunks, eval_chunks)``."""
     import patchattn
 
@@ -438,11 +438,11 @@ def load_patched_model(config, calibration_rows: int):
     train_chunks = pack(tokenize_docs(tokenizer, train_docs), config.seq_len)
     eval_stream = tokenize_docs(tokenizer, [held_out])[: config.eval_tokens]
     eval_chunks = pack(eval_stream, min(config.seq_len, len(eval_stream)))
-    if config.variant == "sigmoid" and not already_patched:  # a trained checkpoint keeps its gains
-        from patchattn.variants.sigmoid import calibrate_output_norm
+    if not already_patched:  # a trained checkpoint keeps its calibrated state
+        from patchattn.variants import get_variant
 
         with torch.no_grad():
-            calibrate_output_norm(model, train_chunks[:calibration_rows])
+            get_variant(config.variant).calibrate(model, train_chunks[:calibration_rows])
     model.config.use_cache = False
     return model, tokenizer, train_chunks, eval_chunks
 

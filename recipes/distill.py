@@ -68,7 +68,6 @@ class Stage2Config(training.StageFields, training.TrainableFields):
 
 @dataclasses.dataclass
 class DistillConfig(training.RunFields, training.DataFields, training.ModelFields):
-    variant: str = option("lawcat", types=(str,))
     seq_len: int = option(1024, types=(int,), low=2)
     output_dir: str = option("runs/distill", types=(str,))
     stage1: Stage1Config = nested(Stage1Config)

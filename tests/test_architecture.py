@@ -181,3 +181,56 @@ def test_variants_do_not_import_what_sits_above_them(module):
     above = {f"{PACKAGE}.{name}" for name in ABOVE_VARIANTS}
     bad = sorted(t for t in import_graph()[module] if t in above or any(t.startswith(a + ".") for a in above))
     assert not bad, f"{module} imports {bad}: variants must not depend on the modules that patch or load models"
+
+
+# -- generic code names no variant ------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+GENERIC = ["patchattn/training.py", "patchattn/patching.py",
+           *sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*.py"))]
+
+
+def variant_names_used(source: str) -> list[tuple[int, str]]:
+    """``(line, name)`` for every variant name used as a string literal (the whole string) or as an identifier
+    (variable, attribute, argument, function/class name, or a part of an imported module's dotted path)."""
+    names = set(patchattn.VARIANTS)
+    found = []
+
+    def hit(node: ast.AST, text: str | None) -> None:
+        if text in names:
+            found.append((node.lineno, text))
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            hit(node, node.value.strip())
+        elif isinstance(node, ast.Name):
+            hit(node, node.id)
+        elif isinstance(node, ast.Attribute):
+            hit(node, node.attr)
+        elif isinstance(node, ast.arg):
+            hit(node, node.arg)
+        elif isinstance(node, ast.keyword) and node.arg is not None:
+            hit(node.value, node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            hit(node, node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            module = getattr(node, "module", None) or ""
+            for part in module.split("."):
+                hit(node, part)
+            for alias in node.names:
+                for part in alias.name.split("."):
+                    hit(node, part)
+                hit(node, alias.asname)
+    return sorted(found)
+
+
+def test_the_variant_name_finder_finds_names():
+    source = ('import patchattn.variants.moh\nfrom patchattn.variants import sigmoid as s\nx = "gated"\n'
+              'if v.variant == "act": pass\ndef f(hyper=1): return cfg.lawcat\n"""the exact attention"""\n')
+    assert [name for _, name in variant_names_used(source)] == ["moh", "sigmoid", "gated", "act", "hyper", "lawcat"]
+
+
+@pytest.mark.parametrize("path", GENERIC)
+def test_generic_code_names_no_variant(path):
+    used = variant_names_used((REPO / path).read_text(encoding="utf-8"))
+    assert not used, (f"{path} names variants {used} (line, name): call the variant's hooks through the registry "
+                      "(get_variant(name).calibrate / .auxiliary_loss) instead")

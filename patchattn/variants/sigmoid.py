@@ -208,6 +208,11 @@ class SigmoidAttention(Variant):
         return (normed, *output[1:]) if isinstance(output, tuple) else normed
 
     # -- calibration -----------------------------------------------------------------------------------------
+    @classmethod
+    def calibrate(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """The output-norm gains (:func:`calibrate_output_norm`)."""
+        calibrate_output_norm(model, input_ids, attention_mask)
+
     def _calibrate(self, module, query, key, value, attention_mask, **kwargs):
         """Run the original softmax attention (so every layer sees the original model's activations) and record
         the RMS the gain should reproduce."""
