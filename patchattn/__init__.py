@@ -7,13 +7,22 @@ from __future__ import annotations
 
 from ._version import __version__
 from .families import FAMILIES
-from .logging_utils import logger
-from .variants import VARIANTS, describe_params
-from .patching import (LAYER_ATTR, attention_paths, generation_cache, is_patched, patch_model, patched_layers,
-                       register_attention_functions, register_auto_classes, unpatch_model)
-from .loading import from_pretrained
 from .hub import push_to_hub
+from .loading import from_pretrained
+from .logging_utils import logger
 from .models import register_models
+from .patching import (
+    LAYER_ATTR,
+    attention_paths,
+    generation_cache,
+    is_patched,
+    patch_model,
+    patched_layers,
+    register_attention_functions,
+    register_auto_classes,
+    unpatch_model,
+)
+from .variants import VARIANTS, describe_params
 
 register_models()
 register_attention_functions()

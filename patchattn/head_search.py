@@ -134,7 +134,7 @@ def search_heads(model, input_ids: torch.Tensor, score: Callable[[torch.Tensor],
             trial = score_with(kept + [lh])
             if trial > final + min_gain:
                 kept, final = kept + [lh], trial
-    key = lambda lh: f"{lh[0]}.{lh[1]}"  # noqa: E731
+    key = lambda lh: f"{lh[0]}.{lh[1]}"
     return HeadSearch(heads=_as_spec(kept), baseline=baseline, score=final,
                       changes={key(lh): c for lh, c in sorted(changes.items())},
                       gains={key(lh): g for lh, g in sorted(gains.items())},

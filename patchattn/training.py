@@ -23,9 +23,10 @@ import shutil
 import signal
 import sys
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -323,8 +324,9 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def build_model(config: ModelFields, text: str):
     """``(model, tokenizer, already_patched)`` in float32 (mixed precision is autocast by accelerate)."""
-    import patchattn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import patchattn
 
     if config.model == "tiny-llama":
         tokenizer = word_level_tokenizer(text, config.tokenizer_vocab)
@@ -420,7 +422,8 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 def load_patched_model(config, calibration_rows: int):
     """Read and split the data, build the model, patch it (or check an already patched checkpoint's variant), pack
     the train and held-out chunks, and calibrate data-dependent variant state (``Variant.calibrate``, e.g. an output
-    norm, on the first ``calibration_rows`` chunks, identically on every process). ``config`` has ModelFields and DataFields.
+    norm, on the first ``calibration_rows`` chunks, identically on every process).
+    ``config`` has ModelFields and DataFields.
     Returns ``(model, tokenizer, train_chunks, eval_chunks)``."""
     import patchattn
 
@@ -645,7 +648,7 @@ class Run:
     def load_checkpoint(self, path: Path) -> None:
         """Restore model(s), optimizer(s), RNG states and ``(stage, step)`` from ``path``."""
         self.accelerator.load_state(str(path))
-        self.print(f"resumed from {path} at {'stage %d ' % self.state.stage if self.state.stage else ''}"
+        self.print(f"resumed from {path} at {f'stage {self.state.stage} ' if self.state.stage else ''}"
                    f"step {self.state.step}")
 
     def save_checkpoint(self, path: Path) -> None:
@@ -713,7 +716,7 @@ def evaluate(model, eval_chunks: torch.Tensor, accelerator, batch_size: int) -> 
 
 
 @torch.no_grad()
-def held_out_loss(model, eval_chunks: torch.Tensor, accelerator, batch_size: int, loss_fn: "LossFn",
+def held_out_loss(model, eval_chunks: torch.Tensor, accelerator, batch_size: int, loss_fn: LossFn,
                   forward_context: Callable = nullcontext) -> float:
     """Mean of a training loss over the held-out chunks, sharded like :func:`evaluate`: the distillation losses
     (attention-transfer MSE, KL to the teacher) on a fixed set, free of the batch-to-batch noise of the train loss."""

@@ -26,13 +26,15 @@ import torch
 import yaml
 
 from patchattn import training
-from patchattn.training import ConfigError, option
+from patchattn.training import ConfigError as ConfigError  # re-exported: callers catch recipe.ConfigError
+from patchattn.training import option
 
 
 @dataclasses.dataclass
 class RecipeConfig(training.RunFields, training.StageFields, training.TrainableFields, training.DataFields,
                    training.ModelFields):
-    aux_loss_weight: float | None = option(None, types=(int, float), low=0, nullable=True)  # None: the variant's own weights
+    # on the variant's auxiliary loss (Variant.auxiliary_loss); None: the variant's own weights
+    aux_loss_weight: float | None = option(None, types=(int, float), low=0, nullable=True)
     output_dir: str = option("runs/continue_train", types=(str,))
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -12,7 +13,6 @@ import patchattn
 from patchattn.cli import main
 from patchattn.data import read_text
 from patchattn.planner import capture, layer_errors, plan_layers
-from tiny_models import tiny_model
 
 APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 

@@ -14,8 +14,8 @@ import torch
 from .. import triton_available
 from . import naive
 from .gathered import gathered_attention
-from .naive import DhsaSettings
 from .limits import SUPPORTED_HEAD_DIMS
+from .naive import DhsaSettings
 from .select import BlockSelection, expected_density, select_blocks, selection_density
 
 

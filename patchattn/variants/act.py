@@ -281,7 +281,7 @@ def _attend(query, key, value, attention_mask, scaling, *, softcap=None, exclude
         weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
         return torch.matmul(weights, value.float()).to(query.dtype)
     if exclude is not None:
-        pad = lambda t: nn.functional.pad(t, (0, 8))  # noqa: E731
+        pad = lambda t: nn.functional.pad(t, (0, 8))
         query, key, value = pad(query), pad(key), pad(value)
         query[..., d] = 1
         key[..., d] = exclude.to(key.dtype) * (-1e30 / scaling)
@@ -384,5 +384,5 @@ def head_changes(query, key, value, attention_mask, *, scaling: float, softcap: 
     out, _ = act_attention(query, key, value, attention_mask, scaling=scaling, softcap=softcap, heads=heads,
                            exact=exact.clone, **act)
     ref = exact.float()
-    norm = lambda t: t.pow(2).sum(dim=(0, 1, 3)).sqrt()  # noqa: E731
+    norm = lambda t: t.pow(2).sum(dim=(0, 1, 3)).sqrt()
     return norm(out.float() - ref) / norm(ref).clamp(min=1e-30)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS: dict[str, type["Variant"]] = {}
+VARIANTS: dict[str, type[Variant]] = {}
 
 _HANDOFF = "_patchattn_handoff"
 
@@ -94,7 +94,7 @@ class Variant(nn.Module):
         self.layer_idx = layer_idx
         #: set by :func:`patchattn.distill.attention_transfer`: the dispatcher then calls ``attention_transfer``
         self.transfer_mode = False
-        self.transfer_loss: "torch.Tensor | None" = None
+        self.transfer_loss: torch.Tensor | None = None
 
     @classmethod
     def make_params(cls, preset: str | None = None, **kwargs) -> VariantParams:
