@@ -5,16 +5,24 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .families import FAMILIES
-from .logging_utils import logger
-from .variants import VARIANTS, describe_params
-from .patching import (LAYER_ATTR, attention_paths, is_patched, patch_model, patched_layers,
-                       register_attention_functions, register_auto_classes, unpatch_model)
-from .loading import from_pretrained
 from .hub import push_to_hub
+from .loading import from_pretrained
+from .logging_utils import logger
 from .models import register_models
+from .patching import (
+    LAYER_ATTR,
+    attention_paths,
+    generation_cache,
+    is_patched,
+    patch_model,
+    patched_layers,
+    register_attention_functions,
+    register_auto_classes,
+    unpatch_model,
+)
+from .variants import VARIANTS, describe_params
 
 register_models()
 register_attention_functions()
@@ -46,5 +54,5 @@ def list_families() -> list[dict]:
 
 __all__ = [
     "__version__", "patch_model", "unpatch_model", "is_patched", "patched_layers", "from_pretrained",
-    "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths",
+    "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths", "generation_cache",
 ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def causal_bool_mask(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -85,7 +85,8 @@ def exact_attention(module, query, key, value, attention_mask, *, scaling, dropo
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
 
 
-def key_padding_from_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int) -> tuple[bool, torch.Tensor | None]:
+def key_padding_from_mask(attention_mask: torch.Tensor | None, q_len: int,
+                          k_len: int) -> tuple[bool, torch.Tensor | None]:
     """Is ``attention_mask`` exactly "causal AND key padding"? Returns ``(ok, key_valid [b, k] or None)``.
 
     Variants that only understand causal attention with padded keys use this to decide whether they may run or

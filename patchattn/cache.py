@@ -2,16 +2,18 @@
 
 A variant that needs one overrides ``Variant.make_cache_layer(default_layer)`` and returns a transformers cache
 layer (``CacheLayerMixin`` / ``LinearAttentionCacheLayerMixin``) for its attention layer. A patched model's
-``generate()`` then builds a :class:`PatchattnCache` (``PatchedModel._prepare_cache_for_generation``): the cache transformers would have built (so unpatched layers and
-sliding-window layers keep their usual layers) with the patched layers' entries replaced by the variants' own.
-A cache the user passes to ``generate(past_key_values=...)`` is left alone; a plain ``model(...)`` call that creates
-its own ``DynamicCache`` also gets the default layers, so variants must accept those too (with full keys/values).
+``generate()`` then builds a :class:`PatchattnCache` (``PatchedModel._prepare_cache_for_generation``): the cache
+transformers would have built (so unpatched layers and sliding-window layers keep their usual layers) with the
+patched layers' entries replaced by the variants' own. A cache the user passes to ``generate(past_key_values=...)``
+is left alone; a plain ``model(...)`` call that creates its own ``DynamicCache`` also gets the default layers, so
+variants must accept those too (with full keys/values).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
+
 
 class TensorMapLayerMixin:
     """The batch plumbing of a cache layer that holds more tensors than ``keys``/``values``, written once.

@@ -391,7 +391,7 @@ def cmd_bench(args) -> None:
     rows = []
     for n in args.seq_lens:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
-        run = lambda: model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+        run = lambda: model(input_ids=ids, logits_to_keep=1)
         with torch.inference_mode():
             base = _time(run, device, args.repeats)
             patch_model(model, args.variant, layers=args.layers, **_params(args))
@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs hyper perplexity at 2k/4k/8k on shipped text")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(KNOWN_MODELS), help="a shipped model")
     p.add_argument("--contexts", type=_int_list, default="2048,4096,8192")
-    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="tokens of text scored at each context length")
+    p.add_argument("--max-tokens", type=_positive_int, default=8192,
+                   help="tokens of text scored at each context length")
     p.add_argument("--layers", type=_layers, default="last:8")
     _add_param_arg(p, "hyper parameter (default min_seq_len=1024, block_size=256, sample_size=256)")
     p.add_argument("--json", help="write the table here")

@@ -7,9 +7,10 @@ import platform
 import torch
 import transformers
 
-from . import __version__, patch_model, unpatch_model
+from ._version import __version__
 from .data import read_text
 from .evaluation import perplexity
+from .patching import patch_model, unpatch_model
 from .realweights import load_model
 
 #: exact_tail=0: perplexity scores the last tokens of each window, which an exact tail would compute exactly; the
@@ -52,7 +53,7 @@ def run_demo(model_name: str = "smollm2-135m", contexts=(2048, 4096, 8192), max_
     for col in ("context", "tokens", "original ppl", "hyper ppl (published)", "hyper + sinks ppl",
                 "original tok/s", "hyper tok/s"):
         table.add_column(col, justify="right")
-    change = lambda r, key: f"{r[key]:.2f} ({100 * (r[key] / r['ppl_original'] - 1):+.1f}%)"  # noqa: E731
+    change = lambda r, key: f"{r[key]:.2f} ({100 * (r[key] / r['ppl_original'] - 1):+.1f}%)"
     for r in rows:
         table.add_row(str(r["context"]), str(r["tokens"]), f"{r['ppl_original']:.2f}", change(r, "ppl_hyper"),
                       change(r, "ppl_hyper_levers"), f"{r['tok_s_original']:.0f}", f"{r['tok_s_hyper']:.0f}")

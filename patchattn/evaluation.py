@@ -140,7 +140,8 @@ def perplexity(
     nll, scored = 0.0, 0
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress) as bar:
+        with torch.inference_mode(), \
+                tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress) as bar:
             for batch in _batches(windows, batch_size):
                 x = torch.stack([torch.cat([prefix, ids[b:e]]) for b, e, _ in batch]).to(device)
                 n = batch[0][2]

@@ -26,7 +26,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResul
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from . import __version__
+from ._version import __version__
 from .loading import DELTA_FILE, hub_error_hints
 from .patching import base_model_type, is_patched, resolve_family, unpatched_config
 from .variants import get_variant
@@ -163,7 +163,8 @@ def model_card(model, repo_id: str, *, base_model=None, delta=None, eval_results
     return ModelCard.from_template(
         data, template_path=str(template_path()), repo_id=repo_id, variant=spec["variant"],
         variant_description=variant.description, variant_kind="trainable" if variant.trainable else "training-free",
-        family=spec["family"], family_model_type=base_model_type(model.config.model_type), layers=spec["layers"], num_layers=len(resolve_family(model).attention_modules(model)),
+        family=spec["family"], family_model_type=base_model_type(model.config.model_type), layers=spec["layers"],
+        num_layers=len(resolve_family(model).attention_modules(model)),
         params=spec["params"], delta=delta is not None, delta_tensors=(delta or {}).get("tensors"),
         delta_file=DELTA_FILE, base_revision=(delta or {}).get("base_revision"), tokenizer_repo=tokenizer_repo,
         eval_columns=columns, eval_rows=rows, recipe=recipe, versions=versions)
@@ -175,7 +176,7 @@ def _base_license(base_model: str | None) -> str | None:
         return None
     try:
         return ModelCard.load(base_model).data.license
-    except Exception:  # no card, no access: the card then names no licence (pass license= to set one)
+    except Exception:  # noqa: BLE001 -- no card, no access: the card then names no licence (pass license= to set one)
         return None
 
 

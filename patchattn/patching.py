@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch.nn as nn
 from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
@@ -34,9 +35,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from . import __version__
-from .attention import EXACT_BACKEND_ATTR, exact_backend, exact_attention
-from .cache import build_cache
+from ._version import __version__
+from .attention import EXACT_BACKEND_ATTR, exact_attention, exact_backend
+from .cache import PatchattnCache, build_cache
 from .families import Family, family_for_model_type, supported_model_types
 from .variants import VARIANTS, Variant, get_variant
 
@@ -172,7 +173,8 @@ def read_spec(config, source: str = "config") -> dict | None:
 
 def _variant_layers(model: nn.Module) -> dict[int, nn.Module]:
     family = resolve_family(model)
-    return {i: m._modules[LAYER_ATTR] for i, m in enumerate(family.attention_modules(model)) if LAYER_ATTR in m._modules}
+    return {i: m._modules[LAYER_ATTR] for i, m in enumerate(family.attention_modules(model))
+            if LAYER_ATTR in m._modules}
 
 
 def _attach(model: nn.Module, family: Family, spec: dict) -> None:
@@ -249,8 +251,9 @@ class PatchedModel:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         config = kwargs.get("config")
         if isinstance(config, PretrainedConfig) and (read_spec(config) or {}).get("delta"):
-            raise ValueError(f"{pretrained_model_name_or_path} is a delta upload (only the tensors that differ from "
-                             f"its base model): load it with patchattn.from_pretrained({str(pretrained_model_name_or_path)!r})")
+            path = str(pretrained_model_name_or_path)
+            raise ValueError(f"{path} is a delta upload (only the tensors that differ from its base model): load it "
+                             f"with patchattn.from_pretrained({path!r})")
         result = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         for layer in _variant_layers(model).values():
@@ -295,7 +298,8 @@ class PatchedModel:
 
 def remove_stale_weights(directory: str) -> None:
     """After a save: keep the weights layout it wrote (sharded with an index, or one file), remove the other."""
-    index, single = os.path.join(directory, "model.safetensors.index.json"), os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
     if not (os.path.isfile(index) and os.path.isfile(single)):
         return
     with open(index) as f:
@@ -460,6 +464,19 @@ def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str
         if reset and counts is not None:
             counts.clear()
     return paths
+
+
+def generation_cache(model: nn.Module) -> PatchattnCache:
+    """The cache ``generate()`` would build for a patched model, for direct ``model(..., past_key_values=cache)``
+    calls (chunked prefill, teacher-forced evaluation): a ``DynamicCache`` for the model's config whose patched
+    layers are replaced by the variants' own cache layers (``Variant.make_cache_layer``; a variant without one keeps
+    the default layer)."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by patchattn; call patchattn.patch_model(model, ...) first")
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    return build_cache(_variant_layers(model), DynamicCache(config=model.config))
 
 
 def patched_layers(model: nn.Module) -> list[int]:

@@ -23,9 +23,10 @@ import shutil
 import signal
 import sys
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -125,7 +126,7 @@ class ModelFields(ConfigBase):
     model: str = option("smollm2-135m", types=(str,))  # shipped name, local dir, Hub id, patched dir or "tiny-llama"
     model_config: dict = option(types=(dict,), factory=dict)  # tiny-llama only: LlamaConfig overrides
     tokenizer_vocab: int = option(512, types=(int,), low=1)  # tiny-llama only: word-level vocabulary size
-    variant: str = option("gated", types=(str,))
+    variant: str = option(None, types=(str,))  # required (no default variant): a name in patchattn.VARIANTS
     layers: Any = None  # None/"all", "last:N", "first:N" or a list of indices (checked by patch_model)
     variant_params: dict = option(types=(dict,), factory=dict)
 
@@ -323,8 +324,9 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def build_model(config: ModelFields, text: str):
     """``(model, tokenizer, already_patched)`` in float32 (mixed precision is autocast by accelerate)."""
-    import patchattn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import patchattn
 
     if config.model == "tiny-llama":
         tokenizer = word_level_tokenizer(text, config.tokenizer_vocab)
@@ -419,8 +421,9 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def load_patched_model(config, calibration_rows: int):
     """Read and split the data, build the model, patch it (or check an already patched checkpoint's variant), pack
-    the train and held-out chunks, and calibrate data-dependent variant state (`sigmoid`'s output norm, on the first
-    ``calibration_rows`` chunks, identically on every process). ``config`` has ModelFields and DataFields.
+    the train and held-out chunks, and calibrate data-dependent variant state (``Variant.calibrate``, e.g. an output
+    norm, on the first ``calibration_rows`` chunks, identically on every process).
+    ``config`` has ModelFields and DataFields.
     Returns ``(model, tokenizer, train_chunks, eval_chunks)``."""
     import patchattn
 
@@ -438,11 +441,11 @@ def load_patched_model(config, calibration_rows: int):
     train_chunks = pack(tokenize_docs(tokenizer, train_docs), config.seq_len)
     eval_stream = tokenize_docs(tokenizer, [held_out])[: config.eval_tokens]
     eval_chunks = pack(eval_stream, min(config.seq_len, len(eval_stream)))
-    if config.variant == "sigmoid" and not already_patched:  # a trained checkpoint keeps its gains
-        from patchattn.variants.sigmoid import calibrate_output_norm
+    if not already_patched:  # a trained checkpoint keeps its calibrated state
+        from patchattn.variants import get_variant
 
         with torch.no_grad():
-            calibrate_output_norm(model, train_chunks[:calibration_rows])
+            get_variant(config.variant).calibrate(model, train_chunks[:calibration_rows])
     model.config.use_cache = False
     return model, tokenizer, train_chunks, eval_chunks
 
@@ -645,7 +648,7 @@ class Run:
     def load_checkpoint(self, path: Path) -> None:
         """Restore model(s), optimizer(s), RNG states and ``(stage, step)`` from ``path``."""
         self.accelerator.load_state(str(path))
-        self.print(f"resumed from {path} at {'stage %d ' % self.state.stage if self.state.stage else ''}"
+        self.print(f"resumed from {path} at {f'stage {self.state.stage} ' if self.state.stage else ''}"
                    f"step {self.state.step}")
 
     def save_checkpoint(self, path: Path) -> None:
@@ -713,7 +716,7 @@ def evaluate(model, eval_chunks: torch.Tensor, accelerator, batch_size: int) -> 
 
 
 @torch.no_grad()
-def held_out_loss(model, eval_chunks: torch.Tensor, accelerator, batch_size: int, loss_fn: "LossFn",
+def held_out_loss(model, eval_chunks: torch.Tensor, accelerator, batch_size: int, loss_fn: LossFn,
                   forward_context: Callable = nullcontext) -> float:
     """Mean of a training loss over the held-out chunks, sharded like :func:`evaluate`: the distillation losses
     (attention-transfer MSE, KL to the teacher) on a fixed set, free of the batch-to-batch noise of the train loss."""

@@ -26,13 +26,15 @@ import torch
 import yaml
 
 from patchattn import training
-from patchattn.training import ConfigError, option
+from patchattn.training import ConfigError as ConfigError  # re-exported: callers catch recipe.ConfigError
+from patchattn.training import option
 
 
 @dataclasses.dataclass
 class RecipeConfig(training.RunFields, training.StageFields, training.TrainableFields, training.DataFields,
                    training.ModelFields):
-    aux_loss_weight: float | None = option(None, types=(int, float), low=0, nullable=True)  # MoH: None = per layer
+    # on the variant's auxiliary loss (Variant.auxiliary_loss); None: the variant's own weights
+    aux_loss_weight: float | None = option(None, types=(int, float), low=0, nullable=True)
     output_dir: str = option("runs/continue_train", types=(str,))
 
 
@@ -48,7 +50,9 @@ def main(config: RecipeConfig) -> dict:
     """Run the recipe; returns ``{"model", "tokenizer", "records", "output_dir", "eval_ppl_start", "eval_ppl_end"}``
     (``model``: the unwrapped, LoRA-merged final model)."""
     import patchattn
-    from patchattn.variants.moh import load_balance_loss
+    from patchattn.variants import get_variant
+
+    variant = get_variant(config.variant)
 
     training.preflight(config)  # before Run creates output_dir and before any weights load
     run = training.Run(config)
@@ -72,7 +76,9 @@ def main(config: RecipeConfig) -> dict:
 
     def next_token_loss(model, x):
         loss = model(input_ids=x, labels=x, use_cache=False).loss
-        aux = load_balance_loss(acc.unwrap_model(model), weighted=config.aux_loss_weight is None)
+        aux = variant.auxiliary_loss(acc.unwrap_model(model), weighted=config.aux_loss_weight is None)
+        if aux is None:  # the variant has no auxiliary loss: logged as 0
+            aux = torch.zeros((), device=loss.device)
         if config.aux_loss_weight is not None:
             aux = aux * config.aux_loss_weight
         return loss + aux.to(loss.dtype), {"loss": loss, "aux_loss": aux}

@@ -68,7 +68,6 @@ class Stage2Config(training.StageFields, training.TrainableFields):
 
 @dataclasses.dataclass
 class DistillConfig(training.RunFields, training.DataFields, training.ModelFields):
-    variant: str = option("lawcat", types=(str,))
     seq_len: int = option(1024, types=(int,), low=2)
     output_dir: str = option("runs/distill", types=(str,))
     stage1: Stage1Config = nested(Stage1Config)
@@ -238,8 +237,9 @@ def card_rows(summary: dict, config: DistillConfig) -> list[dict]:
 def main(config: DistillConfig) -> dict:
     """Run both stages; returns ``{"model", "tokenizer", "records", "output_dir", "summary"}`` (``model``: the
     unwrapped, LoRA-merged final model)."""
-    import patchattn
     from accelerate.utils import set_seed
+
+    import patchattn
 
     training.preflight(config)  # before Run creates output_dir and before any weights load
     resume_from = training.resume_checkpoint(config)
@@ -269,8 +269,8 @@ def main(config: DistillConfig) -> dict:
         if config.push_to_hub:
             recipe = (f"# recipes/distill.py -- {summary['stage1']['what']}, then {summary['stage2']['what']}\n"
                       + yaml.safe_dump(config.to_dict(), sort_keys=False))
-            patchattn.push_to_hub(final, config.push_to_hub, tokenizer=tokenizer, eval_results=card_rows(summary, config),
-                                  recipe_config=recipe)
+            patchattn.push_to_hub(final, config.push_to_hub, tokenizer=tokenizer,
+                                  eval_results=card_rows(summary, config), recipe_config=recipe)
     acc.wait_for_everyone()
     run.print(f"done: held-out ppl teacher {summary['teacher_ppl']}, student {summary['student_ppl_start']} -> "
               f"{summary['stage1']['eval_ppl_end']} (stage 1) -> {summary['stage2']['eval_ppl_end']} (stage 2); "

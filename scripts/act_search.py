@@ -26,8 +26,8 @@ import transformers
 import patchattn
 from patchattn.cloze import accuracy, build_cloze, choice_logprobs, choice_scores, mean_logprob
 from patchattn.data import read_text
+from patchattn.head_search import search_heads
 from patchattn.realweights import load_model
-from patchattn.variants.act import search_heads
 
 
 def test_sets(tok, items: int, context: int) -> dict:

@@ -129,7 +129,8 @@ def profile(n, d, settings, cfg, log):
     for _ in range(2):
         fn(qg, kg, vg).backward(do)
     torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile as tprof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
     with tprof(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fn(qg, kg, vg).backward(do)
@@ -297,7 +298,7 @@ def print_table(rows, meta):
                 h, c, fl = (get.get((i, mode, n, d)) for i in ("hyper", "cudnn", "flash"))
                 if not h and not c:
                     continue
-                f = lambda r: f"{r['ms']:9.3f}" if r else f"{'-':>9}"  # noqa: E731
+                f = lambda r: f"{r['ms']:9.3f}" if r else f"{'-':>9}"
                 sc = f"{c['ms'] / h['ms']:7.2f}" if h and c else f"{'-':>7}"
                 sf = f"{fl['ms'] / h['ms']:7.2f}" if h and fl else f"{'-':>7}"
                 err = f"{h['rel_err']:7.4f}" if h else f"{'-':>7}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import shlex
@@ -137,7 +138,7 @@ def main():
                     if name == "hyper" and mode == "fwd" and n == max(args.n) and CUDA:
                         from triton.testing import do_bench
                         with torch.no_grad():
-                            row["ms_do_bench"] = round(do_bench(lambda: fn(q, k, v), warmup=100, rep=2000,
+                            row["ms_do_bench"] = round(do_bench(functools.partial(fn, q, k, v), warmup=100, rep=2000,
                                                                 return_mode="median"), 3)
                     row["peak_mb_over_inputs"] = round(peak_mb(fn, mode, q, k, v, do), 1)
                 except Exception as e:  # noqa: BLE001 -- keep the other rows

@@ -45,7 +45,7 @@ try:
         raise ImportError("an installed patchattn that is not this checkout")
 except ImportError:  # ... or this checkout's kernels/ (which is patchattn.kernels)
     sys.path.insert(0, ROOT)
-    import kernels.linear as L  # noqa: E402
+    import kernels.linear as L
 
 T0 = time.time()
 DEV = "cuda"
@@ -323,7 +323,7 @@ def run_prefill(impl, d, lengths, fla, modes=("fwd", "fwd+bwd")):
                 if "fla" in impl and isinstance(e, (ImportError, KeyError)):
                     return
             finally:
-                q = k = v = ld = fwd = fb = None  # noqa: F841 (drop the inputs before the next length)
+                q = k = v = ld = fwd = fb = None
                 free()
             save()
 

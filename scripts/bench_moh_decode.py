@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    from tqdm.auto import tqdm
     import triton
+    from tqdm.auto import tqdm
 
     from patchattn.kernels.moh.naive import active_head_decode_reference
     from patchattn.kernels.moh.triton_decode import active_head_decode
@@ -79,7 +79,7 @@ def main() -> None:
             rows.append({"layout": name, "context": n, "active_fraction": frac, "dense_sdpa_ms": dense,
                          "kernel_active_ms": skip, "kernel_all_heads_ms": every, "speedup_vs_dense": dense / skip,
                          "kv_heads_read": kv_heads_read, "kv_heads": hk})
-        except Exception as exc:  # record and go on (e.g. OOM)
+        except Exception as exc:  # noqa: BLE001 -- record and go on (e.g. OOM)
             rows.append({"layout": name, "context": n, "active_fraction": frac, "error": repr(exc)[:300]})
         torch.cuda.empty_cache()
     (out_dir / "moh_decode.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))

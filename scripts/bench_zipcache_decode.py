@@ -43,8 +43,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 import patchattn
 from patchattn.cache import layer_nbytes
 from patchattn.data import read_text
+from patchattn.patching import generation_cache
 from patchattn.realweights import load_model
-from patchattn.variants.zipcache import PAPER_SETTING, generation_cache
+from patchattn.variants.zipcache import PAPER_SETTING
 
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 CONFIGS = {"paper": PAPER_SETTING, "default": {}}
@@ -263,7 +264,8 @@ def main() -> None:
                     rows.append(measure(model, name, ctx, kind, rep, ids, args, configs, kinds, interval))
         if args.profile:
             ids = torch.tensor([text_ids[:contexts[0]]] * args.batch, device=dev)
-            profiles[name] = {kind: profile_steps(model, ids, kind, configs, kinds) for kind in ("DynamicCache", *kinds)}
+            profiles[name] = {kind: profile_steps(model, ids, kind, configs, kinds)
+                              for kind in ("DynamicCache", *kinds)}
         del model
     rows = best_of_repeats(rows)
     for row in rows:
@@ -287,7 +289,8 @@ def main() -> None:
             print(f"{r['model']:<14}{r.get('context', ''):>7} {r.get('cache', ''):<19} ERROR {r['error'][:80]}")
             continue
         rq = f"{r['requant_step_ms']:.1f}" if r["requant_step_ms"] is not None else "-"
-        print(f"{r['model']:<14}{r['context']:>7} {r['cache']:<19}{r['prefill_ms']:>11.1f}{r['decode_ms_median']:>10.2f}"
+        print(f"{r['model']:<14}{r['context']:>7} {r['cache']:<19}{r['prefill_ms']:>11.1f}"
+              f"{r['decode_ms_median']:>10.2f}"
               f"{rq:>11}{r['kv_bytes'] / 2**20:>9.1f}{r.get('compression', 1.0):>6.2f}×"
               f"{r.get('decode_slowdown', 1.0):>7.2f}×")
 

@@ -72,9 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(spec: str, dtype: torch.dtype, device: str):
     """``(model, tokenizer)``: a shipped real-weights name, or a directory / Hub id (patched or not)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     import patchattn
     from patchattn.realweights import KNOWN_MODELS, load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if spec in KNOWN_MODELS:
         model, tokenizer = load_model(spec, dtype=dtype)
@@ -129,7 +130,8 @@ def tables(results: dict, args) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for label, r in results.items():
         acc = r["passkey"]["accuracy"]
-        lines += ["", f"Passkey accuracy, {label} (rows: depth, columns: prompt length; {args.trials} trials each):", "",
+        lines += ["", f"Passkey accuracy, {label} (rows: depth, columns: prompt length; "
+                      f"{args.trials} trials each):", "",
                   "| depth | " + " | ".join(str(n) for n in args.passkey_lengths) + " |",
                   "|---:" * (len(args.passkey_lengths) + 1) + "|"]
         for d in args.depths:
@@ -178,8 +180,9 @@ def plot(results: dict, args, path: Path, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    import patchattn
     import transformers
+
+    import patchattn
     from patchattn.data import read_text
 
     args = parse_args(argv)

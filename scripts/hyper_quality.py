@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         errors = {name: layer_errors(store, "hyper", **SETTINGS[name]) for name in names}
         del store
     rows = []
-    ppl = lambda: perplexity(model, tok, text, context_length=args.context, max_tokens=args.max_tokens,  # noqa
+    ppl = lambda: perplexity(model, tok, text, context_length=args.context, max_tokens=args.max_tokens,
                              device=device).ppl
     exact = ppl()
     for name in names:

@@ -33,8 +33,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 import patchattn
 from patchattn.data import read_text
+from patchattn.patching import generation_cache
 from patchattn.realweights import load_model
-from patchattn.variants.zipcache import PAPER_SETTING, ZipCacheLayer, generation_cache
+from patchattn.variants.zipcache import PAPER_SETTING, ZipCacheLayer
 
 # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -201,7 +202,8 @@ def plot(rows, path: Path, title: str) -> None:
     ax.axhline(2.0, color="grey", ls="--", lw=0.8)  # the target: ≤ 2 % at ≥ 4.5×
     ax.axvline(4.5, color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=2.0)
-    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200) if t <= 2.5 * max(r.get("ppl_increase_pct", 0) for r in rows)]
+    top = max(r.get("ppl_increase_pct", 0) for r in rows)
+    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200) if t <= 2.5 * top]
     ax.set_yticks(ticks, [str(t) for t in ticks])
     ax.set_ylim(bottom=min(-0.3, 1.2 * min(r.get("ppl_increase_pct", 0) for r in rows)))
     ax.set_xlim(right=1.2 * max(r["compression"] for r in rows))

@@ -76,7 +76,7 @@ class HubServer:
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
 
@@ -250,9 +250,10 @@ def _make_handler(hub: HubServer):
             url = urlsplit(self.path)
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read before any error answer
             try:
-                for route_method, pattern, name in ROUTES:
+                for route_method, pattern, route_name in ROUTES:
                     match = re.fullmatch(pattern, url.path)
                     if route_method == method and match:
+                        name = route_name
                         break
                 else:
                     raise HubError(404, None, f"no route for {method} {url.path}")

@@ -8,13 +8,14 @@ import re
 
 import pytest
 import torch
+from tiny_models import BUILDERS, CACHE_KW, VOCAB, tiny_model
 
 import patchattn
 from patchattn import logging_utils
 from patchattn.cloze import build_cloze, choice_scores
+from patchattn.head_search import search_heads
 from patchattn.variants import act as act_module
-from patchattn.variants.act import ActAttention, act_attention, reference_act, search_heads, sink_columns
-from tiny_models import CACHE_KW, BUILDERS, VOCAB, tiny_model
+from patchattn.variants.act import ActAttention, act_attention, reference_act, sink_columns
 
 FAMILIES = sorted(BUILDERS)
 HEADS = {1: [0, 2], 3: [1]}  # tiny models: 4 layers of 4 query heads (2 KV heads; gemma 1)

@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
+from tiny_models import CACHE_KW, VOCAB, tiny_model
 
 import patchattn
 from patchattn import logging_utils
 from patchattn.attention import key_padding_from_mask
-from tiny_models import CACHE_KW, VOCAB, tiny_model
 
 pytest.importorskip("triton")
 

@@ -10,16 +10,16 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import patchattn
+from patchattn import cli, planner
 from patchattn.cli import main
 from patchattn.data import read_text
-from patchattn import cli, planner
 from patchattn.planner import capture, layer_errors, plan_layers, plan_layers_for_task
 from patchattn.tasks import setting
-from tiny_models import tiny_model
 
 APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 
@@ -164,7 +164,7 @@ def test_plan_on_a_task_under_a_binding_budget_keeps_the_cheapest_layers(monkeyp
                                   samples=3, batch_size=2, progress=False, **APPROX)
     assert generous.layers == [0, 1, 2, 3] and strict.layers == [] and strict.value == strict.baseline == 1.0
     with pytest.raises(AttributeError, match="not perplexity"):
-        strict.ppl
+        _ = strict.ppl
     assert not patchattn.is_patched(model)
 
 

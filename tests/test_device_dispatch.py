@@ -9,10 +9,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from tiny_models import VOCAB, tiny_model  # noqa: E402
+
 import patchattn  # noqa: E402
 from patchattn.kernels.zipcache import ops as zipcache_ops  # noqa: E402
 from patchattn.variants import sigmoid as sigmoid_variant  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a CUDA machine on the CPU")
 

@@ -15,14 +15,21 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from kernel_helpers import CUDA, DEV, rel_err  # noqa: E402
+from tiny_models import VOCAB, tiny_model  # noqa: E402
+
 import patchattn  # noqa: E402
-from patchattn.kernels.dhsa import (DhsaSettings, dhsa_attention, expected_density, naive, select_blocks,  # noqa: E402
-                                    selection_density)
+from patchattn.kernels.dhsa import (  # noqa: E402
+    DhsaSettings,
+    dhsa_attention,
+    expected_density,
+    naive,
+    select_blocks,
+    selection_density,
+)
 from patchattn.kernels.dhsa.gathered import gathered_attention  # noqa: E402
 from patchattn.kernels.dhsa.ops import KernelConfig, block_sparse_attention  # noqa: E402
 from patchattn.kernels.dhsa.select import chunk_scores, structure  # noqa: E402
-from kernel_helpers import CUDA, DEV, rel_err  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
 
 
 def qkv(b, h, hk, n, d, dtype=torch.float32, seed=0):

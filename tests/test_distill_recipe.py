@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
 import patchattn
 from patchattn import training
-from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
 SCRIPT = ROOT / "recipes" / "distill.py"
 TINY = ROOT / "recipes" / "tiny" / "distill.yaml"

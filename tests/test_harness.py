@@ -19,14 +19,14 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'patchattn[eval]')")
 
-import lm_eval  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from test_hub import hub, tiny_tokenizer  # noqa: F401  (hub: the local Hub server fixture)
+from tiny_models import VOCAB, tiny_model
 
-import patchattn  # noqa: E402
-from patchattn.harness import PatchattnLM  # noqa: E402
-from test_hub import hub, tiny_tokenizer  # noqa: E402,F401  (hub: the local Hub server fixture)
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+import patchattn
+from patchattn.harness import PatchattnLM
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "patchattn_tiny_mc"
@@ -58,7 +58,7 @@ def task_dir(tmp_path_factory) -> str:
     """A multiple-choice task over a local JSONL file, as a directory for ``--include_path``."""
     root = tmp_path_factory.mktemp("lm_eval_task")
     rng = random.Random(0)
-    words = lambda n: " ".join(f"w{rng.randrange(4, VOCAB)}" for _ in range(n))  # noqa: E731
+    words = lambda n: " ".join(f"w{rng.randrange(4, VOCAB)}" for _ in range(n))
     with open(root / "data.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"context": words(20), "choices": [words(3), words(3)], "label": i % 2}) + "\n")

@@ -22,18 +22,21 @@ import pytest
 import safetensors.torch
 import torch
 import transformers.utils.hub
+from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import (
-    HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
 )
+from tiny_models import VOCAB, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import patchattn
 from patchattn.loading import DELTA_FILE
 from patchattn.models.chatglm2 import ChatGLM2ForCausalLM
-from hub_server import HubServer
-from tiny_models import VOCAB, tiny_model
 
 HYPER = dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)  # hyper really runs on IDS
 IDS = torch.randint(4, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))

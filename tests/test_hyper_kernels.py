@@ -12,9 +12,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
+
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention, naive  # noqa: E402
 from patchattn.kernels.hyper.ops import hyper_attention_triton  # noqa: E402
-from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
+
 
 def make(b, h, hk, n, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

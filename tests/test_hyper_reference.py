@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kernel_helpers import rel_err
+
 from patchattn.kernels.hyper.naive import HyperSettings, gray_rank, hyper_attention, lsh_projections, lsh_rank
 
 

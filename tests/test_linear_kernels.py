@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import CUDA, DEV, gpu, needs_cuda, rel_err
 
-import patchattn.kernels.linear as L  # noqa: E402
-from patchattn.kernels.linear import (naive, normalized_gla, normalized_gla_chunked, normalized_gla_step,  # noqa: E402
-                                      normalized_gla_step_torch)
-from kernel_helpers import CUDA, DEV, gpu, needs_cuda, rel_err  # noqa: E402
+import patchattn.kernels.linear as L
+from patchattn.kernels.linear import (
+    naive,
+    normalized_gla,
+    normalized_gla_chunked,
+    normalized_gla_step,
+    normalized_gla_step_torch,
+)
+
 
 def make(b, h, hk, n, dk, dv, dtype, *, decay=True, init=False, decay_scale=0.5, seed=0):
     """Non-negative feature-mapped q, k (as the normaliser expects), signed v, log decays <= 0, optional state."""

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB, tiny_model
 from transformers import DynamicCache, LlamaForCausalLM
 
 import patchattn
@@ -18,7 +19,6 @@ from patchattn.patching import LAYER_ATTR, resolve_family
 from patchattn.variants.linear import LinearAttentionVariant, LinearStateLayer
 from patchattn.variants.linear.base import random_feature_weights, softmax_features
 from patchattn.variants.linear.lawcat import gate_bias
-from tiny_models import VOCAB, tiny_model
 
 # every variant, and the hybrid window where a variant has one; lawcat decays fast enough to matter in 20 tokens
 CASES = {

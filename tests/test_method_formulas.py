@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -23,7 +24,6 @@ from patchattn.kernels.hyper import HyperSettings, naive
 from patchattn.patching import LAYER_ATTR, resolve_family
 from patchattn.variants import VARIANTS, Variant
 from patchattn.variants.base import handoff
-from tiny_models import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,6 +92,7 @@ def test_hyper_kernel_is_unbiased_over_seeds(pad):
     n_valid / m sample weight near 0.35)."""
     pytest.importorskip("triton")
     from kernel_helpers import DEV
+
     from patchattn.kernels.hyper.ops import hyper_attention_triton
 
     q, k, v, valid, exact = _hyper_problem(h=1, pad=pad)
@@ -260,7 +261,7 @@ def test_planner_under_a_binding_budget_keeps_the_lowest_error_layers(monkeypatc
         return type("Result", (), {"ppl": 1.0 + cost})()
 
     monkeypatch.setattr(planner, "perplexity", fake_ppl)
-    tokenizer = lambda text, return_tensors: type("Enc", (), {"input_ids": ids})()  # noqa: E731
+    tokenizer = lambda text, return_tensors: type("Enc", (), {"input_ids": ids})()
     cheapest = sorted(errors.values())
     for budget in (cheapest[0] + 0.5 * cheapest[1], sum(cheapest[:2]) + 0.5 * cheapest[2],
                    sum(cheapest[:3]) + 0.5 * cheapest[3]):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import DEV
+from tiny_models import VOCAB, tiny_model
 
 import patchattn
 from patchattn.kernels.moh.naive import active_head_decode_reference
 from patchattn.variants.moh import MoHAttention
-from kernel_helpers import DEV
-from tiny_models import VOCAB, tiny_model
 
 triton = pytest.importorskip("triton")
 from patchattn.kernels.moh.triton_decode import active_head_decode  # noqa: E402

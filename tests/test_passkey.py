@@ -18,7 +18,15 @@ import torch.nn as nn
 
 import patchattn
 from patchattn.data import read_text
-from patchattn.passkey import INSTRUCTION, NEEDLE, QUESTION, build_prompt, extract_answer, make_prompts, passkey_accuracy
+from patchattn.passkey import (
+    INSTRUCTION,
+    NEEDLE,
+    QUESTION,
+    build_prompt,
+    extract_answer,
+    make_prompts,
+    passkey_accuracy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,8 +137,9 @@ def test_runs_a_real_model_through_generate(tokenizer):
 
 
 def test_smollm2_tokenizer_prompt_lengths():
-    from patchattn.realweights import local_model_path
     from transformers import AutoTokenizer
+
+    from patchattn.realweights import local_model_path
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_model_path("smollm2-135m"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import BUILDERS, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
 import patchattn
 from patchattn import patch_model, unpatch_model
 from patchattn.variants import register_variant
-from tiny_models import BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)
 # hyper settings that run the whole machinery (recursion, sorting, LSE merges) but with one block per level, so the

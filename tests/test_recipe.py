@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import torch
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
 import patchattn
 from patchattn import training
-from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
 
 SCRIPT = ROOT / "recipes" / "continue_train.py"
 TINY = ROOT / "recipes" / "tiny" / "gated.yaml"

@@ -14,13 +14,15 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
+from tiny_models import VOCAB, tiny_model  # noqa: E402
+
 import patchattn  # noqa: E402
 from patchattn import logging_utils  # noqa: E402
 from patchattn.kernels.sigmoid import naive, sigmoid_attention, softmax_attention  # noqa: E402
 from patchattn.kernels.sigmoid.ops import KernelConfig  # noqa: E402
 from patchattn.variants import sigmoid as sigmoid_variant  # noqa: E402
-from kernel_helpers import DEV, gpu, needs_cuda, rel_err  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+
 
 def make(b, h, hk, nq, nk, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import BUILDERS, VOCAB, tiny_model
 
 import patchattn
 from patchattn.attention import causal_bool_mask
@@ -14,7 +15,6 @@ from patchattn.variants.affine import visible_value_mean
 from patchattn.variants.base import handoff
 from patchattn.variants.moh import MoHAttention, load_balance_loss
 from patchattn.variants.sigmoid import calibrate_output_norm
-from tiny_models import BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)
 IDENTITY = ["gated", "affine", "moh"]  # sigmoid changes the normalisation: it cannot start at the original
@@ -323,7 +323,7 @@ def test_sigmoid_calibration_brings_the_scale_back(norm):
     model = tiny_model("qwen2")
     ref = F.log_softmax(logits(model, tokens()), -1)
     patchattn.patch_model(model, "sigmoid", norm=norm)
-    kl = lambda: F.kl_div(F.log_softmax(logits(model, tokens()), -1), ref, log_target=True,  # noqa: E731
+    kl = lambda: F.kl_div(F.log_softmax(logits(model, tokens()), -1), ref, log_target=True,
                           reduction="batchmean").item()
     before = kl()
     ids, mask = left_padded(seed=9)

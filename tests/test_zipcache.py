@@ -7,15 +7,24 @@ import math
 
 import pytest
 import torch
+from tiny_models import BUILDERS, VOCAB, tiny_model
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 import patchattn
 from patchattn.cache import PatchattnCache
+from patchattn.patching import generation_cache
 from patchattn.variants.zipcache import (
-    PAPER_SETTING, QuantizedBlock, ZipCache, ZipCacheLayer, ZipCacheParams, generation_cache, pack_codes, probe_scores,
-    quantize_keys, quantize_values, unpack_codes,
+    PAPER_SETTING,
+    QuantizedBlock,
+    ZipCache,
+    ZipCacheLayer,
+    ZipCacheParams,
+    pack_codes,
+    probe_scores,
+    quantize_keys,
+    quantize_values,
+    unpack_codes,
 )
-from tiny_models import BUILDERS, VOCAB, tiny_model
 
 FAMILIES = sorted(BUILDERS)
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import CUDA, DEV
+from tiny_models import COMMON, VOCAB, tiny_model
 from transformers import MistralConfig, MistralForCausalLM
 
 import patchattn
 from patchattn.kernels.zipcache import ops, quantized_decode_attention_reference
 from patchattn.variants import zipcache as zipcache_variant
 from patchattn.variants.zipcache import PAPER_SETTING, QuantizedBlock, ZipCacheLayer, ZipCacheParams
-from kernel_helpers import CUDA, DEV
-from tiny_models import COMMON, VOCAB, tiny_model
 
 triton = pytest.importorskip("triton")
 

@@ -14,10 +14,9 @@ import torch
 from .. import triton_available
 from . import naive
 from .gathered import gathered_attention
+from .limits import SUPPORTED_HEAD_DIMS
 from .naive import DhsaSettings
 from .select import BlockSelection, expected_density, select_blocks, selection_density
-
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _pow2_at_least_16(x: int) -> bool:

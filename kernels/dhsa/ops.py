@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import SUPPORTED_HEAD_DIMS
+from .limits import SUPPORTED_HEAD_DIMS
 from .select import BlockSelection
 from .triton_fwd import _dhsa_fwd_kernel
 

@@ -13,7 +13,6 @@ from . import naive
 from .naive import HyperSettings
 from .plan import SUPPORTED_HEAD_DIMS
 
-
 # Shortest causal length from which the Triton HyperAttention (default settings: 7 projections, block 256,
 # 256 samples, min_seq_len 4096) beats cuDNN SDPA in BOTH forward and forward+backward, per head dim.
 # Measured 2026-11-29 on an NVIDIA H200 (torch 2.11, triton 3.6, bf16, b=1, h=32, causal) with

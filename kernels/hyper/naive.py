@@ -18,7 +18,6 @@ sampled; sequences that are not a multiple of the block size are handled by mask
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

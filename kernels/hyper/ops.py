@@ -12,12 +12,18 @@ import torch
 import triton
 
 from . import plan as P
-from .plan import SUPPORTED_HEAD_DIMS
 from .naive import HyperSettings
-from .triton_bwd import (_bwd_pre_kernel, _diag_dkdv_kernel, _diag_dq_kernel, _extra_dkdv_kernel,
-                         _level_dkdv_kernel, _level_dkdv_samples_kernel, _level_dq_kernel)
+from .plan import SUPPORTED_HEAD_DIMS
+from .triton_bwd import (
+    _bwd_pre_kernel,
+    _diag_dkdv_kernel,
+    _diag_dq_kernel,
+    _extra_dkdv_kernel,
+    _level_dkdv_kernel,
+    _level_dkdv_samples_kernel,
+    _level_dq_kernel,
+)
 from .triton_fwd import _diag_fwd_kernel, _hash_kernel, _level_fwd_kernel
-
 
 
 @dataclass(frozen=True)

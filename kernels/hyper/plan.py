@@ -408,5 +408,5 @@ def rough_cost(plan: Plan, settings: HyperSettings) -> float:
 
 
 __all__ = ["Plan", "Node", "Level", "LevelData", "make_plan", "compact_maps", "diag_tiles", "query_tiles", "key_tiles",
-           "sample_tiles", "extra_key_tiles", "centring_offsets", "node_starts", "back_maps", "perm16_ok", "projections", "level_data", "settings_supported",
-           "rough_cost"]
+           "sample_tiles", "extra_key_tiles", "centring_offsets", "node_starts", "back_maps", "perm16_ok",
+           "projections", "level_data", "settings_supported", "rough_cost"]

@@ -205,8 +205,8 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
                                sm_scale, qk_scale,
                                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                                N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                               EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                               PREC: tl.constexpr):
+                               EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                               D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK

@@ -10,10 +10,7 @@ import torch
 
 from .. import triton_available
 from . import naive
-
-#: head dims the kernels are built for (tile shapes are powers of two)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
 
 def kernel_supports(q, k, v) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .triton_bwd import _delta_kernel, _dkdv_kernel, _dq_kernel
 from .triton_fwd import _fwd_kernel
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-FAMILIES: dict[str, "Family"] = {}
+FAMILIES: dict[str, Family] = {}
 
 
 @dataclass(frozen=True)

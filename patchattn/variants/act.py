@@ -3,8 +3,8 @@ Large Language Models without Training through Attention Calibration", ICML 2024
 github.com/GATECH-EIC/ACT). Training-free.
 
 The method. Besides the first token, some later tokens of little meaning of their own soak up attention in some
-heads ("hidden attention sinks"), and in some heads that costs accuracy. For each head
-chosen by a search on calibration data (:func:`search_heads`), and for each input, ACT marks as sinks the keys
+heads ("hidden attention sinks"), and in some heads that costs accuracy. For each head chosen by a search on
+calibration data (:func:`patchattn.head_search.search_heads`), and for each input, ACT marks as sinks the keys
 ``S`` whose mean received attention exceeds θ, damps their attention by β and hands the removed mass to the other
 keys in proportion to their attention::
 
@@ -49,12 +49,10 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..attention import exact_attention
 from ..logging_utils import warn_once
@@ -64,7 +62,8 @@ from .gated import module_dims
 
 @dataclasses.dataclass
 class ActParams(VariantParams):
-    heads: dict | None = param(None, help="{layer: [head, ...]} to calibrate (from search_heads); others run exact")
+    heads: dict | None = param(None, help="{layer: [head, ...]} to calibrate (from head_search.search_heads); "
+                                          "others run exact")
     beta: float = param(0.4, low=0.0, high=1.0, help="factor on the attention of the hidden sinks")
     theta: float = param(0.1, low=0.0, help="a key is a sink when its mean received attention exceeds this")
     threshold: str = param("absolute", choices=("absolute", "relative"),
@@ -282,7 +281,7 @@ def _attend(query, key, value, attention_mask, scaling, *, softcap=None, exclude
         weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
         return torch.matmul(weights, value.float()).to(query.dtype)
     if exclude is not None:
-        pad = lambda t: nn.functional.pad(t, (0, 8))  # noqa: E731
+        pad = lambda t: nn.functional.pad(t, (0, 8))
         query, key, value = pad(query), pad(key), pad(value)
         query[..., d] = 1
         key[..., d] = exclude.to(key.dtype) * (-1e30 / scaling)
@@ -322,11 +321,7 @@ class ActAttention(Variant):
         num_layers = attention_module.config.num_hidden_layers
         bad = [f"layer {layer}" for layer in self.params.heads if layer >= num_layers]
         bad += [f"head {h} of layer {layer}" for layer, hs in self.params.heads.items() for h in hs if h >= num_heads]
-        if bad:
-            from ..patching import LAYER_ATTR
-
-            if attention_module._modules.get(LAYER_ATTR) is self:  # leave the model as it was
-                del attention_module._modules[LAYER_ATTR]
+        if bad:  # patching._attach detaches this layer again, so the model stays as it was
             raise ValueError(f"act: {', '.join(bad)} out of range: this model has {num_layers} layers "
                              f"(0..{num_layers - 1}) of {num_heads} heads (0..{num_heads - 1})")
         if self.head_index is not None:
@@ -379,37 +374,7 @@ class ActAttention(Variant):
         return out, weights
 
 
-# -- head search -----------------------------------------------------------------------------------------------------
-@dataclass
-class HeadSearch:
-    """Result of :func:`search_heads`; ``heads`` goes to ``patch_model(model, "act", heads=...)``."""
-
-    heads: dict[int, list[int]]
-    baseline: float  # calibration score of the original model
-    score: float  # calibration score with ``heads`` calibrated
-    changes: dict[str, float] = field(default_factory=dict)  # "layer.head" -> relative change of that head's output
-    gains: dict[str, float] = field(default_factory=dict)  # "layer.head" -> score gain of that head alone
-    without_sinks: int = 0  # heads with no hidden sink on the calibration input: calibrating them changes nothing
-    params: dict = field(default_factory=dict)
-
-
-@contextmanager
-def _replay_prefix(layers: nn.ModuleList, outputs: list, stop: int):
-    """Decoder layers before ``stop`` return their recorded outputs instead of computing them: calibrating layer
-    ``stop`` cannot change them, so the forward is the same, minus the work."""
-    saved = [layers[i].__dict__.get("forward") for i in range(stop)]  # e.g. accelerate's device hooks
-    for i in range(stop):
-        layers[i].forward = (lambda out: lambda *args, **kwargs: out)(outputs[i])
-    try:
-        yield
-    finally:
-        for i in range(stop):
-            if saved[i] is None:
-                del layers[i].forward
-            else:
-                layers[i].forward = saved[i]
-
-
+# -- per-head effect (used by patchattn.head_search) -------------------------------------------------------------
 def head_changes(query, key, value, attention_mask, *, scaling: float, softcap: float | None = None,
                  **act) -> torch.Tensor:
     """``[heads]`` relative change ``‖o' − o‖ / ‖o‖`` of each head's output when that head alone is calibrated
@@ -419,106 +384,5 @@ def head_changes(query, key, value, attention_mask, *, scaling: float, softcap: 
     out, _ = act_attention(query, key, value, attention_mask, scaling=scaling, softcap=softcap, heads=heads,
                            exact=exact.clone, **act)
     ref = exact.float()
-    norm = lambda t: t.pow(2).sum(dim=(0, 1, 3)).sqrt()  # noqa: E731
+    norm = lambda t: t.pow(2).sum(dim=(0, 1, 3)).sqrt()
     return norm(out.float() - ref) / norm(ref).clamp(min=1e-30)
-
-
-@torch.inference_mode()
-def search_heads(model, input_ids: torch.Tensor, score: Callable[[torch.Tensor], float], *,
-                 attention_mask: torch.Tensor | None = None, layers: Sequence[int] | None = None, beta: float = 0.4,
-                 theta: float = 0.1, threshold: str = "absolute", block_size: int = 256, max_heads: int | None = None,
-                 min_gain: float = 0.0, combine: str = "greedy", known: dict[str, float] | None = None,
-                 on_trial: Callable[[str, float], None] | None = None, progress: bool = True) -> HeadSearch:
-    """Choose the heads to calibrate on a calibration batch, as in the paper: calibrate one head at a time and keep
-    those that improve ``score`` (a function of the last position's logits ``[batch, vocab]``, higher is better)
-    by more than ``min_gain``. ``combine="union"`` keeps all of them (the paper); ``"greedy"`` then adds them in
-    order of their own gain and keeps each only if the score with the heads kept so far still improves.
-
-    Cheap first: one forward records every layer's attention inputs; heads without a hidden sink on this input are
-    skipped (calibrating them is the identity), and ``max_heads`` keeps only the heads whose own output changes
-    most under calibration (None: all). Each single-head forward replays the unchanged layers before it.
-
-    A long search can be resumed: ``on_trial(key, gain)`` is called after each single-head trial ("layer.head"),
-    and ``known`` passes those results back (same model, data and settings); they are not measured again.
-    """
-    from ..patching import is_patched, patch_model, resolve_family, unpatch_model
-    from ..planner import capture_attention_inputs
-
-    if combine not in ("greedy", "union"):
-        raise ValueError(f"combine must be 'greedy' or 'union', got {combine!r}")
-    if max_heads is not None and max_heads < 1:
-        raise ValueError(f"max_heads must be at least 1 (or None for all), got {max_heads}")
-    if is_patched(model):
-        raise ValueError("search_heads needs the original model; call patchattn.unpatch_model(model) first")
-    act = dict(beta=beta, theta=theta, threshold=threshold, block_size=block_size)
-    ActAttention.make_params(**act)  # validate before the expensive part
-    decoder_layers = resolve_family(model).decoder_layers(model)
-    candidates = range(len(decoder_layers)) if layers is None else sorted(set(layers))
-
-    def run() -> float:
-        return float(score(model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                                 use_cache=False).logits[:, -1].float()))
-
-    outputs: list = [None] * len(decoder_layers)
-    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
-             for i, layer in enumerate(decoder_layers)]
-    try:
-        with capture_attention_inputs(model) as store:
-            baseline = run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    changes = {}
-    for layer in candidates:
-        q, k, v, mask, kw = store.pop(layer)
-        per_head = head_changes(q, k, v, mask, scaling=kw["scaling"], softcap=kw.get("softcap"), **act)
-        changes.update({(layer, h): float(c) for h, c in enumerate(per_head)})
-    store.clear()
-    ranked = sorted((lh for lh, c in changes.items() if c > 0), key=lambda lh: -changes[lh])[:max_heads]
-
-    gains = {}
-    for layer, head in tqdm(sorted(ranked), desc="act: heads", disable=not progress):
-        if known and f"{layer}.{head}" in known:
-            gains[(layer, head)] = known[f"{layer}.{head}"]
-            continue
-        patch_model(model, "act", layers=[layer], heads={layer: [head]}, **act)
-        try:
-            with _replay_prefix(decoder_layers, outputs, layer):
-                gains[(layer, head)] = run() - baseline
-        finally:
-            unpatch_model(model)
-        if on_trial is not None:
-            on_trial(f"{layer}.{head}", gains[(layer, head)])
-    improving = sorted((lh for lh, g in gains.items() if g > min_gain), key=lambda lh: -gains[lh])
-
-    def score_with(chosen: list[tuple[int, int]]) -> float:
-        if not chosen:
-            return baseline
-        patch_model(model, "act", heads=_as_spec(chosen), **act)
-        try:
-            return run()
-        finally:
-            unpatch_model(model)
-
-    if combine == "union":
-        kept = improving
-        final = score_with(kept)
-    else:
-        kept, final = [], baseline
-        for lh in tqdm(improving, desc="act: greedy", disable=not progress):
-            trial = score_with(kept + [lh])
-            if trial > final + min_gain:
-                kept, final = kept + [lh], trial
-    key = lambda lh: f"{lh[0]}.{lh[1]}"  # noqa: E731
-    return HeadSearch(heads=_as_spec(kept), baseline=baseline, score=final,
-                      changes={key(lh): c for lh, c in sorted(changes.items())},
-                      gains={key(lh): g for lh, g in sorted(gains.items())},
-                      without_sinks=sum(c == 0 for c in changes.values()), params=act)
-
-
-def _as_spec(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
-    spec: dict[int, list[int]] = {}
-    for layer, head in sorted(pairs):
-        spec.setdefault(layer, []).append(head)
-    return spec

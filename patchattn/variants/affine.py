@@ -77,7 +77,7 @@ def visible_value_mean(value: torch.Tensor, attention_mask: torch.Tensor | None,
         vz = torch.where(key_used[:, None, :, None], v, 0.0)
         prefix = F.pad(vz.cumsum(dim=-2), (0, 0, 1, 0))  # [b, hk, k + 1, d]; prefix[j] = sum of keys < j
         end = torch.where(nonempty, hi + 1, lo)
-        gather = lambda at: torch.gather(prefix, 2, at[:, None, :, None].expand(b, hk, q_len, d))  # noqa: E731
+        gather = lambda at: torch.gather(prefix, 2, at[:, None, :, None].expand(b, hk, q_len, d))
         total = gather(end) - gather(lo)
     else:
         total = torch.einsum("bqk,bhkd->bhqd", m.to(v.dtype), torch.where(key_used[:, None, :, None], v, 0.0))

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS: dict[str, type["Variant"]] = {}
+VARIANTS: dict[str, type[Variant]] = {}
 
 _HANDOFF = "_patchattn_handoff"
 
@@ -94,7 +94,7 @@ class Variant(nn.Module):
         self.layer_idx = layer_idx
         #: set by :func:`patchattn.distill.attention_transfer`: the dispatcher then calls ``attention_transfer``
         self.transfer_mode = False
-        self.transfer_loss: "torch.Tensor | None" = None
+        self.transfer_loss: torch.Tensor | None = None
 
     @classmethod
     def make_params(cls, preset: str | None = None, **kwargs) -> VariantParams:
@@ -141,6 +141,22 @@ class Variant(nn.Module):
     def reset_buffers(self, attention_module: nn.Module) -> None:
         """Recompute the non-persistent buffers: checkpoints do not hold them, and ``from_pretrained`` builds the
         model on the meta device, so after loading they are placeholders (default: the variant has none)."""
+
+    # -- training hooks: generic code (patchattn.training, the recipes) calls these through the registry,
+    # ``get_variant(name).calibrate(...)``, and never needs to know which variant it trains
+
+    @classmethod
+    def calibrate(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Data-dependent initialisation of this variant's layers in ``model`` from one batch, run once on a freshly
+        patched model before training (and before wrapping it for distributed training; the caller disables
+        gradients). Default: nothing to calibrate."""
+
+    @classmethod
+    def auxiliary_loss(cls, model: nn.Module, weighted: bool = True) -> torch.Tensor | None:
+        """A loss this variant's layers recorded in the last training forward of ``model``, to add to the task loss
+        before ``backward`` (``weighted=False``: without the variant's own weight, for a caller that applies one).
+        Default: None, the variant has none."""
+        return None
 
     def make_cache_layer(self, default_layer):
         """This layer's entry in the generation cache (see patchattn.cache), or None to keep ``default_layer``."""

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
+
 from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
-from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
 POW2 = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -55,7 +56,7 @@ class DynamicHierarchicalSparseAttention(Variant):
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
                   softcap=None, output_attentions=False, **kwargs):
-        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
+        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,
                                         dropout=dropout, softcap=softcap, output_attentions=output_attentions,
                                         **kwargs)
         path, key_valid = long_causal_prefill("dhsa", query, key, attention_mask,

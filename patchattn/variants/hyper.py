@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
+
 from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
 from .base import Variant, VariantParams, param, register_variant
-from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ class HyperAttention(Variant):
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
                   softcap=None, output_attentions=False, **kwargs):
         q_len = query.shape[2]
-        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,  # noqa: E731
+        exact = lambda: exact_attention(module, query, key, value, attention_mask, scaling=scaling,
                                         dropout=dropout, softcap=softcap, output_attentions=output_attentions,
                                         **kwargs)
         path, key_valid = long_causal_prefill("hyper", query, key, attention_mask,

@@ -99,6 +99,11 @@ class MoHAttention(HiddenStatesVariant):
         super().__init__(params, layer_idx)
         self.aux_loss: torch.Tensor | None = None
 
+    @classmethod
+    def auxiliary_loss(cls, model: nn.Module, weighted: bool = True) -> torch.Tensor:
+        """The load-balance loss (:func:`load_balance_loss`)."""
+        return load_balance_loss(model, weighted=weighted)
+
     def build(self, attention_module):
         heads, _, hidden = module_dims(attention_module)
         self.heads = heads

@@ -55,13 +55,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from patchattn.kernels import triton_can_take
+from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton_available
+
 from ..attention import causal_bool_mask, exact_attention, key_padding_from_mask
 from ..logging_utils import warn_once
 from .affine import valid_queries, visible_keys
 from .base import Variant, VariantParams, param, register_variant
 from .gated import _reference_parameter, module_dims
-from patchattn.kernels import triton_can_take
-from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton_available
 
 _EPS = 1e-6
 #: send CPU tensors to the Triton kernels too (only under TRITON_INTERPRET=1; see the module docstring)
@@ -208,6 +209,11 @@ class SigmoidAttention(Variant):
         return (normed, *output[1:]) if isinstance(output, tuple) else normed
 
     # -- calibration -----------------------------------------------------------------------------------------
+    @classmethod
+    def calibrate(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """The output-norm gains (:func:`calibrate_output_norm`)."""
+        calibrate_output_norm(model, input_ids, attention_mask)
+
     def _calibrate(self, module, query, key, value, attention_mask, **kwargs):
         """Run the original softmax attention (so every layer sees the original model's activations) and record
         the RMS the gain should reproduce."""

@@ -35,10 +35,10 @@ it costs +1.1 % perplexity instead of +15 %, and on Qwen2.5-0.5B at 32k it kept 
 
 Where: ``patch_model(model, "zipcache")`` makes ``generate()`` build a :class:`patchattn.cache.PatchattnCache` whose
 patched layers are :class:`ZipCacheLayer` (``cache.nbytes()`` = true bytes: codes, quantisation parameters,
-saliency bitmaps, sinks, the recent buffer and its probe statistics); :func:`generation_cache` builds the same for
-direct ``model(...)`` calls. Sliding-window layers (Mistral, Gemma 2/3 local layers) are quantised too by default:
-they keep the last ``window - 1`` tokens in blocks of at most ``requant_interval`` tokens and drop a block once all
-of it has slid out (so up to one block more than the window is held; a window shorter than ``requant_interval``
+saliency bitmaps, sinks, the recent buffer and its probe statistics); :func:`patchattn.generation_cache` builds the
+same for direct ``model(...)`` calls. Sliding-window layers (Mistral, Gemma 2/3 local layers) are quantised too by
+default: they keep the last ``window - 1`` tokens in blocks of at most ``requant_interval`` tokens and drop a block
+once all of it has slid out (so up to one block more than the window is held; a window shorter than ``requant_interval``
 never quantises decode tokens); ``quantize_sliding=False`` keeps transformers' full-precision sliding layer for them.
 Without a ZipCache layer (a plain ``model(...)`` call, or a cache the user passes to ``generate``) the variant is
 exact attention.
@@ -228,9 +228,9 @@ class QuantizedBlock:
         self.n, self.n_high = n, n_high
         key_low = params.key_low_bits or params.low_bits
         self.value_scale = value_channel_scale(values, param_dtype)
-        quantize_v = lambda v, bits: quantize_values(v, bits, params.value_group_size, param_dtype,  # noqa: E731
+        quantize_v = lambda v, bits: quantize_values(v, bits, params.value_group_size, param_dtype,
                                                      self.value_scale)
-        quantize_k = lambda k, bits: quantize_keys(k, bits, params.key_group_size, param_dtype)  # noqa: E731
+        quantize_k = lambda k, bits: quantize_keys(k, bits, params.key_group_size, param_dtype)
         self.bitmap = None
         if salient is None:  # one precision for the whole block
             high = n_high == n
@@ -356,7 +356,7 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
     #: decode steps of full layers read blocks as stored, salient first (False: always in token order)
     decode_in_stored_order = True
 
-    def __init__(self, variant: "ZipCache", sliding_window: int | None = None):
+    def __init__(self, variant: ZipCache, sliding_window: int | None = None):
         super().__init__()
         self.variant = variant
         self.sliding_window = sliding_window
@@ -489,7 +489,7 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
         """Token position of every key row ``update`` returned, ``[b, hk, k_len]`` (blocks as stored)."""
         b, hk = self.recent_keys.shape[:2]
         parts, start = [], self.sink_keys.shape[2]
-        span = lambda lo, hi: torch.arange(lo, hi, device=self.device).expand(b, hk, hi - lo)  # noqa: E731
+        span = lambda lo, hi: torch.arange(lo, hi, device=self.device).expand(b, hk, hi - lo)
         parts.append(span(0, start))
         for block in self.blocks:
             stored = block.stored_positions()
@@ -645,18 +645,3 @@ class ZipCache(Variant):
                                               softcap=softcap, columns=columns))
         layer.after_attention(q_len)
         return result
-
-
-def generation_cache(model):
-    """The :class:`~patchattn.cache.PatchattnCache` that ``generate()`` would build for a ``zipcache``-patched model,
-    for direct ``model(..., past_key_values=cache)`` calls (chunked prefill, teacher-forced evaluation)."""
-    from transformers.cache_utils import DynamicCache
-
-    from ..cache import build_cache
-    from ..patching import LAYER_ATTR, resolve_family
-
-    variants = {i: m._modules[LAYER_ATTR] for i, m in enumerate(resolve_family(model).attention_modules(model))
-                if isinstance(m._modules.get(LAYER_ATTR), ZipCache)}
-    if not variants:
-        raise ValueError("model has no zipcache-patched layer; call patchattn.patch_model(model, 'zipcache') first")
-    return build_cache(variants, DynamicCache(config=model.config))

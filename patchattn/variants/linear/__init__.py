@@ -3,6 +3,9 @@
 file per variant. Importing the package registers them."""
 from .base import LinearAttentionVariant
 from .cache import LinearStateLayer
+
+# isort: off
 from . import lawcat, hedgehog, mala, nala, lightning  # noqa: F401  (registration, in listing order)
+# isort: on
 
 __all__ = ["LinearAttentionVariant", "LinearStateLayer"]
