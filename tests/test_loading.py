@@ -213,3 +213,17 @@ def test_patching_a_peft_model_says_patch_first():
     peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="patch the transformers model before wrapping"):
         patchattn.patch_model(peft_model, "gated")
+
+
+@pytest.mark.parametrize("variant", ["gated", "lawcat"])
+def test_deepcopy_of_a_patched_model_is_independent(variant):
+    """A copy's variants serve the copy's attention modules (the linear cache layer hands its state over there)."""
+    model = tiny_model("llama")
+    patchattn.patch_model(model, variant)
+    perturb(model)
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[0].self_attn.patchattn_layer.host is twin.model.layers[0].self_attn
+    ids = tokens(12, batch=1)
+    assert torch.equal(twin.generate(ids, max_new_tokens=5, do_sample=False),
+                       model.generate(ids, max_new_tokens=5, do_sample=False))
+    assert torch.equal(logits(twin), logits(model))

@@ -11,6 +11,7 @@ Variants that change more than the attention function (gates, routers, new norms
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 import weakref
@@ -116,6 +117,20 @@ class Variant(nn.Module):
         """Remember the attention module this layer serves (a weak reference: copies of the variant, e.g. PEFT's
         ``modules_to_save``, share it instead of copying the module)."""
         self.__dict__["_host"] = weakref.ref(attention_module)
+
+    def __deepcopy__(self, memo):
+        """A copy serves the copy of its attention module when that is copied too (``copy.deepcopy(model)``), and
+        the same module otherwise (PEFT's ``modules_to_save`` copies just the variant)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "_host":
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        ref = self.__dict__.get("_host")
+        host = ref() if ref is not None else None
+        if host is not None:
+            new.__dict__["_host"] = weakref.ref(memo.get(id(host), host))
+        return new
 
     @property
     def host(self) -> nn.Module:
