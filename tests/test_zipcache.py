@@ -13,8 +13,10 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 import patchattn
 from patchattn.cache import PatchattnCache
 from patchattn.patching import generation_cache
+from patchattn.variants.base import handoff
 from patchattn.variants.zipcache import (
     PAPER_SETTING,
+    PENDING_KEY,
     QuantizedBlock,
     ZipCache,
     ZipCacheLayer,
@@ -320,7 +322,7 @@ def test_sliding_layer_bookkeeping_matches_transformers():
         ref, _ = theirs.update(k, k)
         assert mine.shape == ref.shape and ours.get_seq_length() == theirs.get_seq_length()
         torch.testing.assert_close(mine[:, :, -n:], ref[:, :, -n:])  # the new tokens, unquantised
-        ours.variant.__dict__.pop("_zipcache_pending")
+        handoff(ours.variant.host).pop(PENDING_KEY)
         ours.after_attention(n)
         assert 23 <= ours.quantized_length + ours.recent_length <= 23 + 6 or ours.get_seq_length() < 23
 

@@ -56,8 +56,11 @@ import torch.nn as nn
 
 from ..attention import exact_attention
 from ..logging_utils import warn_once
-from .base import Variant, VariantParams, param, register_variant
+from .base import Variant, VariantParams, handoff, param, register_variant
 from .gated import module_dims
+
+#: :func:`handoff` key: the generation cache of this call, put there by the forward pre-hook, popped in ``attention``
+CACHE_KEY = "cache"
 
 
 @dataclasses.dataclass
@@ -305,7 +308,6 @@ class ActAttention(Variant):
         super().__init__(params, layer_idx)
         self.register_buffer("head_index", self._head_index(), persistent=False)
         self._stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generation cache -> SinkStats
-        self._cache = None
         self._hook = None
 
     def _head_index(self) -> torch.Tensor | None:
@@ -331,14 +333,17 @@ class ActAttention(Variant):
         if self._hook is not None:
             self._hook.remove()
         self._hook = None
+        handoff(attention_module).pop(CACHE_KEY, None)
         self._stats = weakref.WeakKeyDictionary()
 
-    def _take_cache(self, module, args, kwargs):
-        self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    @staticmethod
+    def _take_cache(module, args, kwargs):
+        handoff(module)[CACHE_KEY] = kwargs.get("cache", kwargs.get("past_key_values"))
+        return None
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, softcap=None,
                   output_attentions=False, **kwargs):
-        cache, self._cache = self._cache, None
+        cache = handoff(module).pop(CACHE_KEY, None)
 
         def exact(weights: bool = output_attentions):
             return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

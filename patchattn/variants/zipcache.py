@@ -55,9 +55,10 @@ from ..attention import eager_attention, exact_attention
 from ..cache import TensorMapLayerMixin
 from ..kernels.zipcache import kernel_usable, quantized_decode_attention
 from ..logging_utils import warn_once
-from .base import Variant, VariantParams, param, register_variant
+from .base import Variant, VariantParams, handoff, param, register_variant
 
-_PENDING = "_zipcache_pending"
+#: :func:`handoff` key: the layer whose ``update`` ran for this call, popped in ``ZipCache.attention``
+PENDING_KEY = "zipcache_pending"
 #: measured (8,192 Shakespeare tokens scored in chunks of 100 after a 1k prefill, context 2k): SmolLM2-135M 4.57× at
 #: +1.12 % perplexity, Gemma-3-270M 4.49× at +1.27 % (4.62× at +0.89 % at 8k); the paper's setting: +15.1 % / +3.7 %
 PAPER_SETTING = {"key_low_bits": 0, "salient_ratio": 0.6, "key_group_size": 0, "sink_tokens": 0}
@@ -426,7 +427,7 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
             keys, values = keys[:, :, -(needed + q_len):], values[:, :, -(needed + q_len):]
         self.seen += q_len
         self.pending_key = keys
-        self.variant.__dict__[_PENDING] = self
+        handoff(self.variant.host)[PENDING_KEY] = self
         return keys, values
 
     def keys_values(self, blocks: bool = True, in_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,6 +595,9 @@ class ZipCache(Variant):
     Params = ZipCacheParams
     presets = {"paper": PAPER_SETTING}
 
+    def detach(self, attention_module) -> None:
+        handoff(attention_module).pop(PENDING_KEY, None)  # a layer whose update ran without an attention call
+
     def make_cache_layer(self, default_layer):
         if isinstance(default_layer, DynamicSlidingWindowLayer):
             return ZipCacheLayer(self, default_layer.sliding_window) if self.params.quantize_sliding else None
@@ -610,7 +614,7 @@ class ZipCache(Variant):
         a decode step without padding (it checks the 2D padding mask once per forward, for every layer), so no
         per-layer check is needed here. A mask (left padding), requested weights or attention dropout fall back to
         dequantising the blocks in token order and the path below."""
-        layer: ZipCacheLayer | None = self.__dict__.pop(_PENDING, None)
+        layer: ZipCacheLayer | None = handoff(module).pop(PENDING_KEY, None)
         if layer is None or layer.pending_key is not key:  # not our cache (plain forward, user's DynamicCache)
             return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    softcap=softcap, **kwargs)
