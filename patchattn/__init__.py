@@ -17,6 +17,7 @@ from .patching import (
     generation_cache,
     is_patched,
     patch_model,
+    patched,
     patched_layers,
     register_attention_functions,
     register_auto_classes,
@@ -53,6 +54,6 @@ def list_families() -> list[dict]:
 
 
 __all__ = [
-    "__version__", "patch_model", "unpatch_model", "is_patched", "patched_layers", "from_pretrained",
+    "__version__", "patch_model", "unpatch_model", "patched", "is_patched", "patched_layers", "from_pretrained",
     "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths", "generation_cache",
 ]

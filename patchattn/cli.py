@@ -380,7 +380,7 @@ def cmd_bench(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import patch_model, unpatch_model
+    from . import patched
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load(args.model, DTYPES[args.dtype])
@@ -394,11 +394,10 @@ def cmd_bench(args) -> None:
         run = lambda: model(input_ids=ids, logits_to_keep=1)
         with torch.inference_mode():
             base = _time(run, device, args.repeats)
-            patch_model(model, args.variant, layers=args.layers, **_params(args))
-            patched = _time(run, device, args.repeats)
-            unpatch_model(model)
-        rows.append({"n": n, "original_ms": base, "patched_ms": patched})
-        table.add_row(str(n), f"{base:.1f}", f"{patched:.1f}", f"{base / patched:.2f}x")
+            with patched(model, args.variant, layers=args.layers, **_params(args)):
+                patched_ms = _time(run, device, args.repeats)
+        rows.append({"n": n, "original_ms": base, "patched_ms": patched_ms})
+        table.add_row(str(n), f"{base:.1f}", f"{patched_ms:.1f}", f"{base / patched_ms:.2f}x")
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:

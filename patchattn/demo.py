@@ -10,7 +10,7 @@ import transformers
 from ._version import __version__
 from .data import read_text
 from .evaluation import perplexity
-from .patching import patch_model, unpatch_model
+from .patching import patched
 from .realweights import load_model
 
 #: exact_tail=0: perplexity scores the last tokens of each window, which an exact tail would compute exactly; the
@@ -36,15 +36,13 @@ def run_demo(model_name: str = "smollm2-135m", contexts=(2048, 4096, 8192), max_
             continue
         console.print(f"context {n}: original")
         base = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
-        patch_model(model, "hyper", layers=layers, **params)
-        patched_layers = model.config.patchattn["layers"]
-        console.print(f"context {n}: hyper on layers {patched_layers}")
-        hyper = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
-        unpatch_model(model)
-        patch_model(model, "hyper", layers=layers, **{**params, **LEVERS})
-        console.print(f"context {n}: hyper + sinks on layers {patched_layers}")
-        levers = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
-        unpatch_model(model)
+        with patched(model, "hyper", layers=layers, **params):
+            patched_layers = model.config.patchattn["layers"]
+            console.print(f"context {n}: hyper on layers {patched_layers}")
+            hyper = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
+        with patched(model, "hyper", layers=layers, **{**params, **LEVERS}):
+            console.print(f"context {n}: hyper + sinks on layers {patched_layers}")
+            levers = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
         rows.append({"context": n, "tokens": base.tokens_scored, "ppl_original": base.ppl, "ppl_hyper": hyper.ppl,
                      "ppl_hyper_levers": levers.ppl, "tok_s_original": base.tokens_per_second,
                      "tok_s_hyper": hyper.tokens_per_second})

@@ -22,10 +22,11 @@ custom attention function ``attention_mask=None`` and sliding windows and paddin
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -450,6 +451,21 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     model.__class__ = _base_class(type(model))
     model.set_attn_implementation(implementation)
     return model
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, variant: str, *, layers=None, **params) -> Iterator[nn.Module]:
+    """Context manager: ``patch_model`` on enter (same arguments, same refusal of an already patched model),
+    ``unpatch_model`` on exit, also when the body raises; yields the patched model.
+
+        with patchattn.patched(model, "hyper", layers="last:8") as m:
+            logits = m(input_ids).logits
+    """
+    patch_model(model, variant, layers=layers, **params)
+    try:
+        yield model
+    finally:
+        unpatch_model(model)
 
 
 def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str, int]]:

@@ -12,6 +12,7 @@ done in pieces on a busy machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -171,11 +172,10 @@ def main(argv=None) -> None:
         for config, spec in configs.items():
             if config in evals:
                 continue
-            if spec is not None:
-                patchattn.patch_model(model, "act", heads=spec, **act)
-            evals[config] = evaluate(model, cloze)
-            if spec is not None:
-                patchattn.unpatch_model(model)
+            patch = (contextlib.nullcontext() if spec is None
+                     else patchattn.patched(model, "act", heads=spec, **act))
+            with patch:
+                evals[config] = evaluate(model, cloze)
             print(f"{name} / {config}: accuracy {evals[config]['accuracy']:.4f}", flush=True)
             save()
     plot(result, n_layers, n_heads, out / f"act_{args.model}.png")

@@ -80,9 +80,8 @@ def main(argv=None) -> None:
                 rows.append({"setting": name, "layers": 0, "ppl": exact})
                 continue
             layers = candidates[-count:]
-            patchattn.patch_model(model, "hyper", layers=layers, **SETTINGS[name])
-            value = ppl()
-            patchattn.unpatch_model(model)
+            with patchattn.patched(model, "hyper", layers=layers, **SETTINGS[name]):
+                value = ppl()
             rows.append({"setting": name, "layers": count, "patched": layers, "ppl": value})
             print(f"{name:>22} last {count:>2}: ppl {value:.3f} ({100 * (value / exact - 1):+.1f}%)", flush=True)
 

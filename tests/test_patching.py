@@ -236,3 +236,33 @@ def test_variant_cache_layers_reach_generate_and_leave_with_unpatch():
         assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False), ref)
     finally:
         VARIANTS.pop("test_with_cache", None)
+
+
+def test_patched_context_manager_patches_then_restores_bit_for_bit():
+    model = tiny_model("qwen2")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    config, cls, ref = model.config.to_dict(), type(model), logits(model, tokens())
+    other = tiny_model("qwen2")
+    patch_model(other, "hyper", **APPROX)
+    expected = logits(other, tokens())
+    with patchattn.patched(model, "hyper", **APPROX) as m:
+        assert m is model and patchattn.is_patched(model)
+        torch.testing.assert_close(logits(model, tokens()), expected, atol=0, rtol=0)
+    assert not patchattn.is_patched(model) and type(model) is cls
+    assert model.config.to_dict() == config
+    state = model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
+    assert torch.equal(logits(model, tokens()), ref)
+
+
+def test_patched_context_manager_unpatches_on_exception_and_refuses_patched_model():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="boom"):
+        with patchattn.patched(model, "exact"):
+            raise RuntimeError("boom")
+    assert not patchattn.is_patched(model)
+    patch_model(model, "exact")
+    with pytest.raises(ValueError, match="already patched"):
+        with patchattn.patched(model, "exact"):
+            pass
+    assert patchattn.is_patched(model)  # the refusal leaves the outer patch alone
