@@ -122,13 +122,15 @@ def _is_batch_padding(key_valid: torch.Tensor) -> torch.Tensor:
 
 
 def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, attention_mask, *, min_seq_len: int,
-                        sliding_window: int | None = None, dropout: float = 0.0,
-                        training: bool = False) -> tuple[str, torch.Tensor | None]:
+                        sliding_window: int | None = None, dropout: float = 0.0, training: bool = False,
+                        output_attentions: bool = False, layer_idx: int = 0) -> tuple[str, torch.Tensor | None]:
     """May a long-prefill approximation (``hyper``, ``dhsa``) run here? Only on causal prefill (queries == keys)
     longer than ``min_seq_len`` under a causal mask with optional key padding, without attention dropout in
-    training (the approximations have no dropout). Returns ``(path, key_valid)`` with ``path`` one of
-    ``"approximate"``, ``"exact_decode"`` (decode steps: exact by design), ``"exact_short"`` (at most
-    ``min_seq_len`` queries) or ``"fallback"`` (the unexpected cases, logged once)."""
+    training (the approximations have no dropout) and without requested weights (they materialise none: exact
+    eager attention runs instead, so ``output_attentions=True`` never silently comes back without weights on some
+    layers). Returns ``(path, key_valid)`` with ``path`` one of ``"approximate"``, ``"exact_decode"`` (decode
+    steps: exact by design), ``"exact_short"`` (at most ``min_seq_len`` queries) or ``"fallback"`` (the other
+    cases, logged once)."""
     from .logging_utils import warn_once
 
     q_len, k_len = query.shape[2], key.shape[2]
@@ -149,6 +151,10 @@ def long_causal_prefill(name: str, query: torch.Tensor, key: torch.Tensor, atten
     if not ok:
         warn_once(f"{name}: attention mask is not causal+padding (packed or custom mask); using exact attention")
         return "fallback", None
+    if output_attentions:
+        warn_once(f"{name}: output_attentions=True needs the attention weights; layer {layer_idx} runs exact "
+                  "attention")
+        return "fallback", None
     return "approximate", key_valid
 
 
@@ -167,14 +173,3 @@ def exact_tail(module, out: torch.Tensor, query, key, value, attention_mask, tai
     out = out.clone()
     out[:, -tail:] = rows.to(out.dtype)
     return out
-
-
-def weights_requested(name: str, layer_idx: int, output_attentions: bool) -> bool:
-    """Does this call need the attention weights? Variants that do not materialise them run exact (eager) attention
-    instead, so ``output_attentions=True`` never silently comes back without weights on some layers."""
-    if not output_attentions:
-        return False
-    from .logging_utils import warn_once
-
-    warn_once(f"{name}: output_attentions=True needs the attention weights; layer {layer_idx} runs exact attention")
-    return True

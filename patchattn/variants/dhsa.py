@@ -20,7 +20,7 @@ import dataclasses
 
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
+from ..attention import exact_attention, exact_tail, long_causal_prefill
 from .base import Variant, VariantParams, param, register_variant
 
 POW2 = (16, 32, 64, 128, 256, 512, 1024)
@@ -61,9 +61,8 @@ class DynamicHierarchicalSparseAttention(Variant):
                                         **kwargs)
         path, key_valid = long_causal_prefill("dhsa", query, key, attention_mask,
                                               min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
-                                              dropout=dropout, training=module.training)
-        if path == "approximate" and weights_requested("dhsa", self.layer_idx, output_attentions):
-            path = "fallback"
+                                              dropout=dropout, training=module.training,
+                                              output_attentions=output_attentions, layer_idx=self.layer_idx)
         self.record_path(path)
         if path != "approximate":
             return exact()  # decode steps (exact by design), short inputs, fallbacks, requested weights

@@ -11,7 +11,7 @@ import dataclasses
 
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill, weights_requested
+from ..attention import exact_attention, exact_tail, long_causal_prefill
 from .base import Variant, VariantParams, param, register_variant
 
 
@@ -51,9 +51,8 @@ class HyperAttention(Variant):
                                         **kwargs)
         path, key_valid = long_causal_prefill("hyper", query, key, attention_mask,
                                               min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
-                                              dropout=dropout, training=module.training)
-        if path == "approximate" and weights_requested("hyper", self.layer_idx, output_attentions):
-            path = "fallback"
+                                              dropout=dropout, training=module.training,
+                                              output_attentions=output_attentions, layer_idx=self.layer_idx)
         if path == "approximate" and query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
             path = "exact_crossover"  # below the measured crossover, fused SDPA is faster than the estimator
         self.record_path(path)
