@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Without CUDA, Triton kernels run in Triton's CPU interpreter. Triton reads the switch when it is first imported
@@ -9,3 +10,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models helpers
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Modules of many tiny ops run them on one thread: faster, and 10x faster on a shared, oversubscribed CPU
+    (use as ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,14 +3,13 @@
 references, attention transfer, save/load, layer choice and parameter validation."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import VOCAB, tiny_model
-from transformers import DynamicCache, LlamaForCausalLM
+from tiny_models import CACHE_KW, VOCAB, tiny_model
+from transformers import DynamicCache
 
 import patchattn
 from patchattn.cache import PatchattnCache, build_cache
@@ -33,16 +32,9 @@ CASES = {
 }
 ONE_PER_VARIANT = ["lawcat+window", "hedgehog", "mala", "nala+window", "lightning"]
 FAMILIES = ["llama", "mistral", "qwen3", "gemma2"]  # RoPE scaling, sliding window + GQA, QK-norm, softcap
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny ops: one thread is faster, and 10x faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def variant_of(case: str) -> str:

@@ -25,14 +25,7 @@ from patchattn.patching import LAYER_ATTR, resolve_family
 from patchattn.variants import VARIANTS, Variant
 from patchattn.variants.base import handoff
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: one thread is faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch, n, seed=1):
