@@ -1,7 +1,7 @@
 """patchattn: efficient attention variants for pretrained Hugging Face models.
 
     import patchattn
-    patchattn.patch_model(model, "hyper", layers="last:16", block_size=256, sample_size=256)
+    patchattn.patch_model(model, "hyper", layers="last:16", block_size=256)
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def ids(batch=2, n=40):
 
 @pytest.mark.parametrize("variant, params", [
     ("hyper", dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)),
-    ("dhsa", dict(min_seq_len=16, chunk_size=16, query_block=16, budget_tokens=16, local_window=16)),
+    ("dhsa", dict(min_seq_len=16, chunk_size=16, query_block=16, budget_tokens=16, local_window=16, exact_tail=0)),
     ("sigmoid", {}),
     ("moh", dict(router="query_norm", shared_heads=0.25, active_heads=0.5)),
     ("zipcache", dict(requant_interval=5)),

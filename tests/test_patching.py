@@ -150,8 +150,8 @@ def test_list_variants_and_families():
     hyper = variants["hyper"]
     assert hyper["kind"] == "training-free"
     assert {k: p["default"] for k, p in hyper["params"].items()} == {
-        "lsh_num_projs": 7, "block_size": 256, "sample_size": 256, "min_seq_len": 4096, "seed": 0,
-        "sink_tokens": 0, "local_window": 0, "center_keys": False, "exact_tail": 256}
+        "lsh_num_projs": 7, "block_size": 256, "sample_size": 240, "min_seq_len": 4096, "seed": 0,
+        "sink_tokens": 16, "local_window": 0, "center_keys": False, "exact_tail": 256}
     families = {f["name"] for f in patchattn.list_families()}
     assert {"llama", "mistral", "gemma", "gemma2", "gemma3", "qwen", "chatglm2"} <= families
 

@@ -37,7 +37,7 @@ class DhsaParams(VariantParams):
     local_window: int = param(256, low=0, help="keys before each query block always kept (its own chunks are)")
     sink_tokens: int = param(64, low=0, help="first keys always kept (attention sinks; 0 = the paper's selection)")
     min_seq_len: int = param(4096, low=1, help="prefills of at most this many tokens use exact attention")
-    exact_tail: int = param(0, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
+    exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
                                            "prompt's question sits; 0 = the paper's method)")
 
 
