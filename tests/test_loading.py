@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_model
+from tiny_models import random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -22,7 +22,7 @@ APPROX = dict(min_seq_len=16, block_size=16, sample_size=16, lsh_num_projs=3, ex
 
 
 def tokens(n=48, batch=2, seed=0):
-    return torch.randint(3, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 @torch.no_grad()

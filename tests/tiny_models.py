@@ -51,3 +51,23 @@ BUILDERS = {
 
 def tiny_model(family: str):
     return BUILDERS[family]()
+
+
+def random_ids(batch: int, n: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    """``[batch, n]`` token ids drawn from ``[3, vocab)`` (clear of pad/bos/eos 0-2) by a generator seeded ``seed``."""
+    return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(n: int, pads, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``len(pads)`` rows of ``n`` random ids, row ``i`` left-padded with ``pads[i]`` pad tokens (0): (ids, mask)."""
+    ids = random_ids(len(pads), n, seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+@torch.no_grad()
+def logits(model, ids, mask=None, **kwargs) -> torch.Tensor:
+    """The model's logits for ``ids`` (``attention_mask=mask``, ``kwargs`` passed on), without autograd."""
+    return model(input_ids=ids, attention_mask=mask, **kwargs).logits
