@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from script_helpers import SCRIPTS, load_script
 
 import patchattn
 from patchattn.data import read_text
@@ -27,8 +26,6 @@ from patchattn.passkey import (
     make_prompts,
     passkey_accuracy,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +150,7 @@ def test_smollm2_tokenizer_prompt_lengths():
 
 def test_distill_eval_script(tmp_path, tokenizer):
     """Teacher (a tiny Llama) vs student (the same weights patched with sigmoid attention): files and tables."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import distill_eval
+    distill_eval = load_script(SCRIPTS / "distill_eval.py", "distill_eval")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
