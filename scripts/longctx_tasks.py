@@ -11,15 +11,13 @@ setting. ``--budget-s`` stops before a setting that would start after that many 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import commit, environment, pyplot, save_figure, write_json
 
 import patchattn
 from patchattn.realweights import load_model
@@ -39,24 +37,8 @@ SETTINGS = {
 }
 
 
-def environment(args) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-            "commit": commit or None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python scripts/longctx_tasks.py " + " ".join(args.argv)}
-
-
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     keys = list(dict.fromkeys((r["task"], r["context"]) for r in rows))
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(settings) * len(keys) / 2, 4))
@@ -74,8 +56,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(settings))], settings, rotation=20)
     ax.set_ylabel("accuracy (%) with 95% interval")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -88,8 +69,8 @@ def main(argv=None) -> None:
     p.add_argument("--settings", default="exact,hyper,hyper-tail,dhsa,dhsa-tail,zipcache")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", required=True)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    args.argv = argv if argv is not None else __import__("sys").argv[1:]
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -100,7 +81,9 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.to(device).eval()
-    report = {**environment(args), "model": args.model, "rows": []}
+    report = {**environment(None, cpu=platform.processor() or "cpu", packages=("torch", "triton", "transformers"),
+                            date="utc", argv=["scripts/longctx_tasks.py", *argv]),
+              "commit": commit(short=True), "model": args.model, "rows": []}
     for name in settings:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"budget reached: {name} and later settings not run")
@@ -121,7 +104,7 @@ def main(argv=None) -> None:
             print(f"{name:18s} {row['task']:16s} {row['context']:6d} {100 * row['accuracy']:5.1f}% "
                   f"[{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}] prefill {row['prefill_s']:.2f}s")
         report["rows"].extend(rows)
-        (out / "longctx_tasks.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "longctx_tasks.json", report)
     plot(report["rows"], out / "longctx_tasks.png")
 
 
