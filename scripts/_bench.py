@@ -168,6 +168,11 @@ def bench_attention_ms(fn, q, k, v, mode: str, dout=None, rep: int = 100) -> flo
                     return_mode="median")
 
 
+def rel_err(a, b) -> float:
+    """``|a - b| / |b|`` (Frobenius norms, in float32)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def peak_mb(fn, q, k, v, mode: str = "fwd", dout=None) -> float:
     """Peak CUDA memory (MiB) that attention ``fn(q, k, v)`` allocates beyond what is allocated before it: ``fwd``
     under no_grad, or ``fwd+bwd`` with ``.backward(dout)``."""

@@ -21,7 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _bench import bench_ms, environment, peak_mb, pyplot, save_figure, write_json
+from _bench import bench_ms, environment, peak_mb, pyplot, rel_err, save_figure, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -58,10 +58,6 @@ def dhsa(settings, cfg=None):
         sel = select_blocks(q, k, settings)
         return block_sparse_attention(q, k, v, sel, q.shape[-1] ** -0.5, config=cfg)[0]
     return f
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def check(d, h, hk, log):

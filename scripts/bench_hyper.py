@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench import bench_attention_ms, environment, peak_mb, pyplot, save_figure, write_json
+from _bench import bench_attention_ms, environment, peak_mb, pyplot, rel_err, save_figure, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from triton.testing import do_bench
@@ -41,10 +41,6 @@ def hyper_fn(settings, cfg=None, diag="auto"):
     def f(q, k, v):
         return hyper_attention_triton(q, k, v, settings=settings, config=cfg, diag_impl=diag)[0]
     return f
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def inputs(n, d, h=32, seed=0):
