@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import random_ids, tiny_model
+from tiny_models import perturb_variant_weights, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -32,10 +32,7 @@ def logits(model, ids=None):
 
 def perturb(model):
     """Give the variant's parameters non-initial values, so a load that dropped them would show."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f".{patchattn.LAYER_ATTR}." in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    perturb_variant_weights(model, 0.3)
 
 
 def saved_patched(tmp_path, family="llama", variant="gated", **params):
