@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import command, pyplot, save_figure, stamp, versions
 
 import patchattn
 from patchattn.cloze import accuracy, build_cloze, choice_logprobs, choice_scores, mean_logprob
@@ -46,10 +44,7 @@ def evaluate(model, cloze) -> dict:
 
 
 def plot(result: dict, n_layers: int, n_heads: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     search = result["search"]
@@ -80,8 +75,7 @@ def plot(result: dict, n_layers: int, n_heads: int, path: Path) -> None:
     low = min(100 * result["evaluations"][n][c]["accuracy"] for n in names for c in configs)
     ax2.set_ylim(max(0, low - 15), 108)
     ax2.legend(loc="upper center", ncol=len(configs), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def sign_test(fixed: int, broken: int) -> float:
@@ -135,10 +129,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"{json_path} was made with other settings: {result.get('settings')}; drop --resume")
     result.update({
         "model": args.model, "settings": settings,
-        "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
-        "date": datetime.date.today().isoformat(), "dtype": "float32", "device": "cpu",
+        **versions("torch", "transformers"), "platform": platform.platform(), "date": stamp(), "dtype": "float32",
+        "device": "cpu",
     })
-    result.setdefault("command", "python " + " ".join(sys.argv))
+    result.setdefault("command", command())
     result.setdefault("evaluations", {})
 
     def save() -> None:

@@ -16,18 +16,14 @@ Writes ``DIR/dhsa_attention.json`` and ``DIR/dhsa_attention_speedup.png``; print
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
+from _bench import bench_ms, environment, peak_mb, pyplot, rel_err, save_figure, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
-from triton.testing import do_bench
 
 from patchattn.kernels.dhsa import DhsaSettings, naive, select_blocks, selection_density
 from patchattn.kernels.dhsa.ops import KernelConfig, block_sparse_attention, default_config
@@ -64,27 +60,6 @@ def dhsa(settings, cfg=None):
     return f
 
 
-def bench(fn, *args):
-    with torch.no_grad():
-        return do_bench(lambda: fn(*args), warmup=25, rep=100, return_mode="median")
-
-
-def peak_mb(fn, *args):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        out = fn(*args)
-    torch.cuda.synchronize()
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def check(d, h, hk, log):
     """bf16 kernel vs the masked exact reference over the same kept set (n=4096, key padding on one row)."""
     n = 4096
@@ -109,7 +84,7 @@ def sweep(name, h, hk, log):
     sel = select_blocks(q, k, PRESETS[name])
     for cfg in SWEEP:
         try:
-            ms = bench(lambda a, b, c: block_sparse_attention(a, b, c, sel, 128**-0.5, config=cfg), q, k, v)
+            ms = bench_ms(lambda a, b, c: block_sparse_attention(a, b, c, sel, 128**-0.5, config=cfg), q, k, v)
         except Exception as e:  # noqa: BLE001 -- a config that does not compile is skipped
             log.append({"sweep": cfg.__dict__, "preset": name, "error": repr(e)[:200]})
             continue
@@ -124,7 +99,7 @@ def main():
     ap.add_argument("--d", type=int, nargs="*", default=None)
     ap.add_argument("--n", type=int, nargs="*", default=None)
     ap.add_argument("--hk", type=int, default=32, help="KV heads (32 = MHA; 8 = GQA as Llama-3-8B)")
-    ap.add_argument("--presets", nargs="*", default=None, help=f"of: {', '.join(PRESETS)}")
+    ap.add_argument("--presets", nargs="*", default=None, help=f"of: {', '.join(PRESETS)}".replace("%", "%%"))
     ap.add_argument("--flash", action="store_true", help="also time the flash SDPA backend")
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
@@ -132,9 +107,7 @@ def main():
     ds = args.d or ([128] if args.quick else [128, 64])
     ns = args.n or ([32768, 131072] if args.quick else [16384, 32768, 65536, 131072])
     presets = args.presets or (["default"] if args.quick else list(PRESETS))
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(), h=h, hk=args.hk, dtype="bfloat16",
-                command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+    meta = dict(**environment(), h=h, hk=args.hk, dtype="bfloat16",
                 presets={p: PRESETS[p].__dict__ for p in presets},
                 configs={f"d={d} {p}": default_config(d, PRESETS[p].query_block).__dict__ for d in ds
                          for p in presets})
@@ -163,7 +136,7 @@ def main():
         for name, fn in [("cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))] + (
                 [("flash", sdpa(SDPBackend.FLASH_ATTENTION))] if args.flash else []):
             try:
-                rows.append({**base, "impl": name, "ms": bench(fn, q, k, v), "peak_mb": peak_mb(fn, q, k, v)})
+                rows.append({**base, "impl": name, "ms": bench_ms(fn, q, k, v), "peak_mb": peak_mb(fn, q, k, v)})
             except Exception as e:  # noqa: BLE001
                 rows.append({**base, "impl": name, "error": repr(e)[:300]})
         for p in presets:
@@ -174,9 +147,9 @@ def main():
                     sel = select_blocks(q, k, st)
                     row["density"] = selection_density(sel)
                     row["rel_diff_vs_exact"] = rel_err(dhsa(st)(q, k, v), ref)
-                row["select_ms"] = bench(lambda a, b: select_blocks(a, b, st), q, k)
-                row["kernel_ms"] = bench(lambda a, b, c: block_sparse_attention(a, b, c, sel, d**-0.5), q, k, v)
-                row["ms"] = bench(dhsa(st), q, k, v)
+                row["select_ms"] = bench_ms(lambda a, b: select_blocks(a, b, st), q, k)
+                row["kernel_ms"] = bench_ms(lambda a, b, c: block_sparse_attention(a, b, c, sel, d**-0.5), q, k, v)
+                row["ms"] = bench_ms(dhsa(st), q, k, v)
                 row["peak_mb"] = peak_mb(dhsa(st), q, k, v)
             except Exception as e:  # noqa: BLE001 -- OOM or a failing case: record and go on
                 row["error"] = repr(e)[:300]
@@ -184,8 +157,7 @@ def main():
             rows.append(row)
         del q, k, v, ref
         torch.cuda.empty_cache()
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "log": log, "rows": rows}, f, indent=1)
+        write_json(path, {"meta": meta, "log": log, "rows": rows})
     plot(rows, meta, os.path.join(args.out, "dhsa_attention_speedup.png"))
     table(rows, log, meta)
 
@@ -195,11 +167,7 @@ def _get(rows, **kw):
 
 
 def plot(rows, meta, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for d, marker in zip(sorted({r["d"] for r in rows}), "so^v"):
         for p in meta["presets"]:
@@ -219,8 +187,7 @@ def plot(rows, meta, path):
     ax.legend(fontsize=8)
     ax.set_title(f"DHSA prefill vs cuDNN, b=1 h={meta['h']} hk={meta['hk']} bf16\n{meta['gpu']}, torch "
                  f"{meta['torch']}, triton {meta['triton']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def table(rows, log, meta):

@@ -15,16 +15,13 @@ each call. Writes
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
+from _bench import bench_attention_ms, environment, peak_mb, pyplot, rel_err, save_figure, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from triton.testing import do_bench
@@ -46,37 +43,6 @@ def hyper_fn(settings, cfg=None, diag="auto"):
     return f
 
 
-def time_it(fn, q, k, v, mode, dout, rep=100):
-    if mode == "fwd":
-        with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v), warmup=25, rep=rep, return_mode="median")
-    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-    return do_bench(lambda: fn(qg, kg, vg).backward(dout), warmup=25, rep=rep, grad_to_none=[qg, kg, vg],
-                    return_mode="median")
-
-
-def peak_mb(fn, q, k, v, mode, dout):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    if mode == "fwd":
-        with torch.no_grad():
-            out = fn(q, k, v)
-    else:
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        out = fn(qg, kg, vg)
-        out.backward(dout)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def inputs(n, d, h=32, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v, do = (torch.randn(1, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
@@ -93,7 +59,7 @@ def sweep_configs(d, settings, n, log):
     for bm, bn, w, s in fwd:
         cfg = KernelConfig(**{**base.__dict__, "lvl_bm": bm, "lvl_bn": bn, "lvl_warps": w, "lvl_stages": s})
         try:
-            ms = time_it(hyper_fn(settings, cfg), q, k, v, "fwd", do)
+            ms = bench_attention_ms(hyper_fn(settings, cfg), q, k, v, "fwd", do)
         except Exception as e:  # noqa: BLE001 -- a config that does not compile is just skipped
             log.append({"d": d, "kind": "fwd", "cfg": [bm, bn, w, s], "error": repr(e)[:200]})
             continue
@@ -110,7 +76,7 @@ def sweep_configs(d, settings, n, log):
         cfg = KernelConfig(**{**best.__dict__, "dq_bm": dqm, "dq_bn": dqn, "dq_warps": dqw, "dkdv_bm": km,
                               "dkdv_bn": kn, "dkdv_warps": kw, "bwd_stages": s})
         try:
-            ms = time_it(hyper_fn(settings, cfg), q, k, v, "fwd+bwd", do)
+            ms = bench_attention_ms(hyper_fn(settings, cfg), q, k, v, "fwd+bwd", do)
         except Exception as e:  # noqa: BLE001
             log.append({"d": d, "kind": "bwd", "cfg": [dqm, dqn, dqw, km, kn, kw, s], "error": repr(e)[:200]})
             continue
@@ -150,7 +116,7 @@ def profile(n, d, settings, cfg, log):
         for diag in ("triton", "cudnn"):
             try:
                 outs[diag] = hyper_fn(settings, cfg, diag)(q, k, v)
-                ms = time_it(hyper_fn(settings, cfg, diag), q, k, v, "fwd", do)
+                ms = bench_attention_ms(hyper_fn(settings, cfg, diag), q, k, v, "fwd", do)
                 print(f"  hyper fwd with diag={diag}: {ms:.3f} ms")
                 log.append({"profile_n": n, "d": d, "diag_impl": diag, "fwd_ms": ms})
             except Exception as e:  # noqa: BLE001
@@ -162,7 +128,7 @@ def profile(n, d, settings, cfg, log):
         m = settings.min_seq_len
         if n % m == 0 and n > m:
             ql, kl, vl = (x.view(1, 32 * (n // m), m, d) for x in (q, k, v))
-            ms = time_it(sdpa_fn(SDPBackend.CUDNN_ATTENTION), ql, kl, vl, "fwd", None)
+            ms = bench_attention_ms(sdpa_fn(SDPBackend.CUDNN_ATTENTION), ql, kl, vl, "fwd", None)
             print(f"  cuDNN on the {n // m} exact leaves alone: {ms:.3f} ms")
             log.append({"profile_n": n, "d": d, "cudnn_leaves_fwd_ms": ms})
         t0 = time.perf_counter()
@@ -192,9 +158,7 @@ def main():
     settings = HyperSettings()  # the reference's defaults: 7 projections, block 256, 256 samples, min_seq_len 4096
     # the recommended quality levers at the same per-query budget: 16 sinks + 112-key window + 128 samples
     levers = HyperSettings(sample_size=128, sink_tokens=16, local_window=112)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(),
-                command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    meta = environment()
     os.makedirs(args.out_dir, exist_ok=True)
     extra = {"settings": settings.__dict__, "levers": levers.__dict__, "meta": meta, "sweep": [], "profile": [],
              "configs": {}}
@@ -209,8 +173,8 @@ def main():
         for n in args.crossover:
             q, k, v, do = inputs(n, d)
             for mode in ("fwd", "fwd+bwd"):
-                t_h = time_it(hyper_fn(settings, cfgs.get(d)), q, k, v, mode, do)
-                t_c = time_it(sdpa_fn(SDPBackend.CUDNN_ATTENTION), q, k, v, mode, do)
+                t_h = bench_attention_ms(hyper_fn(settings, cfgs.get(d)), q, k, v, mode, do)
+                t_c = bench_attention_ms(sdpa_fn(SDPBackend.CUDNN_ATTENTION), q, k, v, mode, do)
                 print(f"crossover d={d} n={n} {mode}: hyper {t_h:.3f} ms, cudnn {t_c:.3f} ms, x{t_c / t_h:.2f}")
                 extra["profile"].append({"crossover_n": n, "d": d, "mode": mode, "hyper_ms": t_h, "cudnn_ms": t_c})
     for n in args.profile:
@@ -218,8 +182,7 @@ def main():
             profile(n, 128, settings, cfgs.get(128), extra["profile"])
         except Exception as e:  # noqa: BLE001
             print(f"profile {n} failed: {e!r}")
-    with open(os.path.join(args.out_dir, "hyper_attention_profile.json"), "w") as f:
-        json.dump(extra, f, indent=1)
+    write_json(os.path.join(args.out_dir, "hyper_attention_profile.json"), extra)
     if args.skip_main:
         return
     rows = []
@@ -238,7 +201,7 @@ def main():
             fn = impls[name](d)
             for mode in args.modes:
                 try:
-                    ms = time_it(fn, q, k, v, mode, do)
+                    ms = bench_attention_ms(fn, q, k, v, mode, do)
                     pk = peak_mb(fn, q, k, v, mode, do)
                 except Exception as e:  # noqa: BLE001
                     print(f"{name} {mode} n={n} d={d} failed: {e!r}"[:300], flush=True)
@@ -247,17 +210,14 @@ def main():
                                  peak_mb=round(pk, 1), **meta))
         del q, k, v, do, ref
         torch.cuda.empty_cache()
-        with open(os.path.join(args.out_dir, "hyper_attention.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(os.path.join(args.out_dir, "hyper_attention.json"), rows)
     plot(rows, os.path.join(args.out_dir, "hyper_attention_speedup.png"), meta)
     print_table(rows, meta)
 
 
 def plot(rows, path, meta):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         print("matplotlib missing: no plot")
         return
@@ -282,8 +242,7 @@ def plot(rows, path, meta):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Triton HyperAttention vs SDPA on {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def print_table(rows, meta):

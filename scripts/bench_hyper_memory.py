@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import gc
 import json
-import shlex
 import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
+from _bench import Timer, environment, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from patchattn.kernels.hyper import HyperSettings
@@ -64,21 +60,13 @@ def time_ms(fn, mode, q, k, v, do, iters, warmup=2):
     """Median (and all) per-iteration times in ms, CUDA events around each iteration."""
     if mode == "fwd+bwd":
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    ts = []
+    ts, tm = [], Timer(CUDA)
     for i in range(warmup + iters):
         if mode == "fwd+bwd":
             q.grad = k.grad = v.grad = None
-        if CUDA:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            _step(fn, mode, q, k, v, do)
-            e.record()
-            e.synchronize()
-            t = s.elapsed_time(e)
-        else:
-            t0 = time.perf_counter()
-            _step(fn, mode, q, k, v, do)
-            t = (time.perf_counter() - t0) * 1e3
+        tm.start()
+        _step(fn, mode, q, k, v, do)
+        t = tm.stop_ms()
         if i >= warmup:
             ts.append(t)
     return statistics.median(ts), ts
@@ -113,9 +101,7 @@ def main():
     args = ap.parse_args()
     dev = "cuda" if CUDA else "cpu"
     dt = torch.bfloat16 if CUDA else torch.float32
-    meta = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
-                triton=triton.__version__, date=datetime.date.today().isoformat(),
-                command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    meta = environment(CUDA)
     old = dataclasses.replace(default_config(args.d), perm16=False, acc_budget_mb=1 << 30)
     impls = [("hyper", hyper_fn())] + ([] if args.no_old else [("hyper[int32,unchunked]", hyper_fn(old))])
     impls.append(("cudnn", cudnn_fn))
@@ -147,8 +133,7 @@ def main():
                 rows.append(row)
                 print(json.dumps({x: row.get(x) for x in ("impl", "mode", "n", "ms", "ms_do_bench",
                                                           "peak_mb_over_inputs", "error") if x in row}), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(rows, f, indent=1)
+                write_json(args.out, rows)
         del q, k, v, do
         gc.collect()
         if CUDA:

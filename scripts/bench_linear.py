@@ -23,8 +23,6 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import platform
@@ -37,6 +35,7 @@ if "--smoke" in sys.argv:  # CPU plumbing check: Triton's interpreter, set befor
 
 import torch
 import torch.nn.functional as F
+from _bench import Timer, environment, pyplot, save_figure, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -60,8 +59,7 @@ def log(*a):
 
 def save():
     RES["info"]["elapsed_s"] = round(time.time() - T0, 1)
-    with open(os.path.join(OUT, "linear_attention.json"), "w") as f:
-        json.dump(RES, f, indent=1, default=str)
+    write_json(os.path.join(OUT, "linear_attention.json"), RES, default=str)
 
 
 def rel(a, b):
@@ -80,28 +78,6 @@ def free():
         torch.cuda.empty_cache()
 
 
-class Timer:
-    """CUDA events on the GPU, perf_counter elsewhere (smoke runs)."""
-
-    def __init__(self):
-        self.cuda = DEV == "cuda"
-        if self.cuda:
-            self.s, self.e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def start(self):
-        if self.cuda:
-            self.s.record()
-        else:
-            self.t = time.perf_counter()
-
-    def stop_ms(self):
-        if self.cuda:
-            self.e.record()
-            self.e.synchronize()
-            return self.s.elapsed_time(self.e)
-        return (time.perf_counter() - self.t) * 1e3
-
-
 def record_error(where, e):
     tb = traceback.format_exc()
     RES["errors"].append({"case": where, "error": f"{type(e).__name__}: {e}"[:2000], "traceback": tb[-6000:]})
@@ -113,7 +89,7 @@ def bench_ms(fn, target_s=0.35, min_reps=3, max_reps=40):
     """Median ms of ``fn`` (one warm-up call, which also compiles, then as many reps as fit ``target_s``)."""
     fn()
     sync()
-    tm = Timer()
+    tm = Timer(DEV == "cuda")
     tm.start()
     fn()
     est = tm.stop_ms() / 1e3
@@ -351,7 +327,7 @@ def time_decode(fn, graph: bool, iters=200):
     for _ in range(10):
         call()
     sync()
-    tm = Timer()
+    tm = Timer(DEV == "cuda")
     best = float("inf")
     for _ in range(3):
         tm.start()
@@ -463,9 +439,7 @@ def load_fla(full_autotune: bool):
 
 def plot(path):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except Exception as e:  # noqa: BLE001
         RES["info"]["plot"] = f"no matplotlib: {e}"
         return
@@ -494,9 +468,7 @@ def plot(path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"normalised gated linear attention — {RES['info'].get('gpu', '?')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def table():
@@ -556,7 +528,6 @@ def main():
     args = ap.parse_args()
     OUT, BUDGET = args.out, args.budget
     os.makedirs(OUT, exist_ok=True)
-    import triton
     from tqdm import tqdm
 
     ops = __import__(L.__name__ + ".ops", fromlist=["CONFIG"])
@@ -571,15 +542,15 @@ def main():
         lengths = [int(x) for x in args.lengths.split(",")]
         contexts = [int(x) for x in args.contexts.split(",")]
         cn, cd, cbig, cbig_d = 1000, 128, 16384, 128
-    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
-    RES["info"].update(kernels=os.path.dirname(L.__file__), gpu=gpu, torch=torch.__version__,
-                       triton=triton.__version__, cuda=torch.version.cuda,
+    env = environment(DEV == "cuda", cpu="cpu (smoke)", packages=("torch", "triton", "cuda"), date="seconds",
+                      with_command=False)
+    RES["info"].update(kernels=os.path.dirname(L.__file__), **env,
                        cudnn=torch.backends.cudnn.version() if DEV == "cuda" else None,
-                       python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                       command=" ".join(sys.argv), config=str(ops.CONFIG), heads=f"h={H} hk={HK}",
+                       python=platform.python_version(), command=" ".join(sys.argv), config=str(ops.CONFIG),
+                       heads=f"h={H} hk={HK}",
                        sms=torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else None,
                        budget_s=BUDGET)
-    log(f"{gpu} torch {torch.__version__} triton {triton.__version__} cuda {torch.version.cuda}")
+    log(f"{env['gpu']} torch {env['torch']} triton {env['triton']} cuda {env['cuda']}")
     save()
     fla_box = {}
 

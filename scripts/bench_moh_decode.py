@@ -10,25 +10,22 @@ Writes moh_decode.json and moh_decode.png to --out.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import Timer, environment, pyplot, save_figure, write_json
 
 
 def median_ms(fn, reps: int = 50) -> float:
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    times = []
+    times, tm = [], Timer()
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        tm.start()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(tm.stop_ms())
     return sorted(times)[len(times) // 2]
 
 
@@ -37,7 +34,6 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    import triton
     from tqdm.auto import tqdm
 
     from patchattn.kernels.moh.naive import active_head_decode_reference
@@ -49,8 +45,7 @@ def main() -> None:
     layouts = {"MHA 32/32 (Llama-2-7B)": (32, 32), "GQA 32/8 (Llama-3-8B)": (32, 8)}
     contexts = [4096, 16384, 65536, 131072]
     fractions = [0.75, 0.5]
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "dtype": "bf16", "head_dim": d, "batch": b}
+    env = {**environment(date=None, with_command=False), "dtype": "bf16", "head_dim": d, "batch": b}
     rows = []
     # correctness first, at a small size
     q = torch.randn(2, 8, 1, d, device=dev, dtype=dtype)
@@ -82,13 +77,9 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 -- record and go on (e.g. OOM)
             rows.append({"layout": name, "context": n, "active_fraction": frac, "error": repr(exc)[:300]})
         torch.cuda.empty_cache()
-    (out_dir / "moh_decode.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    write_json(out_dir / "moh_decode.json", {"environment": env, "rows": rows})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in layouts:
         for frac in fractions:
@@ -100,8 +91,7 @@ def main() -> None:
     ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up vs dense SDPA decode",
            title=f"MoH decode step, {env['gpu']}, bf16, batch {b}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "moh_decode.png", dpi=120)
+    save_figure(fig, out_dir / "moh_decode.png")
 
     print(env)
     print(f"{'layout':<24} {'ctx':>7} {'act':>5} {'dense ms':>9} {'active ms':>9} {'all ms':>8} {'speedup':>8} kv read")

@@ -20,16 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import shlex
 import statistics
-import sys
-import time
 
 import torch
-import transformers
+from _bench import Timer, environment, write_json
 from transformers import LlamaConfig, LlamaModel
 
 import patchattn
@@ -75,20 +69,11 @@ def timed_prefill(model, ids, reps, device):
         return model(input_ids=ids, use_cache=False).last_hidden_state
 
     out = once()  # warm-up (Triton compiles, cuDNN plans)
-    times = []
+    times, tm = [], Timer(device == "cuda")
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = once()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            out = once()
-            times.append((time.perf_counter() - t0) * 1e3)
+        tm.start()
+        out = once()
+        times.append(tm.stop_ms())
     return out, times
 
 
@@ -105,11 +90,7 @@ def main():
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     lens = [256] if args.tiny else args.lens
     extra = {"min_seq_len": 64} if args.tiny else {}
-    import triton
-
-    meta = dict(gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                triton=triton.__version__, transformers=transformers.__version__, patchattn=patchattn.__version__,
-                date=datetime.date.today().isoformat(), command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    meta = environment(device == "cuda", packages=("torch", "triton", "transformers", "patchattn"))
     config = llama3_8b_config(args.layers, args.tiny)
     torch.manual_seed(0)
     with torch.device(device):
@@ -161,11 +142,9 @@ def main():
             del out
         del ref
         if args.out and not args.tiny:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "model": {"shape": "Llama-3-8B", "layers": args.layers, "params": params,
-                                                   "dtype": str(dtype), "batch": 1, "use_cache": False},
-                           "rows": rows}, f, indent=1)
+            write_json(args.out, {"meta": meta, "model": {"shape": "Llama-3-8B", "layers": args.layers,
+                                                          "params": params, "dtype": str(dtype), "batch": 1,
+                                                          "use_cache": False}, "rows": rows})
     print(f"\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | transformers "
           f"{meta['transformers']} | {meta['date']} | {meta['command']}")
     print(f"Llama-3-8B-shaped LlamaModel, {args.layers} layers, random weights, {dtype}, b=1, use_cache=False")

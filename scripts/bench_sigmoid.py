@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
-import shlex
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from _bench import bench_attention_ms, environment, pyplot, save_figure, write_json
 
 DEVICE = "cuda"
 CHECK_DTYPE = torch.bfloat16
@@ -101,17 +99,6 @@ def make_fn(impl, n, cfgs):
 def inputs(b, h, n, d, seed=0):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     return [torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(4)]
-
-
-def time_it(fn, q, k, v, do, mode, rep):
-    from triton.testing import do_bench
-
-    if mode == "fwd":
-        with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v), warmup=25, rep=rep, return_mode="median")
-    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-    return do_bench(lambda: fn(qg, kg, vg).backward(do), warmup=25, rep=rep, grad_to_none=[qg, kg, vg],
-                    return_mode="median")
 
 
 def flops(b, h, n, d, mode):
@@ -205,7 +192,7 @@ def tune(d, heads, tokens, rep, log):
 
 def _try(fn, q, k, v, do, mode, rep, log, d, kind, cfg):
     try:
-        ms = time_it(fn, q, k, v, do, mode, rep // 2)
+        ms = bench_attention_ms(fn, q, k, v, mode, do, rep // 2)
     except Exception as e:  # noqa: BLE001 -- a config that does not compile or fit is skipped
         log.append({"d": d, "kernel": kind, "mode": mode, "cfg": cfg, "error": f"{type(e).__name__}: {e}"[:300]})
         torch.cuda.empty_cache()
@@ -216,11 +203,7 @@ def _try(fn, q, k, v, do, mode, rep, log, d, kind, cfg):
 
 # -- step 3 --------------------------------------------------------------------------------------------------------
 def plot(rows, path, meta):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ds = sorted({r["d"] for r in rows})
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(len(ds), len(modes), figsize=(6 * len(modes), 4 * len(ds)), squeeze=False)
@@ -240,9 +223,7 @@ def plot(rows, path, meta):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"FlashSigmoid vs softmax kernels — {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(rows):
@@ -271,7 +252,6 @@ def main():
     args = parse()
     if not torch.cuda.is_available():
         sys.exit("bench_sigmoid.py needs a CUDA GPU")
-    import triton
     from tqdm import tqdm
 
     from patchattn.kernels.sigmoid.ops import default_config
@@ -280,17 +260,13 @@ def main():
     ns = args.n or ([4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768])
     tune_on = not (args.no_tune or args.quick)
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command="python " + " ".join(shlex.quote(a) for a in sys.argv), tokens=args.tokens,
+    meta = dict(**environment(packages=("torch", "triton", "cuda", "cudnn"), date="seconds"), tokens=args.tokens,
                 hidden=args.hidden, dtype="bfloat16", causal=True, sigmoid_bias="-log(n)")
     result = {"meta": meta, "check": [], "tuning": [], "configs": {}, "rows": [], "errors": []}
     path = os.path.join(args.out, "bench_sigmoid.json")
 
     def save():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(path, result)
 
     t0 = time.perf_counter()
     print(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  cuda {meta['cuda']}", flush=True)
@@ -333,7 +309,7 @@ def main():
             result["rows"].append(row)
             continue
         try:
-            ms = time_it(make_fn(impl, n, cfgs[d]), *tensors, mode, args.rep)
+            ms = bench_attention_ms(make_fn(impl, n, cfgs[d]), *tensors[:3], mode, tensors[3], args.rep)
             row.update(ms=ms, tflops=flops(b, heads, n, d, mode) / (ms * 1e-3) / 1e12)
         except Exception as e:  # noqa: BLE001 -- OOM, backend not available, ...
             row["error"] = f"{type(e).__name__}: {e}"[:400]

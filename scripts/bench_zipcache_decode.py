@@ -25,17 +25,13 @@ Writes ``zipcache_decode.json`` and ``zipcache_decode.png`` into ``--out``; the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import environment, pyplot, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -231,13 +227,9 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
-    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "patchattn": patchattn.__version__, "zipcache_configs": configs,
-            "decode_paths": list(paths), "random_init": args.random_init, "steps": args.steps, "batch": args.batch,
-            "repeats": args.repeats,
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = {**environment(dev == "cuda", packages=("torch", "transformers", "cuda", "patchattn"), date="seconds"),
+            "zipcache_configs": configs, "decode_paths": list(paths), "random_init": args.random_init,
+            "steps": args.steps, "batch": args.batch, "repeats": args.repeats}
     rows, checks, profiles = [], {}, {}
     started = time.perf_counter()
     for source in (args.config_json if args.random_init else args.models).split(","):
@@ -276,8 +268,7 @@ def main() -> None:
             row["decode_slowdown"] = row["decode_ms_median"] / ref["decode_ms_median"]
     meta["profile"] = profiles
     meta["seconds"] = time.perf_counter() - started
-    (out_dir / "zipcache_decode.json").write_text(json.dumps({**meta, "correctness_8bit": checks, "rows": rows},
-                                                             indent=2))
+    write_json(out_dir / "zipcache_decode.json", {**meta, "correctness_8bit": checks, "rows": rows}, indent=2)
     plot(rows, out_dir / "zipcache_decode.png", meta)
 
     print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}; {args.steps} decode steps")
@@ -296,11 +287,7 @@ def main() -> None:
 
 
 def plot(rows, path: Path, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r and "context" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model in sorted({r["model"] for r in ok}):
@@ -317,9 +304,7 @@ def plot(rows, path: Path, meta: dict) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     fig.suptitle(f"ZipCache vs DynamicCache, {meta['gpu']}, bf16, batch {meta['batch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

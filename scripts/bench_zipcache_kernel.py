@@ -27,17 +27,14 @@ float32 attention over the dequantised block| (the kernel's own error). Writes `
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import statistics
-import sys
 import time
 import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import environment, pyplot, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -166,11 +163,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test)")
     dtype = torch.bfloat16
-    meta = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-            "triton": _triton_version(), "dtype": "bf16", "recent": args.recent,
-            "settings": {name: SETTINGS[name] for name in args.settings.split(",")},
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = {**environment(args.device == "cuda", date="seconds"), "dtype": "bf16", "recent": args.recent,
+            "settings": {name: SETTINGS[name] for name in args.settings.split(",")}}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [(int(b), int(c), s) for b in args.batches.split(",") for c in args.contexts.split(",")
@@ -184,7 +178,7 @@ def main() -> None:
             rows.append({"batch": b, "context": context, "setting": setting, "error": repr(exc)[:200]})
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    (out_dir / "zipcache_kernel.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    write_json(out_dir / "zipcache_kernel.json", {**meta, "rows": rows}, indent=2)
     plot(rows, out_dir / "zipcache_kernel.png", meta, args)
 
     print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, bf16, h={args.heads} hk={args.kv_heads} "
@@ -203,20 +197,8 @@ def main() -> None:
             print("    fused at other tiles (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["fused_tiles_ms"].items()))
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
 def plot(rows, path: Path, meta: dict, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r]
     batches = sorted({r["batch"] for r in ok})
     fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(5.5 * max(1, len(batches)), 4), squeeze=False)
@@ -236,9 +218,7 @@ def plot(rows, path: Path, meta: dict, args) -> None:
         ax.set_title(f"b={b}, h={args.heads}, hk={args.kv_heads}, d={args.head_dim}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"ZipCache decode attention, {meta['gpu']}, bf16", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

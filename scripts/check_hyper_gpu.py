@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 import torch.nn.functional as F
+from _bench import write_json
 
 from patchattn.kernels.hyper import HyperSettings, naive
 from patchattn.kernels.hyper.ops import hyper_attention_triton
@@ -105,8 +105,7 @@ def main():
             for name, settings in REAL.items():
                 results.append(check(q, k, v, settings, None, tag=f"real-layer{layer}-{name}"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     print("\ntag                        levers                 out/ref  dq/ref  dk/ref  dv/ref | out/exact ref/exact "
           "dq/exact")
     for r in results:

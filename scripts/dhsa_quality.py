@@ -16,16 +16,13 @@ Writes ``DIR/dhsa_quality.json`` and ``DIR/dhsa_quality.png``; prints a table la
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import environment, pyplot, save_figure, write_json
 from tqdm.auto import tqdm
 
 import patchattn
@@ -69,7 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", default="4096,8192,16384,32768")
     p.add_argument("--max-tokens", type=int, default=32768, help="tokens of text scored at each context")
     p.add_argument("--presets", default="default,no-sinks,12.5%,6.25%,qblock128,static-window",
-                   help=f"comma-separated, of: {', '.join(PRESETS)}")
+                   help=f"comma-separated, of: {', '.join(PRESETS)}".replace("%", "%%"))
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
     p.add_argument("--beyond-max", action="store_true", help="also contexts past max_position_embeddings")
     p.add_argument("--out", required=True, help="output directory")
@@ -83,11 +80,10 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown presets {unknown}; known: {list(PRESETS)}")
     text = read_text()
-    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
-            "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-            "triton": _triton_version(), "date": datetime.date.today().isoformat(),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "corpus": "shakespeare.txt",
-            "max_tokens": args.max_tokens, "presets": {x: resolved(x) for x in presets}}
+    meta = {**environment(device == "cuda", cpu=f"cpu ({platform.machine()})", key="device",
+                          packages=("torch", "transformers", "triton")),
+            "dtype": str(dtype), "corpus": "shakespeare.txt", "max_tokens": args.max_tokens,
+            "presets": {x: resolved(x) for x in presets}}
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +118,7 @@ def main(argv=None) -> None:
                 if patchattn.is_patched(model):
                     patchattn.unpatch_model(model)
             rows.append(row)
-            (out / "dhsa_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            write_json(out / "dhsa_quality.json", {"meta": meta, "rows": rows})
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -130,21 +126,8 @@ def main(argv=None) -> None:
     _table(rows, meta)
 
 
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 def _plot(rows, meta, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
@@ -160,8 +143,7 @@ def _plot(rows, meta, path):
         ax.set_title(m, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"DHSA perplexity, {meta['device']}, {meta['dtype']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def _table(rows, meta):

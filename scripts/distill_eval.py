@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench import environment, pyplot, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -140,11 +140,7 @@ def tables(results: dict, args) -> str:
 
 
 def plot(results: dict, args, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(results)
     fig, axes = plt.subplots(1, 2 + n, figsize=(5 * (2 + n), 4), squeeze=False)
     ax_ppl, ax_pk, heat = axes[0][0], axes[0][1], axes[0][2:]
@@ -180,9 +176,6 @@ def plot(results: dict, args, path: Path, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    import transformers
-
-    import patchattn
     from patchattn.data import read_text
 
     args = parse_args(argv)
@@ -191,11 +184,10 @@ def main(argv=None) -> dict:
     models = {"teacher": args.teacher, **args.students}
     results = {label: evaluate_model(label, spec, args, text, passkey_text) for label, spec in models.items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("student", "no_progress")}
-    env = {"patchattn": patchattn.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"}
+    env = environment(args.device.startswith("cuda"), cpu=platform.processor() or "cpu", key="device",
+                      packages=("patchattn", "transformers", "torch"), date=None, with_command=False)
     paths = {ext: Path(f"{args.out}.{ext}") for ext in ("json", "md", "png")}
-    paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    paths["json"].write_text(json.dumps({"settings": settings, "env": env, "models": results}, indent=1))
+    write_json(paths["json"], {"settings": settings, "env": env, "models": results})
     table = tables(results, args)
     paths["md"].write_text(table + "\n")
     variants = sorted({r["patch"]["variant"] for r in results.values() if r["patch"]})

@@ -18,19 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def environment() -> dict:
-    import accelerate
-    import peft
-    import torch
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"gpu": gpu, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+from _bench import ROOT, environment, pyplot, save_figure, write_json
 
 
 def launch(accelerate_config: str, recipe_config: str, output_dir: Path, overrides: dict, log_file: Path,
@@ -56,11 +44,7 @@ def launch(accelerate_config: str, recipe_config: str, output_dir: Path, overrid
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = {k: v for k, v in results.items() if v.get("records")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run in runs.items():
@@ -75,9 +59,7 @@ def plot(results: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -92,7 +74,11 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(), "steps": args.steps, "runs": {}}
+    import torch
+
+    env = environment(None, packages=("torch", "transformers", "accelerate", "peft"), date=None, with_command=False)
+    report = {"environment": {**env, "gpus": torch.cuda.device_count(), "python": platform.python_version()},
+              "steps": args.steps, "runs": {}}
     from tqdm.auto import tqdm
 
     single = str(ROOT / "recipes" / "accelerate_configs" / "single_gpu.yaml")
@@ -101,17 +87,15 @@ def main() -> None:
         report["runs"][variant] = launch(single, config, runs / variant, {"max_steps": args.steps, "resume": False},
                                          runs / f"{variant}.log")
         report["runs"][variant]["config"] = Path(config).read_text()
-        json.dump(report, open(out / "continue_train_smollm2.json", "w"), indent=1)
+        write_json(out / "continue_train_smollm2.json", report)
     if args.fsdp_steps:
-        import torch
-
         # FSDP2 with every visible GPU (one on a single-GPU machine: the wrapping and the sharded state dict still run)
         report["runs"]["gated_fsdp"] = launch(
             str(ROOT / "recipes" / "accelerate_configs" / "fsdp.yaml"), str(Path(args.config_dir) / "gated.yaml"),
             runs / "gated_fsdp", {"max_steps": args.fsdp_steps, "resume": False, "eval_every": 10,
                                   "save_every": 15}, runs / "gated_fsdp.log",
             num_processes=max(torch.cuda.device_count(), 1))
-    json.dump(report, open(out / "continue_train_smollm2.json", "w"), indent=1)
+    write_json(out / "continue_train_smollm2.json", report)
     plot(report["runs"], out / "continue_train_smollm2.png")
 
     print(f"\n{report['environment']}")

@@ -17,10 +17,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _bench import ROOT, commit, environment, stamp
+
 TALLY_ENV = "PATCHATTN_GPU_TESTS_TALLY"
 
 # -- the plugin (runs inside pytest) ---------------------------------------------------------------------------------
@@ -69,32 +69,6 @@ def summarize(outcomes: dict[str, str]) -> dict:
     return counts
 
 
-def commit() -> str | None:
-    if os.environ.get("PATCHATTN_COMMIT"):
-        return os.environ["PATCHATTN_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def environment() -> dict:
-    """GPU and library versions, read in this process (never in pytest's: importing triton there before
-    conftest.py would fix the interpreter switch too early)."""
-    import torch
-    import transformers
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__}
-
-
 def _workers(pytest_args: list[str]) -> int:
     """pytest-xdist's ``-n N`` (1 without it)."""
     for i, arg in enumerate(pytest_args):
@@ -136,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                                                            "'complete': false and counts what ran")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest after '--'")
     args = parser.parse_args(argv)
-    env = environment()
+    # GPU and library versions, read in this process (never in pytest's: importing triton there before conftest.py
+    # would fix the interpreter switch too early)
+    env = environment(None, cpu=None, packages=("torch", "triton", "transformers"), date=None, with_command=False)
     status, outcomes = run_pytest(args.pytest_args, cuda=env["gpu"] is not None, timeout_s=args.timeout_s)
     result = {"commit": commit(), "complete": status is not None, **summarize(outcomes), **env,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": stamp("utc"),
               "command": " ".join(["python", "-m", "pytest", "-q", *args.pytest_args])}
     if status is None:
         status = 124

@@ -11,14 +11,11 @@ Writes ``benchmarks/results/hyper_quality_<model>_<corpus>.json`` and a PNG of t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import environment, pyplot, save_figure, write_json
 
 import patchattn
 from patchattn.data import default_text_path
@@ -90,10 +87,9 @@ def main(argv=None) -> None:
     stem = f"hyper_quality_{args.model}_{args.corpus}{'_' + args.tag if args.tag else ''}"
     meta = {"model": args.model, "corpus": args.corpus, "context": args.context, "tokens": args.max_tokens,
             "settings": {n: SETTINGS[n] for n in names}, "exact_ppl": exact, "rows": rows,
-            "layer_errors": errors, "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv)}
-    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+            "layer_errors": errors, **environment(device == "cuda", cpu=platform.machine(), key="device",
+                                                  packages=("torch", "transformers"))}
+    write_json(out / f"{stem}.json", meta, indent=2)
     _plot(meta, out / f"{stem}.png")
     print(f"\n{args.model} / {args.corpus}: exact ppl {exact:.3f} at context {args.context}")
     print(f"{'setting':>22} " + " ".join(f"{c:>8}" for c in counts))
@@ -103,11 +99,7 @@ def main(argv=None) -> None:
 
 
 def _plot(meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in meta["settings"]:
         pts = [(r["layers"], r["ppl"]) for r in meta["rows"] if r["setting"] == name]
@@ -117,8 +109,7 @@ def _plot(meta: dict, path: Path) -> None:
     ax.set_ylabel("perplexity")
     ax.set_title(f"{meta['model']} / {meta['corpus']}, context {meta['context']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

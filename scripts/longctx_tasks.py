@@ -1,7 +1,7 @@
 """Long-context task accuracy of exact attention and each variant setting on one real model, same prompts.
 
     python scripts/longctx_tasks.py --model qwen2.5-coder-0.5b-instruct --contexts 32768 \
-        --tasks niah_single,niah_multikey,vt --samples 50 --settings exact,hyper,hyper-tail,dhsa,dhsa-tail,zipcache \
+        --tasks niah_single,niah_multikey,vt --samples 50 --settings exact,hyper,dhsa,zipcache,hyper-paper \
         --out DIR [--budget-s 400] [--setting hyper-s16=hyper:sink_tokens=16,sample_size=240@last:12]
 
 ``--setting NAME=VARIANT[:KEY=VALUE,...][@LAYERS]`` (repeatable) adds a setting beside the named ones below, so a
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import commit, environment, pyplot, save_figure, write_json
 
 import patchattn
 from patchattn.cache import layer_nbytes
@@ -34,10 +33,8 @@ SETTINGS = {
     "exact": None,
     "hyper": ("hyper", {}),
     "hyper-paper": ("hyper", {"preset": "paper"}),
-    "hyper-tail": ("hyper", {"exact_tail": 256}),
-    "hyper-tail-sinks": ("hyper", {"exact_tail": 256, "sink_tokens": 16, "sample_size": 240}),
     "dhsa": ("dhsa", {}),
-    "dhsa-tail": ("dhsa", {"exact_tail": 256}),
+    "dhsa-paper": ("dhsa", {"preset": "paper"}),
     "zipcache": ("zipcache", {}),
     "zipcache-paper": ("zipcache", {"preset": "paper"}),
 }
@@ -69,24 +66,8 @@ def kv_bytes(model, tokenizer, context: int) -> int:
     return sum(layer_nbytes(layer) for layer in out.past_key_values.layers)
 
 
-def environment(args) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-            "commit": commit or None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python scripts/longctx_tasks.py " + " ".join(args.argv)}
-
-
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     keys = list(dict.fromkeys((r["task"], r["context"]) for r in rows))
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(settings) * len(keys) / 2, 4))
@@ -104,8 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(settings))], settings, rotation=20)
     ax.set_ylabel("accuracy (%) with 95% interval")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -115,13 +95,13 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default="niah_single,niah_multikey,vt")
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--settings", default="exact,hyper,hyper-tail,dhsa,dhsa-tail,zipcache")
+    p.add_argument("--settings", default="exact,hyper,dhsa,zipcache")
     p.add_argument("--setting", type=parse_setting, action="append", default=[],
                    help="extra setting NAME=VARIANT[:KEY=VALUE,...][@LAYERS] (repeatable)")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", required=True)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    args.argv = argv if argv is not None else __import__("sys").argv[1:]
     known = {**SETTINGS, **dict(args.setting)}
     settings = args.settings.split(",") + [name for name, _ in args.setting]
     unknown = [s for s in settings if s not in known]
@@ -133,7 +113,9 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.to(device).eval()
-    report = {**environment(args), "model": args.model, "rows": []}
+    report = {**environment(None, cpu=platform.processor() or "cpu", packages=("torch", "triton", "transformers"),
+                            date="utc", argv=["scripts/longctx_tasks.py", *argv]),
+              "commit": commit(short=True), "model": args.model, "rows": []}
     for name in settings:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"budget reached: {name} and later settings not run")
@@ -156,7 +138,7 @@ def main(argv=None) -> None:
                   f"[{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}] prefill {row['prefill_s']:.2f}s "
                   f"kv {row['kv_bytes'] / 2**20:.0f} MiB")
         report["rows"].extend(rows)
-        (out / "longctx_tasks.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "longctx_tasks.json", report)
     plot(report["rows"], out / "longctx_tasks.png")
 
 

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/zipcache_quality_<model>_<corpus>.json`` and a PNG b
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import platform
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from _bench import environment, pyplot, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -169,14 +168,13 @@ def main(argv=None) -> None:
         "model": args.model, "corpus": args.corpus, "context": args.context, "prefill": args.prefill,
         "chunk": args.chunk, "windows": args.windows, "scored_tokens": int(targets.numel()), "dtype": args.dtype,
         "extra_params": extra, "rows": rows, "seconds": time.perf_counter() - started,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **environment(device == "cuda", cpu=platform.processor() or "cpu", key="device",
+                      packages=("torch", "transformers"), date="seconds", with_command=False),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"zipcache_quality_{args.model}_{args.corpus}{args.tag}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{stem}.json", result, indent=2)
     plot(rows, out / f"{stem}.png",
          f"ZipCache on {args.model} / {args.corpus} ({targets.numel()} scored tokens, context {args.context})")
 
@@ -189,11 +187,7 @@ def main(argv=None) -> None:
 
 
 def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in rows:
         ax.scatter(r["compression"], r.get("ppl_increase_pct", 0.0), s=40)
@@ -210,9 +204,7 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_xlabel("KV compression vs fp16 DynamicCache (×)")
     ax.set_ylabel("perplexity increase (%, symlog)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

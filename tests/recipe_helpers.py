@@ -1,9 +1,8 @@
 """Shared by the tests of the training recipes (test_recipe.py: recipes/continue_train.py, test_distill_recipe.py:
-recipes/distill.py): import a recipe script, read its log, run it in a subprocess, plain or under `accelerate
-launch` with two CPU processes."""
+recipes/distill.py): read a recipe's log, run it in a subprocess, plain or under `accelerate launch` with two CPU
+processes (script_helpers.load_script imports one)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,6 @@ from pathlib import Path
 from patchattn import training
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(script: Path, module_name: str):
-    """The recipe ``script`` (a file under recipes/, not a package) imported as ``module_name``."""
-    spec = importlib.util.spec_from_file_location(module_name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_log(output_dir: Path) -> list[dict]:

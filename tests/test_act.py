@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import BUILDERS, CACHE_KW, VOCAB, tiny_model
+from tiny_models import BUILDERS, CACHE_KW, logits, random_ids, tiny_model
 
 import patchattn
 from patchattn import logging_utils
@@ -43,12 +43,7 @@ def sliding_mask(n, window):
 
 
 def ids(batch=2, n=40, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, x, mask=None, **kw):
-    return model(input_ids=x, attention_mask=mask, **kw).logits
+    return random_ids(batch, n, seed)
 
 
 # -- the fused path is the literal calibration ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import CACHE_KW, VOCAB, tiny_model
+from tiny_models import CACHE_KW, random_ids, tiny_model
 
 import patchattn
 from patchattn import logging_utils
@@ -22,7 +22,7 @@ N, CUT = 64, 30  # two packed documents: tokens [0, CUT) and [CUT, N)
 
 
 def tokens(batch=1, n=N, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 def packed_mask(n=N, cut=CUT):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import random_ids
 from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -194,8 +195,7 @@ def reference_logits(sd: dict, cfg: dict, input_ids: torch.Tensor) -> torch.Tens
 
 
 def tokens(batch=2, n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n), generator=g)
+    return random_ids(batch, n, seed, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")

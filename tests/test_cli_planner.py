@@ -10,9 +10,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import tiny_model, word_tokenizer
 
 import patchattn
 from patchattn import cli, planner
@@ -26,11 +24,7 @@ APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator([read_text()[:20000]], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"],
-                                                                            vocab_size=96))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
+    return word_tokenizer(96)
 
 
 @pytest.fixture()

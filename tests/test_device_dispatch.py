@@ -9,7 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import random_ids, tiny_model  # noqa: E402
 
 import patchattn  # noqa: E402
 from patchattn.kernels.zipcache import ops as zipcache_ops  # noqa: E402
@@ -33,7 +33,7 @@ def launches(monkeypatch):
 
 
 def ids(batch=2, n=40):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(0))
+    return random_ids(batch, n, seed=0)
 
 
 @pytest.mark.parametrize("variant, params", [

@@ -1,24 +1,16 @@
 """scripts/device_weights.py: files split into parts small enough for one device call, joined and checked there."""
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
+from script_helpers import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "device_weights.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("device_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "device_weights.py"
 
 
 def test_split_assemble_round_trip_and_missing_parts(tmp_path, capsys):
-    dw = load_script()
+    dw = load_script(SCRIPT, "device_weights")
     data = os.urandom(2500)
     src = tmp_path / "w.bin"
     src.write_bytes(data)

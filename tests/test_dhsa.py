@@ -16,7 +16,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from kernel_helpers import CUDA, DEV, rel_err  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import logits, random_ids, tiny_model  # noqa: E402
 
 import patchattn  # noqa: E402
 from patchattn.kernels.dhsa import (  # noqa: E402
@@ -242,12 +242,7 @@ APPROX = dict(min_seq_len=16, chunk_size=16, query_block=16, budget_tokens=16, l
 
 
 def tokens(batch=2, n=80, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, ids, mask=None):
-    return model(input_ids=ids, attention_mask=mask).logits
+    return random_ids(batch, n, seed)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3", "qwen3"])

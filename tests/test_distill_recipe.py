@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, read_log, recipe_env
+from script_helpers import load_script
 
 import patchattn
 from patchattn import training
@@ -28,7 +29,7 @@ SCRIPT = ROOT / "recipes" / "distill.py"
 TINY = ROOT / "recipes" / "tiny" / "distill.yaml"
 STEPS = 10  # per stage (tiny/distill.yaml)
 
-recipe = load_recipe(SCRIPT, "distill_recipe")
+recipe = load_script(SCRIPT, "distill_recipe")
 
 
 def _losses(records: list[dict], stage: int) -> dict[int, float]:

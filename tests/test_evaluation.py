@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tiny_models import word_tokenizer
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from patchattn.data import default_text_path, read_text
@@ -14,10 +14,7 @@ TEXT = read_text()[:6000]
 @pytest.fixture(scope="module")
 def tokenizer():
     """Word-level tokenizer trained on the shipped text: offline, instant, has a BOS token."""
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator([read_text()[:20000]], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"], vocab_size=512))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
+    return word_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

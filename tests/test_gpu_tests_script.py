@@ -1,11 +1,11 @@
 """scripts/gpu_tests.py: runs pytest with its plugin and writes the summary the GPU runs are recorded with."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_tests.py"
+from script_helpers import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "gpu_tests.py"
 SAMPLE = '''
 import pytest
 
@@ -20,19 +20,12 @@ def test_param(x): assert x == 1
 '''
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_tests", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_summary_counts_ids_and_metadata(tmp_path, monkeypatch):
     sample = tmp_path / "test_sample.py"
     sample.write_text(SAMPLE)
     out = tmp_path / "results" / "gpu_tests.json"
     monkeypatch.setenv("PATCHATTN_COMMIT", "abc123")
-    status = load_script().main(["--output", str(out), "--", str(sample), "-p", "no:cacheprovider"])
+    status = load_script(SCRIPT, "gpu_tests").main(["--output", str(out), "--", str(sample), "-p", "no:cacheprovider"])
     result = json.loads(out.read_text())
     assert status == 1
     assert set(result) == {"commit", "complete", "passed", "failed", "skipped", "errors", "failures", "gpu", "torch", "triton",

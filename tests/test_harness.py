@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'patchattn[eval]')")
 
@@ -23,7 +22,7 @@ import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from test_hub import hub, tiny_tokenizer  # noqa: F401  (hub: the local Hub server fixture)
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, perturb_variant_weights, tiny_model
 
 import patchattn
 from patchattn.harness import PatchattnLM
@@ -34,17 +33,8 @@ TASK = "patchattn_tiny_mc"
 HYPER = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 
 
-def perturb(model):
-    """Give the variant's weights non-initial values (the gated variant starts as the original model)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f".{patchattn.LAYER_ATTR}." in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
-    return model
-
-
 def patched():
-    return perturb(patchattn.patch_model(tiny_model("llama"), "gated"))
+    return perturb_variant_weights(patchattn.patch_model(tiny_model("llama"), "gated"), 0.5)
 
 
 def save(model, path) -> str:

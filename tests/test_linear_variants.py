@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import CACHE_KW, VOCAB, tiny_model
+from tiny_models import CACHE_KW, random_ids, tiny_model
 from transformers import DynamicCache
 
 import patchattn
@@ -42,7 +42,7 @@ def variant_of(case: str) -> str:
 
 
 def tokens(batch=2, n=20, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 def variant_layers(model) -> dict[int, LinearAttentionVariant]:

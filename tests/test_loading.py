@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_model
+from tiny_models import perturb_variant_weights, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -22,7 +22,7 @@ APPROX = dict(min_seq_len=16, block_size=16, sample_size=16, lsh_num_projs=3, ex
 
 
 def tokens(n=48, batch=2, seed=0):
-    return torch.randint(3, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 @torch.no_grad()
@@ -32,10 +32,7 @@ def logits(model, ids=None):
 
 def perturb(model):
     """Give the variant's parameters non-initial values, so a load that dropped them would show."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f".{patchattn.LAYER_ATTR}." in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    perturb_variant_weights(model, 0.3)
 
 
 def saved_patched(tmp_path, family="llama", variant="gated", **params):

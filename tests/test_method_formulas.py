@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, random_ids, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import patchattn
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch, n, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 # -- HyperAttention: the estimator is unbiased over seeds ---------------------------------------------------------

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from script_helpers import SCRIPTS, load_script
 
 import patchattn
 from patchattn.data import read_text
@@ -27,8 +26,6 @@ from patchattn.passkey import (
     make_prompts,
     passkey_accuracy,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +120,18 @@ def test_scores_exact_match_per_length_and_depth(tokenizer):
     assert json.loads(json.dumps(half.to_dict()))["accuracy"]["256"]["1.0"] == 0.0
 
 
-def test_runs_a_real_model_through_generate(tokenizer):
+def tiny_llama(tokenizer):
+    """A 2-layer random Llama (seed 0) over ``tokenizer``'s vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3))
+
+
+def test_runs_a_real_model_through_generate(tokenizer):
+    model = tiny_llama(tokenizer)
     patchattn.patch_model(model, "sigmoid")
     result = passkey_accuracy(model, tokenizer, [64, 160], [0.0, 1.0], trials=2, max_new_tokens=4, progress=False)
     assert len(result.trials) == 8 and set(result.accuracy()) == {64, 160}
@@ -153,14 +155,8 @@ def test_smollm2_tokenizer_prompt_lengths():
 
 def test_distill_eval_script(tmp_path, tokenizer):
     """Teacher (a tiny Llama) vs student (the same weights patched with sigmoid attention): files and tables."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import distill_eval
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    distill_eval = load_script(SCRIPTS / "distill_eval.py", "distill_eval")
+    model = tiny_llama(tokenizer)
     model.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     patchattn.patch_model(model, "sigmoid")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BUILDERS, VOCAB, tiny_model
+from tiny_models import BUILDERS, VOCAB, left_padded, logits, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
 import patchattn
@@ -20,28 +20,13 @@ APPROX = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
 
 
 def tokens(batch=2, n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n), generator=g)
-
-
-def left_padded(seed=2):
-    ids = tokens(3, 48, seed)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 7, 20]):
-        ids[row, :pad] = 0
-        mask[row, :pad] = 0
-    return ids, mask
-
-
-@torch.no_grad()
-def logits(model, ids, mask=None):
-    return model(input_ids=ids, attention_mask=mask).logits
+    return random_ids(batch, n, seed)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_variant_matches_unpatched(family):
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(48, (0, 7, 20))
     ref, ref_pad = logits(model, tokens()), logits(model, ids, mask)
     patchattn.patch_model(model, "exact")
     torch.testing.assert_close(logits(model, tokens()), ref, atol=1e-5, rtol=0)
@@ -88,7 +73,7 @@ def test_generate_unchanged_below_min_seq_len(family):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_left_padded_batched_generate(family):
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(48, (0, 7, 20))
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     patchattn.patch_model(model, "hyper", **FULL_BUDGET)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 import torch
-from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, load_recipe, read_log, recipe_env
+from recipe_helpers import ROOT, accelerate_launch, assert_ran_on_two_processes, read_log, recipe_env
+from script_helpers import load_script
 
 import patchattn
 from patchattn import training
@@ -24,7 +25,7 @@ SCRIPT = ROOT / "recipes" / "continue_train.py"
 TINY = ROOT / "recipes" / "tiny" / "gated.yaml"
 STEPS = 15
 
-recipe = load_recipe(SCRIPT, "continue_train")
+recipe = load_script(SCRIPT, "continue_train")
 
 
 def _falls(losses: list[float]) -> bool:

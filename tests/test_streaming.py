@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import CACHE_KW, VOCAB, tiny_model
+from tiny_models import CACHE_KW, left_padded, logits, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import patchattn
@@ -15,22 +15,7 @@ from patchattn.patching import resolve_family
 
 
 def tokens(batch=2, n=40, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n), generator=g)
-
-
-def left_padded(seed=2):
-    ids = tokens(3, 40, seed)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 5, 13]):
-        ids[row, :pad] = 0
-        mask[row, :pad] = 0
-    return ids, mask
-
-
-@torch.no_grad()
-def logits(model, ids, mask=None):
-    return model(input_ids=ids, attention_mask=mask).logits
+    return random_ids(batch, n, seed)
 
 
 def reference(query, key, value, sinks, window, scaling, softcap=None, key_valid=None):
@@ -75,7 +60,7 @@ def capture(layer):
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "gemma2", "gemma3", "qwen3"])
 def test_window_covering_the_sequence_equals_unpatched(family):
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(40, (0, 5, 13))
     ref, ref_pad = logits(model, tokens()), logits(model, ids, mask)
     with patchattn.patched(model, "streaming", window=40):
         torch.testing.assert_close(logits(model, tokens()), ref, atol=1e-5, rtol=0)
@@ -107,7 +92,7 @@ def test_small_window_is_sinks_plus_window_softmax(family):
 
 def test_small_window_with_left_padding_matches_reference():
     model = tiny_model("qwen3")
-    ids, mask = left_padded()
+    ids, mask = left_padded(40, (0, 5, 13))
     patchattn.patch_model(model, "streaming", layers=[0], sink_tokens=2, window=5)
     calls = capture(getattr(attention_modules(model)[0], LAYER_ATTR))
     logits(model, ids, mask)
@@ -120,7 +105,7 @@ def test_small_window_with_left_padding_matches_reference():
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_left_padded_generate(family):
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(40, (0, 5, 13))
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     with patchattn.patched(model, "streaming", window=64):  # covers prompt + new tokens: unchanged
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import BUILDERS, VOCAB, tiny_model
+from tiny_models import BUILDERS, left_padded, logits, random_ids, tiny_model
 
 import patchattn
 from patchattn.attention import causal_bool_mask
@@ -24,20 +24,7 @@ ACTIVE = {"gated": {}, "affine": {}, "moh": {"active_heads": 0.75}, "sigmoid": {
 
 
 def tokens(batch=2, n=32, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def left_padded(seed=2):
-    ids = tokens(3, 32, seed)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 5, 13]):
-        ids[row, :pad], mask[row, :pad] = 0, 0
-    return ids, mask
-
-
-@torch.no_grad()
-def logits(model, ids, mask=None):
-    return model(input_ids=ids, attention_mask=mask).logits
+    return random_ids(batch, n, seed)
 
 
 def variant_layers(model):
@@ -65,7 +52,7 @@ def lm_loss(model, ids):
 def test_identity_at_init(family):
     """Patched at init == unpatched, with and without left padding (sliding windows, softcap, GQA included)."""
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(32, (0, 5, 13))
     ref, ref_pad = logits(model, tokens()), logits(model, ids, mask)
     valid = mask.bool()
     for variant in IDENTITY:
@@ -94,7 +81,7 @@ def test_identity_at_init_other_settings(variant, params):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_generate_unchanged_at_init(family):
     model = tiny_model(family)
-    ids, mask = left_padded()
+    ids, mask = left_padded(32, (0, 5, 13))
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     for variant in IDENTITY:
         patchattn.patch_model(model, variant)
@@ -326,7 +313,7 @@ def test_sigmoid_calibration_brings_the_scale_back(norm):
     kl = lambda: F.kl_div(F.log_softmax(logits(model, tokens()), -1), ref, log_target=True,
                           reduction="batchmean").item()
     before = kl()
-    ids, mask = left_padded(seed=9)
+    ids, mask = left_padded(32, (0, 5, 13), seed=9)
     assert calibrate_output_norm(model, ids, mask) == 4
     after = kl()
     assert after < 0.5 * before, (before, after)

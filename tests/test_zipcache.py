@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import BUILDERS, VOCAB, tiny_model
+from tiny_models import BUILDERS, VOCAB, random_ids, tiny_model
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 import patchattn
@@ -36,7 +36,7 @@ def randn(*shape, seed=0):
 
 
 def prompt(n, batch=1, seed=1):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, n, seed)
 
 
 def zip_layers(cache):

@@ -51,3 +51,51 @@ BUILDERS = {
 
 def tiny_model(family: str):
     return BUILDERS[family]()
+
+
+def random_ids(batch: int, n: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    """``[batch, n]`` token ids drawn from ``[3, vocab)`` (clear of pad/bos/eos 0-2) by a generator seeded ``seed``."""
+    return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(n: int, pads, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``len(pads)`` rows of ``n`` random ids, row ``i`` left-padded with ``pads[i]`` pad tokens (0): (ids, mask)."""
+    ids = random_ids(len(pads), n, seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+@torch.no_grad()
+def perturb_variant_weights(model, scale: float):
+    """Add ``scale`` x seeded noise to every parameter of the patched variants (names holding the variant layer's
+    attribute), so that they leave their initial values (the gated variant starts as the original model) and a
+    lost or mixed-up weight would show; returns ``model``."""
+    from patchattn import LAYER_ATTR
+
+    for name, p in model.named_parameters():
+        if f".{LAYER_ATTR}." in name:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+    return model
+
+
+def word_tokenizer(vocab_size: int):
+    """Word-level tokenizer (``<unk>``, BOS ``<s>``) trained on the shipped text's first 20000 characters: offline,
+    instant."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from patchattn.data import read_text
+
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator([read_text()[:20000]], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"],
+                                                                            vocab_size=vocab_size))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
+
+
+@torch.no_grad()
+def logits(model, ids, mask=None, **kwargs) -> torch.Tensor:
+    """The model's logits for ``ids`` (``attention_mask=mask``, ``kwargs`` passed on), without autograd."""
+    return model(input_ids=ids, attention_mask=mask, **kwargs).logits
