@@ -1,7 +1,7 @@
 """Continue-train a patchattn-patched causal LM with accelerate.
 
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml \
-        recipes/continue_train.py --config recipes/smollm2/gated.yaml [--max_steps 50 --output_dir runs/x ...]
+        recipes/continue_train.py --config recipes/smollm2/<variant>.yaml [--max_steps 50 --output_dir runs/x ...]
 
 Any config field can be overridden on the command line as ``--field value`` (the value is parsed as YAML).
 

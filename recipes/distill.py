@@ -1,7 +1,7 @@
 """Distil a pretrained softmax-attention LM into a patched one (e.g. linear attention), in two stages, with accelerate.
 
     accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \
-        recipes/distill.py --config recipes/smollm2/lawcat.yaml [--stage1.max_steps 100 --output_dir runs/x ...]
+        recipes/distill.py --config recipes/smollm2/<variant>.yaml [--stage1.max_steps 100 --output_dir runs/x ...]
 
 Any config field can be overridden as ``--field value`` (parsed as YAML); stage fields as ``--stage2.lr 1e-4``.
 
