@@ -7,8 +7,9 @@ A transformers ``LlamaModel`` (the base model: no lm_head) from a ``LlamaConfig`
 ``use_cache=False`` under ``torch.inference_mode``. Variants:
   * ``sdpa``: unpatched (transformers' SDPA attention, torch's default backend choice);
   * ``sdpa-cudnn``: unpatched, SDPA restricted to the cuDNN backend (skipped where cuDNN refuses the call);
-  * ``hyper``: ``patchattn.patch_model(model, "hyper")`` (published settings; the Triton kernels);
+  * ``hyper``: ``patchattn.patch_model(model, "hyper", preset="paper")`` (published settings; the Triton kernels);
   * ``hyper+levers``: the same with 16 sinks + 112-key window + 128 samples.
+(``preset="paper"`` pins the published estimator: the defaults add an exact tail and sinks, see the README.)
 Times are medians of ``--reps`` CUDA-event timed prefills after one warm-up; ``rel_err`` is the relative error of
 the last hidden state against ``sdpa``; ``hyper_calls`` counts the layers that really ran HyperAttention.
 Writes ``prefill_e2e.json`` (rows + versions, GPU, date, command) and prints a table last.
@@ -111,7 +112,8 @@ def main():
                 from torch.nn.attention import SDPBackend, sdpa_kernel
                 ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
             if variant.startswith("hyper"):
-                patchattn.patch_model(model, "hyper", **(LEVERS if variant == "hyper+levers" else {}), **extra)
+                levers = LEVERS if variant == "hyper+levers" else {}
+                patchattn.patch_model(model, "hyper", preset="paper", **levers, **extra)
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
