@@ -30,7 +30,7 @@ from patchattn.harness import PatchattnLM
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "patchattn_tiny_mc"
 # hyper really runs on the task's 21-23 token inputs (no exact tail: it would cover them)
-HYPER = dict(min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)
+HYPER = dict(min_seq_len=16, block_size=8, sample_size=8, sink_tokens=0, exact_tail=0)
 
 
 def patched():

@@ -129,8 +129,8 @@ def test_smollm2_patched_exact_and_hyper(smollm2):
     kw = dict(context_length=1024, max_tokens=1024, progress=False)
     exact = perplexity(model, tokenizer, **kw).ppl
     results = {}
-    for name, params in {"published": dict(sample_size=64),
-                         "sinks+window": dict(sample_size=32, sink_tokens=8, local_window=24)}.items():
+    for name, params in {"published": dict(preset="paper", sample_size=64),
+                         "sinks+window": dict(preset="paper", sample_size=32, sink_tokens=8, local_window=24)}.items():
         patchattn.patch_model(model, "hyper", layers="last:8", min_seq_len=256, block_size=64, **params)
         results[name] = perplexity(model, tokenizer, **kw).ppl
         patchattn.unpatch_model(model)
