@@ -430,9 +430,9 @@ def load_patched_model(config, calibration_rows: int):
     train_docs, held_out = split_corpus(read_corpus(config), config.eval_fraction)
     model, tokenizer, already_patched = build_model(config, "\n".join(train_docs))
     if already_patched:
-        if model.config.patchattn["variant"] != config.variant:
-            raise ConfigError(f"config field 'variant': {config.model} is already patched with "
-                              f"{model.config.patchattn['variant']!r}")
+        names = [spec["variant"] for spec in model.config.patchattn]
+        if config.variant not in names:
+            raise ConfigError(f"config field 'variant': {config.model} is already patched with {names}")
     else:
         try:
             patchattn.patch_model(model, config.variant, layers=config.layers, **config.variant_params)
@@ -526,9 +526,10 @@ def _check_model(config: ModelFields) -> None:
             raise ConfigError(f"config field 'model': cannot read the config of {config.model!r}: {exc}") from None
         spec = getattr(hf_config, "patchattn", None)
         if spec is not None:  # its layers are fixed; `layers` is not used
-            if spec["variant"] != config.variant:
+            names = [s["variant"] for s in ([spec] if isinstance(spec, dict) else spec)]
+            if config.variant not in names:
                 raise ConfigError(f"config field 'variant': {config.model} is already patched with "
-                                  f"{spec['variant']!r}, got {config.variant!r}")
+                                  f"{names if len(names) > 1 else repr(names[0])}, got {config.variant!r}")
             return
         n = hf_config.get_text_config().num_hidden_layers
     try:

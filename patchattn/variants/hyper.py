@@ -12,7 +12,7 @@ import dataclasses
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
 from ..attention import exact_attention, exact_tail, long_causal_prefill
-from .base import Variant, VariantParams, param, register_variant
+from .base import PREFILL, Variant, VariantParams, param, register_variant
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class HyperAttention(Variant):
     description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
     Params = HyperParams
     attention_function_only = True
+    role = PREFILL
     presets = {"paper": {"exact_tail": 0}}
 
     def settings(self) -> HyperSettings:
