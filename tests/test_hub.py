@@ -164,7 +164,7 @@ def test_delta_round_trip_matches_full_upload(hub):
     assert delta_keys(hub, "me/llama-hyper-delta") == {"model.layers.1.mlp.down_proj.weight", "model.norm.weight"}
     files = hub.files("me/llama-hyper-delta")
     assert not [f for f in files if f.startswith("model")]
-    assert json.loads(files["config.json"])["patchattn"]["delta"] == {
+    assert json.loads(files["config.json"])["patchattn"][0]["delta"] == {
         "base_model": "org/tiny-llama", "base_revision": base_sha, "file": DELTA_FILE}
     card = ModelCard(files["README.md"].decode())
     assert (card.data.base_model, card.data.base_model_relation) == ("org/tiny-llama", "adapter")
@@ -175,7 +175,7 @@ def test_delta_round_trip_matches_full_upload(hub):
     expected = logits(model)
     from_delta = patchattn.from_pretrained("me/llama-hyper-delta")
     assert torch.equal(logits(from_delta), expected)
-    assert "delta" not in from_delta.config.patchattn  # a re-save of the loaded model is a whole model
+    assert "delta" not in from_delta.config.patchattn[0]  # a re-save of the loaded model is a whole model
     assert torch.equal(logits(patchattn.from_pretrained("me/llama-hyper-full")), expected)
     with pytest.raises(ValueError, match="delta upload"):
         AutoModelForCausalLM.from_pretrained("me/llama-hyper-delta")
@@ -196,7 +196,7 @@ def test_trainable_variant_round_trip_full_and_delta(hub):
     expected = logits(model)
     for repo in ("me/llama-gated-delta", "me/llama-gated-full"):
         loaded = patchattn.from_pretrained(repo)
-        assert loaded.config.patchattn["variant"] == "gated"
+        assert loaded.config.patchattn[0]["variant"] == "gated"
         assert torch.equal(logits(loaded), expected)
 
 
