@@ -161,7 +161,7 @@ def _patch_specs(args) -> list[dict]:
                              "..., \"params\": {...}}")
         specs = []
         for entry in entries:
-            unknown = sorted(set(entry) - {"variant", "layers", "params"})
+            unknown = sorted(set(entry) - {"variant", "layers", "params", "family", "patchattn_version"})
             if unknown or "variant" not in entry:
                 raise ValueError(f"argument --spec: each entry needs 'variant' and may have 'layers' and 'params'; "
                                  f"got {entry!r}")
