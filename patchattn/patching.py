@@ -223,6 +223,12 @@ def layer_attr(index: int) -> str:
     return LAYER_ATTR if index == 0 else f"{LAYER_ATTR}_{index}"
 
 
+def layer_attrs(model: nn.Module) -> list[str]:
+    """The submodule names of the variants of ``model``'s patches (``["patchattn_layer"]`` for one variant): what
+    PEFT's ``modules_to_save`` needs to train them beside LoRA."""
+    return [layer_attr(i) for i in range(len(patch_specs(model)))]
+
+
 def _variant_stacks(model: nn.Module) -> dict[int, list[nn.Module]]:
     """Per patched layer, its variants in the order their ``attention`` runs (outermost first)."""
     family = resolve_family(model)

@@ -462,10 +462,12 @@ def set_gradient_checkpointing(model, enable: bool) -> None:
 
 
 def variant_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters the patch added (they live under ``patchattn_layer`` in the attention modules)."""
-    from patchattn.patching import LAYER_ATTR
+    """The parameters the patch added (they live under ``patchattn_layer``, and ``patchattn_layer_<i>`` for the
+    later variants of a composition, in the attention modules)."""
+    from patchattn.patching import layer_attrs
 
-    return [p for n, p in model.named_parameters() if f".{LAYER_ATTR}." in n]
+    names = layer_attrs(model)
+    return [p for n, p in model.named_parameters() if any(f".{name}." in n for name in names)]
 
 
 def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str = ""):
@@ -478,13 +480,13 @@ def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str =
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from patchattn.patching import LAYER_ATTR
+        from patchattn.patching import layer_attrs
 
-        # modules_to_save: PEFT trains the variant beside LoRA and stores it in the adapter
+        # modules_to_save: PEFT trains the variant(s) beside LoRA and stores them in the adapter
         return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                 lora_dropout=config.lora_dropout,
                                                 target_modules=list(config.lora_targets),
-                                                modules_to_save=[LAYER_ATTR] if params else None))
+                                                modules_to_save=layer_attrs(model) if params else None))
     if not params:
         raise ConfigError(f"config field {prefix + 'trainable'!r}: variant {variant!r} adds no parameters; use "
                           "trainable: lora or full")

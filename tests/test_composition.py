@@ -296,3 +296,43 @@ def test_cli_composition_errors(argv, message, capsys, tmp_path):
         main(["convert", "smollm2-135m", str(tmp_path / "out"), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_peft_runs_and_trains_a_composition():
+    """PEFT's modules_to_save copies of the variants keep the chain: the gate (``patchattn_layer_1``) runs over
+    hyper and trains beside LoRA (``patching.layer_attrs`` names every variant submodule)."""
+    from peft import LoraConfig, get_peft_model
+
+    from patchattn.patching import layer_attrs
+
+    model = patch(tiny_model("llama"), "hyper", "gated")
+    perturb(model)
+    expected = prefill_logits(model)
+    assert layer_attrs(model) == ["patchattn_layer", "patchattn_layer_1"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=layer_attrs(model)))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens()).logits, expected, atol=1e-6, rtol=0)
+    ids = tokens()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    gates = [p for n, p in peft_model.named_parameters() if ".patchattn_layer_1." in n and p.requires_grad]
+    assert gates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_left_padded_batch(family):
+    """Padding reaches every variant of the chain: the padded prefill equals hyper alone on the valid rows, and a
+    padded generate decodes over zipcache's blocks under the gate."""
+    ids = tokens(3, 48, seed=2)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 7, 20]):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    model = patch(tiny_model(family), "hyper", "zipcache", "gated")
+    reference = alone(family, "hyper")
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, **{CACHE_KW: patchattn.generation_cache(model)}).logits
+        want = reference(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=0, rtol=0)
+    assert any(p.get("approximate") for p in patchattn.attention_paths(model).values())
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 54) and out.past_key_values.layers[0].quantized_length > 0

@@ -200,6 +200,29 @@ def test_trainable_variant_round_trip_full_and_delta(hub):
         assert torch.equal(logits(loaded), expected)
 
 
+def test_composition_round_trip_full_and_delta(hub):
+    """hyper then gated (its gate under ``patchattn_layer_1``): the delta holds the gates, its record sits on the
+    first spec, the card names both variants, and both uploads reload the composition with the same logits."""
+    tiny_model("llama").push_to_hub("org/tiny-llama")
+    model = patchattn.patch_model(tiny_model("llama"), "hyper", **HYPER)
+    patchattn.patch_model(model, "gated", layers="last:2")
+    gates = [k for k, _ in model.named_parameters() if ".patchattn_layer_1." in k]
+    assert gates
+    train(model, *gates)
+    patchattn.push_to_hub(model, "me/llama-hg-delta", delta_only=True, base_model="org/tiny-llama")
+    patchattn.push_to_hub(model, "me/llama-hg-full", base_model="org/tiny-llama")
+    assert delta_keys(hub, "me/llama-hg-delta") == set(gates)
+    specs = json.loads(hub.files("me/llama-hg-delta")["config.json"])["patchattn"]
+    assert [s["variant"] for s in specs] == ["hyper", "gated"] and "delta" in specs[0] and "delta" not in specs[1]
+    card = hub.files("me/llama-hg-full")["README.md"].decode()
+    assert "`hyper + gated`" in card and "`gated.granularity`" in card
+    expected = logits(model)
+    for repo in ("me/llama-hg-delta", "me/llama-hg-full"):
+        loaded = patchattn.from_pretrained(repo)
+        assert loaded.config.patchattn == model.config.patchattn
+        assert torch.equal(logits(loaded), expected)
+
+
 def test_tied_weights_and_merged_lora_in_a_delta(hub):
     peft = pytest.importorskip("peft")
     base = tiny_model("gemma")  # ties lm_head to embed_tokens
