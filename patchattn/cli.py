@@ -176,7 +176,7 @@ def _patch_specs(args) -> list[dict]:
     if len(set(names)) < len(names):
         raise ValueError(f"argument --variant: a variant is given twice ({names})")
     specs = {name: {"variant": name, "layers": None, "params": {}} for name in names}
-    for name, layers in args.layers or []:
+    for name, layers in sorted(args.layers or [], key=lambda entry: entry[0] is not None):  # NAME= wins
         targets = names if name is None else [name]
         if name is not None and name not in specs:
             raise ValueError(f"argument --layers: {name}={layers} names no --variant (given: {', '.join(names)})")

@@ -89,7 +89,7 @@ def test_eval_exact_variant_matches_original(model_dir, text_file, tmp_path):
                      str(path), *extra]) == 0
         results.append(json.loads(path.read_text()))
     assert results[0]["tokens_scored"] == results[1]["tokens_scored"] > 100
-    assert results[1]["patch"]["variant"] == "exact"
+    assert results[1]["patch"][0]["variant"] == "exact"
     assert results[0]["ppl"] == pytest.approx(results[1]["ppl"], rel=1e-5)
 
 
