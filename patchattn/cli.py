@@ -356,11 +356,13 @@ def cmd_list(args) -> None:
 
     console = Console()
     table = Table(title="variants")
-    for col in ("name", "kind", "description", "parameters (default)"):
+    from .variants import ROLE_LABELS
+
+    for col in ("name", "kind", "role", "description", "parameters (default)"):
         table.add_column(col)
     for v in list_variants():
         params = ", ".join(f"{k}={p['default']}" for k, p in v["params"].items()) or "-"
-        table.add_row(v["name"], v["kind"], v["description"], params)
+        table.add_row(v["name"], v["kind"], ROLE_LABELS[v["role"]], v["description"], params)
     console.print(table)
     table = Table(title="model families")
     for col in ("name", "model_type", "description"):
