@@ -76,7 +76,7 @@ class _Loader:
 
 def _patch(model, patch: dict) -> None:
     if is_patched(model):
-        names = [spec["variant"] for spec in model.config.patchattn]
+        names = " + ".join(repr(spec["variant"]) for spec in model.config.patchattn)
         raise ValueError(f"patchattn: the model is already patched with {names}; "
                          f"drop variant={patch['variant']} (a patched checkpoint evaluates with its own patch)")
     patch = dict(patch)
