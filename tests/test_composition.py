@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
-from tiny_models import BUILDERS, CACHE_KW, VOCAB, tiny_model
+from tiny_models import BUILDERS, CACHE_KW, VOCAB
 from transformers import AutoModelForCausalLM
 
 import patchattn
@@ -18,7 +19,7 @@ from patchattn.variants.base import ROLE_RANK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = sorted(BUILDERS)
+FAMILIES = sorted(BUILDERS) + ["chatglm2"]
 # settings under which each variant really changes a 64-token prefill (hyper/dhsa approximate, streaming masks)
 PARAMS = {
     "hyper": dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, exact_tail=0),
@@ -32,6 +33,22 @@ PARAMS = {
 # (first patched, second patched): patch order is not execution order (gated runs over zipcache patched before it)
 PAIRS = [("hyper", "zipcache"), ("dhsa", "zipcache"), ("zipcache", "gated"), ("gated", "hyper"), ("gated", "dhsa"),
          ("affine", "hyper"), ("dhsa", "affine"), ("streaming", "gated")]
+
+
+def tiny_model(family: str):
+    """tiny_models' families, and ChatGLM2 (patchattn's native port) at the size of test_chatglm2's checkpoint."""
+    if family != "chatglm2":
+        return tiny_models.tiny_model(family)
+    from test_chatglm2 import ORIGINAL_CONFIG
+
+    from patchattn.models.chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM, register
+
+    register()
+    fields = {k: v for k, v in ORIGINAL_CONFIG.items()
+              if k not in ("_name_or_path", "model_type", "architectures", "auto_map", "torch_dtype",
+                           "transformers_version")}
+    torch.manual_seed(0)
+    return ChatGLM2ForCausalLM(ChatGLM2Config(**fields)).eval()
 
 
 def tokens(batch=2, n=64, seed=1):
