@@ -7,6 +7,10 @@ patchattn's dispatcher for every attention layer; the dispatcher hands patched l
 Variants that change more than the attention function (gates, routers, new norms, their own KV cache) override
 ``attach``/``detach`` to modify the attention module and undo it exactly. Adding a variant is one new file in
 ``patchattn/variants/`` that subclasses ``Variant`` and is decorated with ``@register_variant``.
+
+Variants compose (``patch_model`` on a patched model): ``role`` says what a variant changes and ``stacks_over``
+which roles it may run over; on a layer with several, the outermost runs and reaches the next through
+:meth:`Variant.inner_attention` (see :func:`composition_conflict`).
 """
 from __future__ import annotations
 
