@@ -17,6 +17,7 @@ from .patching import (
     generation_cache,
     is_patched,
     patch_model,
+    patch_specs,
     patched,
     patched_layers,
     register_attention_functions,
@@ -37,6 +38,7 @@ def list_variants() -> list[dict]:
             "name": cls.name,
             "description": cls.description,
             "kind": "trainable" if cls.trainable else "training-free",
+            "role": cls.role,
             "families": list(cls.families) if cls.families is not None else sorted(FAMILIES),
             "params": describe_params(cls),
             "attn_implementation": None if cls.trainable else f"patchattn_{cls.name}",
@@ -56,4 +58,5 @@ def list_families() -> list[dict]:
 __all__ = [
     "__version__", "patch_model", "unpatch_model", "patched", "is_patched", "patched_layers", "from_pretrained",
     "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths", "generation_cache",
+    "patch_specs",
 ]

@@ -67,12 +67,16 @@ class PatchattnCache(Cache):
         return sum(layer_nbytes(layer) for layer in self.layers)
 
 
-def build_cache(variant_layers: dict[int, nn.Module], default: Cache) -> PatchattnCache:
-    """``default``'s layers with each patched layer's entry replaced by ``variant.make_cache_layer(entry)``."""
+def build_cache(variant_layers: dict[int, nn.Module | list[nn.Module]], default: Cache) -> PatchattnCache:
+    """``default``'s layers with each patched layer's entry replaced by ``variant.make_cache_layer(entry)``. A layer
+    patched by several variants (a composition) gets the first cache layer one of them makes: roles allow at most
+    one variant that owns a layer's cache (a KV-cache representation or a whole-attention replacement)."""
     layers = list(default.layers)
-    for idx, variant in variant_layers.items():
+    for idx, variants in variant_layers.items():
         if idx < len(layers):
-            own = variant.make_cache_layer(layers[idx])
-            if own is not None:
-                layers[idx] = own
+            for variant in variants if isinstance(variants, (list, tuple)) else [variants]:
+                own = variant.make_cache_layer(layers[idx])
+                if own is not None:
+                    layers[idx] = own
+                    break
     return PatchattnCache(layers=layers)

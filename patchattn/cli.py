@@ -81,6 +81,12 @@ def _layers(text: str):
                                          f"(e.g. 0,1,-1), got {text!r}") from None
 
 
+def _layers_option(text: str) -> tuple[str | None, object]:
+    """``--layers LAYERS`` (every --variant) or ``--layers NAME=LAYERS`` (the variant NAME)."""
+    name, sep, rest = text.partition("=")
+    return (name, _layers(rest)) if sep else (None, _layers(text))
+
+
 def _fraction(text: str) -> float:
     """A perplexity budget: ``5%`` or ``0.05``."""
     try:
@@ -133,7 +139,83 @@ def _text_file(text: str) -> str:
 
 
 def _params(args) -> dict:
-    return dict(args.param or [])
+    """The --param pairs of a single-variant command (plan, demo); ``NAME.KEY=VALUE`` may name its variant."""
+    prefix = f"{args.variant}."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in args.param or []}
+
+
+def _patch_specs(args) -> list[dict]:
+    """The patches of a command that takes --variant (repeatable), --layers, --param or --spec, in order:
+    ``[{"variant", "layers", "params"}]``. Raises ``ValueError("argument --x: ...")`` for what is wrong."""
+    if args.spec:
+        if args.variant or args.layers or args.param:
+            raise ValueError("argument --spec: the spec file gives the variants, layers and parameters; drop "
+                             "--variant/--layers/--param")
+        try:
+            entries = json.loads(Path(args.spec).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"argument --spec: cannot read {args.spec!r} as JSON: {exc}") from None
+        entries = [entries] if isinstance(entries, dict) else entries
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise ValueError("argument --spec: expected a JSON list of objects {\"variant\": NAME, \"layers\": "
+                             "..., \"params\": {...}}")
+        specs = []
+        for entry in entries:
+            unknown = sorted(set(entry) - {"variant", "layers", "params", "family", "patchattn_version"})
+            if unknown or "variant" not in entry:
+                raise ValueError(f"argument --spec: each entry needs 'variant' and may have 'layers' and 'params'; "
+                                 f"got {entry!r}")
+            specs.append({"variant": entry["variant"], "layers": entry.get("layers"),
+                          "params": dict(entry.get("params") or {})})
+        return specs
+    names = args.variant or []
+    if args.param and not names:
+        raise ValueError("argument --param: variant parameters need --variant")
+    if args.layers and not names:
+        raise ValueError("argument --layers: layers need --variant")
+    if len(set(names)) < len(names):
+        raise ValueError(f"argument --variant: a variant is given twice ({names})")
+    specs = {name: {"variant": name, "layers": None, "params": {}} for name in names}
+    for name, layers in sorted(args.layers or [], key=lambda entry: entry[0] is not None):  # NAME= wins
+        targets = names if name is None else [name]
+        if name is not None and name not in specs:
+            raise ValueError(f"argument --layers: {name}={layers} names no --variant (given: {', '.join(names)})")
+        for target in targets:
+            specs[target]["layers"] = layers
+    for key, value in args.param or []:
+        name, dot, param = key.rpartition(".")
+        if not dot:
+            if len(names) > 1:
+                raise ValueError(f"argument --param: with several --variant, name the variant: NAME.{key}=VALUE")
+            name, param = names[0], key
+        if name not in specs:
+            raise ValueError(f"argument --param: {key} names no --variant (given: {', '.join(names)})")
+        specs[name]["params"][param] = value
+    return list(specs.values())
+
+
+def _check_patch_specs(specs: list[dict]) -> None:
+    """Variants and parameters valid, and the variants composable (on the layers they share, by role), before
+    any model loads: the message of a conflict names both variants."""
+    from .variants import ROLE_LABELS, composition_conflict, get_variant
+
+    seen: list[tuple[type, dict]] = []
+    for spec in specs:
+        try:
+            cls = get_variant(spec["variant"])
+        except ValueError as exc:
+            raise ValueError(f"argument --variant: {exc}") from None
+        try:
+            cls.make_params(**spec["params"])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"argument --param: {exc}") from None
+        for other, other_spec in seen:
+            reason = composition_conflict(other, cls)
+            # certain to share layers when one of them is on all; other overlaps are refused by patch_model
+            if reason is not None and (spec["layers"] in (None, "all") or other_spec["layers"] in (None, "all")):
+                raise ValueError(f"argument --variant: cannot combine {cls.name!r} ({ROLE_LABELS[cls.role]}) with "
+                                 f"{other.name!r} ({ROLE_LABELS[other.role]}): {reason}")
+        seen.append((cls, spec))
 
 
 def load(model_ref: str, dtype: torch.dtype = torch.float32):
@@ -155,11 +237,18 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                    help=f"shipped model name, local dir or Hub repo owner/name (default: {DEFAULT_MODEL})")
 
 
-def _add_patch_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--variant", required=required, help="variant name (see `patchattn list`)")
-    p.add_argument("--layers", type=_layers,
-                   help="'all', 'last:N', 'first:N' or comma-separated indices (default: all)")
-    _add_param_arg(p, "variant parameter (repeatable)")
+def _add_patch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", action="append",
+                   help="variant name (see `patchattn list`); repeat to combine variants (e.g. --variant hyper "
+                        "--variant zipcache), patched in the order given")
+    p.add_argument("--layers", type=_layers_option, action="append", metavar="[NAME=]LAYERS",
+                   help="'all', 'last:N', 'first:N' or comma-separated indices (default: all); NAME=LAYERS sets "
+                        "the layers of one of several variants (--layers hyper=last:16)")
+    _add_param_arg(p, "variant parameter (repeatable); with several --variant, NAME.KEY=VALUE "
+                      "(--param zipcache.high_bits=8)")
+    p.add_argument("--spec", help="JSON file with the patches instead of --variant/--layers/--param: a list of "
+                                  "{\"variant\": NAME, \"layers\": ..., \"params\": {...}} (config.json's "
+                                  "patchattn record has this form)")
 
 
 def _add_param_arg(p: argparse.ArgumentParser, help: str) -> None:
@@ -171,7 +260,16 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     from .variants import get_variant
 
     variant = getattr(args, "variant", None)
-    if getattr(args, "param", None) and not variant:
+    if hasattr(args, "spec"):  # a command that patches: --variant repeatable, or --spec
+        try:
+            args.patches = _patch_specs(args)
+            _check_patch_specs(args.patches)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.command == "bench" and not args.patches:
+            parser.error("the following arguments are required: --variant (or --spec)")
+        variant = None
+    elif getattr(args, "param", None) and not variant:
         parser.error("argument --param: variant parameters need --variant")
     if variant:
         try:
@@ -246,8 +344,8 @@ def _check_plan(parser: argparse.ArgumentParser, args) -> None:
 def _apply_patch(model, args) -> None:
     from . import patch_model
 
-    if args.variant:
-        patch_model(model, args.variant, layers=args.layers, **_params(args))
+    for spec in args.patches:
+        patch_model(model, spec["variant"], layers=spec["layers"], **spec["params"])
 
 
 def cmd_list(args) -> None:
@@ -258,11 +356,13 @@ def cmd_list(args) -> None:
 
     console = Console()
     table = Table(title="variants")
-    for col in ("name", "kind", "description", "parameters (default)"):
+    from .variants import ROLE_LABELS
+
+    for col in ("name", "kind", "role", "description", "parameters (default)"):
         table.add_column(col)
     for v in list_variants():
         params = ", ".join(f"{k}={p['default']}" for k, p in v["params"].items()) or "-"
-        table.add_row(v["name"], v["kind"], v["description"], params)
+        table.add_row(v["name"], v["kind"], ROLE_LABELS[v["role"]], v["description"], params)
     console.print(table)
     table = Table(title="model families")
     for col in ("name", "model_type", "description"):
@@ -317,25 +417,27 @@ def cmd_eval(args) -> None:
 
 def _eval_tasks(args) -> None:
     """Task accuracy of the model as loaded, then (with --variant) patched, on the same prompts."""
-    from . import is_patched, patch_model, unpatch_model
+    from . import is_patched, unpatch_model
     from .tasks import run_tasks
 
     model, tokenizer = load(args.model, DTYPES[args.dtype])
-    if args.variant and is_patched(model):  # refused now rather than after the first, unpatched-model pass
-        raise ValueError(f"{args.model} is already patched ({model.config.patchattn['variant']}); drop --variant to "
-                         "evaluate it as saved")
+    if args.patches and is_patched(model):  # refused now rather than after the first, unpatched-model pass
+        names = [spec["variant"] for spec in model.config.patchattn]
+        raise ValueError(f"{args.model} is already patched ({', '.join(names)}); drop --variant to evaluate it as "
+                         "saved")
 
     def run() -> list[dict]:
         return run_tasks(model, tokenizer, args.tasks, args.context_length, samples=args.samples or 10,
                          batch_size=args.batch_size or 4, haystack=args.haystack, model_name=args.model)
 
     rows = run()
-    if args.variant:
-        patch_model(model, args.variant, layers=args.layers, **_params(args))
+    if args.patches:
         try:
+            _apply_patch(model, args)
             rows += run()
         finally:
-            unpatch_model(model)
+            if is_patched(model):
+                unpatch_model(model)
     _print_task_table(rows)
     if args.out:
         with open(args.out, "w") as f:
@@ -380,13 +482,15 @@ def cmd_bench(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import patched
+    from . import is_patched, unpatch_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load(args.model, DTYPES[args.dtype])
+    if is_patched(model):
+        raise ValueError(f"{args.model} is already patched; bench compares an unpatched model with its patched self")
     model.to(device)
     table = Table(title=f"prefill ms ({args.model}, {device}, {args.dtype})")
-    for col in ("seq len", "original", args.variant, "speedup"):
+    for col in ("seq len", "original", "+".join(spec["variant"] for spec in args.patches), "speedup"):
         table.add_column(col, justify="right")
     rows = []
     for n in args.seq_lens:
@@ -394,8 +498,12 @@ def cmd_bench(args) -> None:
         run = lambda: model(input_ids=ids, logits_to_keep=1)
         with torch.inference_mode():
             base = _time(run, device, args.repeats)
-            with patched(model, args.variant, layers=args.layers, **_params(args)):
+            try:
+                _apply_patch(model, args)
                 patched_ms = _time(run, device, args.repeats)
+            finally:
+                if is_patched(model):
+                    unpatch_model(model)
         rows.append({"n": n, "original_ms": base, "patched_ms": patched_ms})
         table.add_row(str(n), f"{base:.1f}", f"{patched_ms:.1f}", f"{base / patched_ms:.2f}x")
     Console().print(table)
@@ -444,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=_model_ref, help="shipped model name, local dir or Hub repo owner/name")
     p.add_argument("output", help="output directory (new or empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
-    _add_patch_args(p, required=False)
+    _add_patch_args(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(fn=cmd_convert)
@@ -452,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="sliding-window perplexity over a text file, or (--tasks) long-context task "
                                     "accuracy, exact vs patched")
     _add_model_arg(p)
-    _add_patch_args(p, required=False)
+    _add_patch_args(p)
     p.add_argument("--text", type=_text_file, help="text file (default: the shipped Shakespeare plays)")
     p.add_argument("--context-length", type=_context_lengths, default="2048",
                    help="window length; with --tasks a comma list of prompt+answer lengths (default: 2048)")
@@ -471,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill time, original vs patched")
     _add_model_arg(p)
-    _add_patch_args(p, required=True)
+    _add_patch_args(p)
     p.add_argument("--seq-lens", type=_int_list, default="2048,4096,8192")
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--device")

@@ -38,7 +38,7 @@ def run_demo(model_name: str = "smollm2-135m", contexts=(2048, 4096, 8192), max_
         console.print(f"context {n}: original")
         base = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
         with patched(model, "hyper", layers=layers, **params):
-            patched_layers = model.config.patchattn["layers"]
+            patched_layers = model.config.patchattn[0]["layers"]
             console.print(f"context {n}: hyper on layers {patched_layers}")
             hyper = perplexity(model, tokenizer, text, context_length=n, max_tokens=max_tokens)
         with patched(model, "hyper", layers=layers, **{**params, **LEVERS}):

@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
                       "(or pip install lm-eval)") from e
 
 from .loading import from_pretrained
-from .patching import is_patched, patch_model, read_spec
+from .patching import is_patched, patch_model, read_specs, spec_delta
 from .variants import get_variant
 
 MODEL_NAME = "patchattn"
@@ -76,7 +76,8 @@ class _Loader:
 
 def _patch(model, patch: dict) -> None:
     if is_patched(model):
-        raise ValueError(f"patchattn: the model is already patched with {model.config.patchattn['variant']!r}; "
+        names = " + ".join(repr(spec["variant"]) for spec in model.config.patchattn)
+        raise ValueError(f"patchattn: the model is already patched with {names}; "
                          f"drop variant={patch['variant']} (a patched checkpoint evaluates with its own patch)")
     patch = dict(patch)
     patch_model(model, patch.pop("variant"), layers=patch.pop("layers"), **patch)
@@ -104,7 +105,7 @@ class PatchattnLM(HFLM):
             super()._create_tokenizer(pretrained, tokenizer, revision=revision, subfolder=subfolder, **kwargs)
         except (OSError, ValueError, TypeError):
             # A delta upload made without tokenizer= has none: its base model's is the one it was trained with.
-            delta = (read_spec(self.config) or {}).get("delta") if isinstance(pretrained, str) else None
+            delta = spec_delta(read_specs(self.config)) if isinstance(pretrained, str) else None
             if tokenizer or delta is None:
                 raise
             super()._create_tokenizer(delta["base_model"], None, revision=delta["base_revision"], **kwargs)
@@ -113,7 +114,7 @@ class PatchattnLM(HFLM):
         info = super().get_model_info()
         spec = getattr(self._model.config, "patchattn", None)
         if spec is not None:
-            info["patchattn"] = {k: v for k, v in spec.items() if k != "delta"}
+            info["patchattn"] = [{k: v for k, v in s.items() if k != "delta"} for s in spec]
         return info
 
 

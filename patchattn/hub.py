@@ -72,9 +72,9 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, eval_results=None, recip
                           recipe_config=recipe_config, tokenizer_repo=repo_id if tokenizer is not None else base_model,
                           license=license)
         card.save(os.path.join(staging, "README.md"))
-        spec = model.config.patchattn
-        message = commit_message or (f"patchattn: {'delta of ' if delta else ''}{spec['family']} model with "
-                                     f"{spec['variant']} attention")
+        specs = model.config.patchattn
+        message = commit_message or (f"patchattn: {'delta of ' if delta else ''}{specs[0]['family']} model with "
+                                     f"{' + '.join(s['variant'] for s in specs)} attention")
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision is not None:
@@ -112,7 +112,7 @@ def _save_delta(model, staging: str, base_model: str, base_revision: str, token)
     The base is loaded exactly as ``from_pretrained`` will load it (same loader, config and dtype), so whatever
     differs — training, merged LoRA, the variant's own weights, which the base lacks — is in the delta.
     """
-    spec = model.config.patchattn
+    specs = model.config.patchattn
     base = AutoModelForCausalLM.from_pretrained(base_model, revision=base_revision,
                                                 config=unpatched_config(model.config), dtype=model.dtype, token=token)
     base_state = base.state_dict()
@@ -129,7 +129,7 @@ def _save_delta(model, staging: str, base_model: str, base_revision: str, token)
     save_file(tensors, os.path.join(staging, DELTA_FILE), metadata={"format": "pt"})
     delta = {"base_model": base_model, "base_revision": base_revision, "file": DELTA_FILE}
     config = copy.deepcopy(model.config)
-    config.patchattn = {**spec, "delta": delta}
+    config.patchattn = [{**specs[0], "delta": delta}] + list(specs[1:])  # the record goes on the first spec
     config.save_pretrained(staging)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(staging)
@@ -148,12 +148,20 @@ def model_card(model, repo_id: str, *, base_model=None, delta=None, eval_results
                tokenizer_repo=None, license: str | None = None) -> ModelCard:
     """The README of a push: Hub metadata (base model and relation, library, tags, pipeline) and the sections of
     the template (patch, loading snippet, evaluation, recipe, versions)."""
-    spec = model.config.patchattn
-    variant = get_variant(spec["variant"])
+    specs = model.config.patchattn
+    variants = [get_variant(spec["variant"]) for spec in specs]
+    names = [spec["variant"] for spec in specs]
+    family = specs[0]["family"]
+    if len(specs) == 1:
+        layers, params = specs[0]["layers"], specs[0]["params"]
+    else:  # a composition: every patched layer, and each variant's parameters under its name
+        layers = sorted({i for spec in specs for i in spec["layers"]})
+        params = {f"{spec['variant']}.layers": spec["layers"] for spec in specs}
+        params.update({f"{spec['variant']}.{k}": v for spec in specs for k, v in spec["params"].items()})
     relation = {"base_model_relation": "adapter" if delta else "finetune"} if base_model else {}
     license_ = license or _base_license(base_model)
     data = ModelCardData(base_model=base_model, library_name="patchattn", pipeline_tag="text-generation",
-                         tags=["patchattn", spec["variant"], spec["family"]], license=license_,
+                         tags=["patchattn", *names, family], license=license_,
                          model_name=repo_id, eval_results=_model_index(eval_results) or None, **relation)
     columns, rows = _eval_table(eval_results)
     recipe = (yaml.safe_dump(recipe_config, sort_keys=False) if isinstance(recipe_config, dict)
@@ -161,11 +169,12 @@ def model_card(model, repo_id: str, *, base_model=None, delta=None, eval_results
     versions = {"patchattn": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
                 "huggingface_hub": huggingface_hub.__version__}
     return ModelCard.from_template(
-        data, template_path=str(template_path()), repo_id=repo_id, variant=spec["variant"],
-        variant_description=variant.description, variant_kind="trainable" if variant.trainable else "training-free",
-        family=spec["family"], family_model_type=base_model_type(model.config.model_type), layers=spec["layers"],
+        data, template_path=str(template_path()), repo_id=repo_id, variant=" + ".join(names),
+        variant_description=" ".join(v.description for v in variants),
+        variant_kind="trainable" if any(v.trainable for v in variants) else "training-free",
+        family=family, family_model_type=base_model_type(model.config.model_type), layers=layers,
         num_layers=len(resolve_family(model).attention_modules(model)),
-        params=spec["params"], delta=delta is not None, delta_tensors=(delta or {}).get("tensors"),
+        params=params, delta=delta is not None, delta_tensors=(delta or {}).get("tensors"),
         delta_file=DELTA_FILE, base_revision=(delta or {}).get("base_revision"), tokenizer_repo=tokenizer_repo,
         eval_columns=columns, eval_rows=rows, recipe=recipe, versions=versions)
 

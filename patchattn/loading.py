@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as transformers_logging
 
-from .patching import LAYER_ATTR, patched_class, patched_config_class, read_spec
+from .patching import LAYER_ATTR, patched_class, patched_config_class, read_specs, spec_delta
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 DELTA_FILE = "patchattn_delta.safetensors"
@@ -34,17 +34,18 @@ def from_pretrained(path_or_repo: str, **kwargs):
     _check_local_path(path_or_repo)
     with hub_error_hints(path_or_repo, revision):
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path_or_repo, **hub_kwargs)
-    spec = read_spec(config, source=f"{path_or_repo}/config.json")  # before any weight is read
-    if spec is None:
+    specs = read_specs(config, source=f"{path_or_repo}/config.json")  # before any weight is read
+    if specs is None:
         with hub_error_hints(path_or_repo, revision):
             return AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
     config = as_patched_config(config)
     model_class = patched_class(_causal_lm_class(config))
-    delta = spec.get("delta")
+    delta = spec_delta(specs)
     if delta is None:
         with hub_error_hints(path_or_repo, revision):
             return model_class.from_pretrained(path_or_repo, config=config, **kwargs)
-    config.patchattn = {k: v for k, v in spec.items() if k != "delta"}  # the loaded model is a whole model
+    # the loaded model is a whole model
+    config.patchattn = [{k: v for k, v in spec.items() if k != "delta"} for spec in specs]
     base_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
     with hub_error_hints(delta["base_model"], delta["base_revision"], f"base model of {path_or_repo}"), \
             _quiet_missing_variant_weights():
@@ -127,7 +128,7 @@ def _load_delta(model, path_or_repo: str, filename: str, hub_kwargs: dict) -> No
     delta = load_file(file)
     state = model.state_dict()
     unknown = sorted(set(delta) - set(state))
-    missing = sorted(k for k in state if f".{LAYER_ATTR}." in k and k not in delta)
+    missing = sorted(k for k in state if f".{LAYER_ATTR}" in k and k not in delta)  # patchattn_layer, _1, ...
     if unknown or missing:
         raise ValueError(f"the delta of {path_or_repo} does not fit its patched base model: {len(unknown)} unknown "
                          f"tensors {unknown[:3]}, {len(missing)} variant weights missing {missing[:3]}")

@@ -17,6 +17,14 @@ the patch spec under ``config.patchattn``. So:
   never changes another.
 - ``is_patched(model)`` is true exactly when the variant runs.
 
+Composition: ``patch_model`` on a patched model adds a variant (``config.patchattn`` is the ordered list of the
+patches, one spec each). Each variant has a role (``Variant.role``: output/score modifier, KV-cache representation,
+prefill approximation, whole-attention replacement); on a layer patched by several, the dispatcher calls the
+outermost (modifier, then cache, then prefill) and each reaches the one under it with ``Variant.inner_attention``.
+Variants that cannot share a layer (``variants.composition_conflict``) are refused with a ``ValueError`` naming
+both and their roles. The variant of the i-th patch lives under ``patchattn_layer`` (i = 0) or
+``patchattn_layer_<i>``.
+
 The same name is registered with ``AttentionMaskInterface`` (sdpa's mask maker): without it transformers hands a
 custom attention function ``attention_mask=None`` and sliding windows and padding are silently lost.
 """
@@ -40,18 +48,19 @@ from ._version import __version__
 from .attention import EXACT_BACKEND_ATTR, exact_attention, exact_backend
 from .cache import PatchattnCache, build_cache
 from .families import Family, family_for_model_type, supported_model_types
-from .variants import VARIANTS, Variant, get_variant
+from .variants import ROLE_LABELS, VARIANTS, Variant, composition_conflict, get_variant
+from .variants.base import LAYER_ATTR, ROLE_RANK, STACK_ATTR
 
 IMPLEMENTATION = "patchattn"
-LAYER_ATTR = "patchattn_layer"
 MODEL_TYPE_PREFIX = "patchattn_"
 _SPEC_KEYS = ("variant", "layers", "params", "family")
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
-    layer = module._modules.get(LAYER_ATTR)
-    if layer is None:
+    stack = module.__dict__.get(STACK_ATTR)
+    if not stack:
         return exact_attention(module, query, key, value, attention_mask, **kwargs)
+    layer = module._modules[stack[0]]  # the outermost; it calls the next with ``inner_attention``
     if layer.transfer_mode:
         return layer.attention_transfer(module, query, key, value, attention_mask, **kwargs)
     return layer.attention(module, query, key, value, attention_mask, **kwargs)
@@ -144,13 +153,33 @@ def parse_layers(layers: Any, num_layers: int) -> list[int]:
 
 # -- the patch spec ------------------------------------------------------------------------------------------------
 
-def read_spec(config, source: str = "config") -> dict | None:
-    """The patch spec recorded in ``config`` (None if there is none), checked before any weight is loaded: a
-    corrupt spec gets an error naming the field and the fix instead of a ``KeyError`` after the model loaded."""
-    spec = getattr(config, "patchattn", None)
-    if spec is None:
+def read_specs(config, source: str = "config") -> list[dict] | None:
+    """The patch specs recorded in ``config``, in patch order (None if there are none), checked before any weight
+    is loaded: a corrupt spec gets an error naming the field and the fix instead of a ``KeyError`` after the model
+    loaded, and a combination that cannot run is refused. A single spec object (what patchattn wrote before
+    compositions) reads as a list of one."""
+    record = getattr(config, "patchattn", None)
+    if record is None:
         return None
-    where = f"{source}: the patchattn spec"
+    entries = [record] if isinstance(record, dict) else record
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{source}: the patchattn spec must be a non-empty list of objects with {list(_SPEC_KEYS)}, "
+                         f"got {record!r}; re-save the model with patchattn (patch_model + save_pretrained, or "
+                         "`patchattn convert`)")
+    specs = []
+    for i, spec in enumerate(entries):
+        spec = _read_one_spec(spec, f"{source}: the patchattn spec" + (f" #{i}" if len(entries) > 1 else ""))
+        _check_composition(specs, spec)
+        specs.append(spec)
+    return specs
+
+
+def spec_delta(specs: list[dict] | None) -> dict | None:
+    """The delta record of a delta upload (kept on the first spec), or None."""
+    return (specs or [{}])[0].get("delta")
+
+
+def _read_one_spec(spec, where: str) -> dict:
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be an object with {list(_SPEC_KEYS)}, got {type(spec).__name__}; re-save the "
                          "model with patchattn (patch_model + save_pretrained, or `patchattn convert`)")
@@ -170,21 +199,64 @@ def read_spec(config, source: str = "config") -> dict | None:
     return {**spec, "params": params.to_dict()}  # normalised as patch_model records them (JSON made keys strings)
 
 
+def _check_composition(specs: list[dict], new: dict) -> None:
+    """Refuse adding ``new`` to the patches ``specs``: the same variant twice, or variants that cannot share the
+    layers they have in common (``composition_conflict``)."""
+    cls = get_variant(new["variant"])
+    for spec in specs:
+        if spec["variant"] == cls.name:
+            raise ValueError(f"model is already patched with {cls.name!r}; call patchattn.unpatch_model(model, "
+                             f"{cls.name!r}) first to patch it again (other layers or parameters)")
+        other = get_variant(spec["variant"])
+        shared = sorted(set(spec["layers"]) & set(new["layers"]))
+        reason = composition_conflict(other, cls) if shared else None
+        if reason is not None:
+            raise ValueError(f"cannot combine {cls.name!r} ({ROLE_LABELS[cls.role]}) with {other.name!r} "
+                             f"({ROLE_LABELS[other.role]}), already patched on layers {shared}: {reason}. Patch them "
+                             f"on different layers, or call patchattn.unpatch_model(model, {other.name!r}) first")
+
+
 # -- attaching and detaching the variant layers --------------------------------------------------------------------
 
-def _variant_layers(model: nn.Module) -> dict[int, nn.Module]:
+def layer_attr(index: int) -> str:
+    """The submodule name of the variant of the ``index``-th patch of a model."""
+    return LAYER_ATTR if index == 0 else f"{LAYER_ATTR}_{index}"
+
+
+def layer_attrs(model: nn.Module) -> list[str]:
+    """The submodule names of the variants of ``model``'s patches (``["patchattn_layer"]`` for one variant): what
+    PEFT's ``modules_to_save`` needs to train them beside LoRA."""
+    return [layer_attr(i) for i in range(len(patch_specs(model)))]
+
+
+def _variant_stacks(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Per patched layer, its variants in the order their ``attention`` runs (outermost first)."""
     family = resolve_family(model)
-    return {i: m._modules[LAYER_ATTR] for i, m in enumerate(family.attention_modules(model))
-            if LAYER_ATTR in m._modules}
+    return {i: [m._modules[name] for name in m.__dict__[STACK_ATTR]]
+            for i, m in enumerate(family.attention_modules(model)) if m.__dict__.get(STACK_ATTR)}
 
 
-def _attach(model: nn.Module, family: Family, spec: dict) -> None:
-    """Create and attach the variant on ``spec['layers']``; on any failure, every layer attached so far is
-    detached again, so a failed patch leaves the model as it was."""
+def _update_stacks(model: nn.Module, family: Family, specs: list[dict]) -> None:
+    """Record on every attention module which variants run there and in which order (role rank, then patch
+    order); modules without one lose the record."""
+    ranks = [ROLE_RANK[get_variant(spec["variant"]).role] for spec in specs]
+    for i, module in enumerate(family.attention_modules(model)):
+        names = [layer_attr(j) for j in sorted(range(len(specs)), key=lambda j: ranks[j])
+                 if i in specs[j]["layers"] and layer_attr(j) in module._modules]
+        if names:
+            module.__dict__[STACK_ATTR] = tuple(names)
+        else:
+            module.__dict__.pop(STACK_ATTR, None)
+
+
+def _attach(model: nn.Module, family: Family, spec: dict, index: int = 0) -> None:
+    """Create and attach the variant on ``spec['layers']`` as the ``index``-th patch; on any failure, every layer
+    attached so far is detached again, so a failed patch leaves the model as it was."""
     cls = get_variant(spec["variant"])
     params = cls.make_params(**spec["params"])
     modules = family.attention_modules(model)
     indices = parse_layers(spec["layers"], len(modules))
+    attr = layer_attr(index)
     attached: list[tuple[nn.Module, Variant]] = []
     try:
         for i in indices:
@@ -193,7 +265,7 @@ def _attach(model: nn.Module, family: Family, spec: dict) -> None:
             ref = next(module.parameters(), None)
             if ref is not None:
                 layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            module.add_module(LAYER_ATTR, layer)
+            module.add_module(attr, layer)
             attached.append((module, layer))
             layer.bind(module)
             layer.attach(module)
@@ -202,16 +274,26 @@ def _attach(model: nn.Module, family: Family, spec: dict) -> None:
             try:
                 layer.detach(module)
             finally:
-                module._modules.pop(LAYER_ATTR, None)
+                module._modules.pop(attr, None)
         raise
 
 
-def _detach(model: nn.Module, family: Family) -> None:
+def _detach(model: nn.Module, family: Family, count: int, index: int | None = None) -> None:
+    """Detach the variants of all ``count`` patches (``index`` None), or of the ``index``-th one; the variants of
+    later patches move up one name, so the model is the one patched with the others alone."""
     for module in family.attention_modules(model):
-        layer = module._modules.get(LAYER_ATTR)
-        if layer is not None:
-            layer.detach(module)
-            del module._modules[LAYER_ATTR]
+        for j in range(count) if index is None else [index]:
+            layer = module._modules.get(layer_attr(j))
+            if layer is not None:
+                layer.detach(module)
+                del module._modules[layer_attr(j)]
+        if index is not None:
+            for j in range(index + 1, count):
+                layer = module._modules.pop(layer_attr(j), None)
+                if layer is not None:
+                    module._modules[layer_attr(j - 1)] = layer
+        if index is None:
+            module.__dict__.pop(STACK_ATTR, None)
 
 
 _REQUESTED_ATTR = "_patchattn_requested_implementation"
@@ -237,28 +319,31 @@ class PatchedModel:
     """
 
     def __init__(self, config, *args, **kwargs):
-        spec = read_spec(config)
-        if spec is None:
+        specs = read_specs(config)
+        if specs is None:
             raise ValueError(f"{type(self).__name__} needs a config with a patchattn spec; use patchattn.patch_model "
                              "on an unpatched model instead")
         super().__init__(config, *args, **kwargs)
-        self.config.patchattn = spec
+        self.config.patchattn = specs
         family = resolve_family(self)
-        _attach(self, family, spec)
+        for index, spec in enumerate(specs):
+            _attach(self, family, spec, index)
+        _update_stacks(self, family, specs)
         _set_exact_backend(self, family, self.config._attn_implementation)
         _base_set_attn_implementation(self, IMPLEMENTATION)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         config = kwargs.get("config")
-        if isinstance(config, PretrainedConfig) and (read_spec(config) or {}).get("delta"):
+        if isinstance(config, PretrainedConfig) and spec_delta(read_specs(config)):
             path = str(pretrained_model_name_or_path)
             raise ValueError(f"{path} is a delta upload (only the tensors that differ from its base model): load it "
                              f"with patchattn.from_pretrained({path!r})")
         result = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
-        for layer in _variant_layers(model).values():
-            layer.reset_buffers(layer.host)
+        for stack in _variant_stacks(model).values():
+            for layer in stack:
+                layer.reset_buffers(layer.host)
         return result
 
     @classmethod
@@ -285,7 +370,7 @@ class PatchedModel:
         for key, previous in before.items():
             made = model_kwargs.get(key)
             if made is not previous and type(made) is DynamicCache:
-                model_kwargs[key] = build_cache(_variant_layers(self), made)
+                model_kwargs[key] = build_cache(_variant_stacks(self), made)
         return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -405,17 +490,17 @@ def is_patched(model: nn.Module) -> bool:
 def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.Module:
     """Patch ``model`` in place with ``variant`` on ``layers`` and return it.
 
-    Patching an already patched model raises; call ``unpatch_model`` first (re-patching on top would make the
-    recorded spec lie about what runs). Everything is checked before the model changes, and a failure while
+    On an already patched model the new variant composes with the others (``config.patchattn`` lists the patches in
+    order): e.g. ``hyper`` on ``"last:16"``, then ``zipcache`` on all layers. A variant that cannot share a layer
+    with one already there (see ``Variant.role``), or the same variant twice, raises a ``ValueError`` naming both;
+    ``unpatch_model(model, name)`` removes one. Everything is checked before the model changes, and a failure while
     attaching leaves it as it was.
     """
     family = resolve_family(model)
     cls = get_variant(variant)
     if cls.families is not None and family.name not in cls.families:
         raise ValueError(f"variant {variant!r} supports the families {list(cls.families)}, not {family.name!r}")
-    if is_patched(model):
-        raise ValueError(f"model is already patched with {model.config.patchattn['variant']!r}; call "
-                         "patchattn.unpatch_model(model) first")
+    existing = list(model.config.patchattn) if is_patched(model) else []
     variant_params = cls.make_params(**params)
     modules = family.attention_modules(model)
     if not all(getattr(m, "is_causal", True) for m in modules):
@@ -427,23 +512,44 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
         "family": family.name,
         "patchattn_version": __version__,
     }
+    _check_composition(existing, spec)
+    if existing:
+        _attach(model, family, spec, len(existing))
+        specs = existing + [spec]
+        _replace_config(model, type(model.config), specs)
+        _update_stacks(model, family, specs)
+        return model
     model_class = patched_class(type(model))
     _attach(model, family, spec)
+    _update_stacks(model, family, [spec])
     implementation = model.config._attn_implementation
-    _replace_config(model, patched_config_class(type(model.config)), spec)
+    _replace_config(model, patched_config_class(type(model.config)), [spec])
     model.__class__ = model_class
     _set_exact_backend(model, family, implementation)
     _base_set_attn_implementation(model, IMPLEMENTATION)
     return model
 
 
-def unpatch_model(model: nn.Module) -> nn.Module:
+def unpatch_model(model: nn.Module, variant: str | None = None) -> nn.Module:
     """Remove the patch: the original modules, class, config class and attention implementation come back (the
-    config as a copy owned by this model, without the spec)."""
+    config as a copy owned by this model, without the spec). With ``variant``, remove just that variant of a
+    composition: the model is then the one patched with the others alone."""
     if not is_patched(model):
         raise ValueError("model is not patched by patchattn")
     family = resolve_family(model)
-    _detach(model, family)
+    specs = list(model.config.patchattn)
+    if variant is not None:
+        names = [spec["variant"] for spec in specs]
+        if variant not in names:
+            raise ValueError(f"model is not patched with {variant!r}; its patches: {names}")
+        if len(specs) > 1:
+            index = names.index(variant)
+            _detach(model, family, len(specs), index)
+            specs.pop(index)
+            _replace_config(model, type(model.config), specs)
+            _update_stacks(model, family, specs)
+            return model
+    _detach(model, family, len(specs))
     for module in family.attention_modules(model):
         module.__dict__.pop(EXACT_BACKEND_ATTR, None)
     implementation = model.__dict__.pop(_REQUESTED_ATTR, "sdpa")
@@ -461,6 +567,10 @@ def patched(model: nn.Module, variant: str, *, layers=None, **params) -> Iterato
         with patchattn.patched(model, "hyper", layers="last:8") as m:
             logits = m(input_ids).logits
     """
+    if is_patched(model):
+        names = [spec["variant"] for spec in model.config.patchattn]
+        raise ValueError(f"model is already patched with {names}; patched() patches an unpatched model (call "
+                         "patchattn.patch_model to combine variants)")
     patch_model(model, variant, layers=layers, **params)
     try:
         yield model
@@ -474,11 +584,14 @@ def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str
     decode step, below the measured speed crossover) or ``fallback`` (a case the method does not cover). A result
     credited to an approximation should show ``approximate`` calls."""
     paths = {}
-    for i, layer in _variant_layers(model).items():
-        counts = layer.__dict__.get("path_counts")
-        paths[i] = dict(counts or {})
-        if reset and counts is not None:
-            counts.clear()
+    for i, stack in _variant_stacks(model).items():
+        paths[i] = {}
+        for layer in stack:  # in a composition, the paths of the variants that record them (the prefill method's)
+            counts = layer.__dict__.get("path_counts")
+            for path, n in (counts or {}).items():
+                paths[i][path] = paths[i].get(path, 0) + n
+            if reset and counts is not None:
+                counts.clear()
     return paths
 
 
@@ -492,8 +605,20 @@ def generation_cache(model: nn.Module) -> PatchattnCache:
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         model = get_base()
-    return build_cache(_variant_layers(model), DynamicCache(config=model.config))
+    return build_cache(_variant_stacks(model), DynamicCache(config=model.config))
 
 
 def patched_layers(model: nn.Module) -> list[int]:
-    return list(model.config.patchattn["layers"]) if is_patched(model) else []
+    """The layers any variant runs on (sorted)."""
+    if not is_patched(model):
+        return []
+    return sorted({i for spec in model.config.patchattn for i in spec["layers"]})
+
+
+def patch_specs(model: nn.Module) -> list[dict]:
+    """The patches of ``model`` in the order they were made (``[]`` for an unpatched model): one dict each with
+    ``variant``, ``layers``, ``params``, ``family``."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    return [dict(spec) for spec in model.config.patchattn] if is_patched(model) else []

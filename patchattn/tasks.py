@@ -385,8 +385,14 @@ def setting(model) -> dict:
 
     if not is_patched(model):
         return {"variant": "exact", "params": {}, "layers": []}
-    spec = model.config.patchattn
-    return {"variant": spec["variant"], "params": dict(spec["params"]), "layers": list(spec["layers"])}
+    specs = model.config.patchattn
+    if len(specs) == 1:
+        spec = specs[0]
+        return {"variant": spec["variant"], "params": dict(spec["params"]), "layers": list(spec["layers"])}
+    # a composition: one setting named "a+b", its params and layers per variant
+    return {"variant": "+".join(s["variant"] for s in specs),
+            "params": {s["variant"]: dict(s["params"]) for s in specs},
+            "layers": {s["variant"]: list(s["layers"]) for s in specs}}
 
 
 def run_tasks(model, tokenizer, tasks: Sequence[str] = ("niah_single",), context_lengths: Sequence[int] = (4096,),

@@ -430,9 +430,9 @@ def load_patched_model(config, calibration_rows: int):
     train_docs, held_out = split_corpus(read_corpus(config), config.eval_fraction)
     model, tokenizer, already_patched = build_model(config, "\n".join(train_docs))
     if already_patched:
-        if model.config.patchattn["variant"] != config.variant:
-            raise ConfigError(f"config field 'variant': {config.model} is already patched with "
-                              f"{model.config.patchattn['variant']!r}")
+        names = [spec["variant"] for spec in model.config.patchattn]
+        if config.variant not in names:
+            raise ConfigError(f"config field 'variant': {config.model} is already patched with {names}")
     else:
         try:
             patchattn.patch_model(model, config.variant, layers=config.layers, **config.variant_params)
@@ -462,10 +462,12 @@ def set_gradient_checkpointing(model, enable: bool) -> None:
 
 
 def variant_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters the patch added (they live under ``patchattn_layer`` in the attention modules)."""
-    from patchattn.patching import LAYER_ATTR
+    """The parameters the patch added (they live under ``patchattn_layer``, and ``patchattn_layer_<i>`` for the
+    later variants of a composition, in the attention modules)."""
+    from patchattn.patching import layer_attrs
 
-    return [p for n, p in model.named_parameters() if f".{LAYER_ATTR}." in n]
+    names = layer_attrs(model)
+    return [p for n, p in model.named_parameters() if any(f".{name}." in n for name in names)]
 
 
 def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str = ""):
@@ -478,13 +480,13 @@ def set_trainable(model, config: TrainableFields, *, variant: str, prefix: str =
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from patchattn.patching import LAYER_ATTR
+        from patchattn.patching import layer_attrs
 
-        # modules_to_save: PEFT trains the variant beside LoRA and stores it in the adapter
+        # modules_to_save: PEFT trains the variant(s) beside LoRA and stores them in the adapter
         return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                 lora_dropout=config.lora_dropout,
                                                 target_modules=list(config.lora_targets),
-                                                modules_to_save=[LAYER_ATTR] if params else None))
+                                                modules_to_save=layer_attrs(model) if params else None))
     if not params:
         raise ConfigError(f"config field {prefix + 'trainable'!r}: variant {variant!r} adds no parameters; use "
                           "trainable: lora or full")
@@ -526,9 +528,10 @@ def _check_model(config: ModelFields) -> None:
             raise ConfigError(f"config field 'model': cannot read the config of {config.model!r}: {exc}") from None
         spec = getattr(hf_config, "patchattn", None)
         if spec is not None:  # its layers are fixed; `layers` is not used
-            if spec["variant"] != config.variant:
+            names = [s["variant"] for s in ([spec] if isinstance(spec, dict) else spec)]
+            if config.variant not in names:
                 raise ConfigError(f"config field 'variant': {config.model} is already patched with "
-                                  f"{spec['variant']!r}, got {config.variant!r}")
+                                  f"{names if len(names) > 1 else repr(names[0])}, got {config.variant!r}")
             return
         n = hf_config.get_text_config().num_hidden_layers
     try:

@@ -91,8 +91,9 @@ def evaluate_model(label: str, spec: str, args, text: str, passkey_text: str | N
     from patchattn.passkey import passkey_accuracy
 
     model, tokenizer = load(spec, DTYPES[args.dtype], args.device)
-    spec_info = getattr(model.config, "patchattn", None)
-    print(f"[{label}] {spec}: {'patched with ' + spec_info['variant'] if spec_info else 'unpatched'}", flush=True)
+    spec_info = getattr(model.config, "patchattn", None)  # the list of patches, in order
+    names = " + ".join(s["variant"] for s in spec_info or [])
+    print(f"[{label}] {spec}: {'patched with ' + names if spec_info else 'unpatched'}", flush=True)
     out = {"path": spec, "patch": spec_info, "ppl": {}, "ppl_detail": {}}
     for length in args.ppl_lengths:
         r = perplexity(model, tokenizer, text, context_length=length, max_tokens=args.ppl_tokens,
@@ -190,7 +191,7 @@ def main(argv=None) -> dict:
     write_json(paths["json"], {"settings": settings, "env": env, "models": results})
     table = tables(results, args)
     paths["md"].write_text(table + "\n")
-    variants = sorted({r["patch"]["variant"] for r in results.values() if r["patch"]})
+    variants = sorted({s["variant"] for r in results.values() for s in r["patch"] or []})
     plot(results, args, paths["png"], f"{args.teacher} vs distilled ({', '.join(variants)})")
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -199,10 +199,10 @@ def test_decode_without_statistics_falls_back_to_exact(caplog, monkeypatch):
 def test_spec_round_trip(tmp_path):
     model = tiny_model("qwen2")
     patchattn.patch_model(model, "act", heads={3: [1], 1: [2, 0, 2]}, beta=0.3, theta=0.05)
-    assert model.config.patchattn["params"]["heads"] == HEADS  # sorted, de-duplicated
+    assert model.config.patchattn[0]["params"]["heads"] == HEADS  # sorted, de-duplicated
     model.save_pretrained(tmp_path)
     loaded = patchattn.from_pretrained(str(tmp_path))
-    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    assert loaded.config.patchattn[0]["params"] == model.config.patchattn[0]["params"]
     torch.testing.assert_close(logits(loaded, ids()), logits(model, ids()), atol=0, rtol=0)
 
 

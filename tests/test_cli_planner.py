@@ -54,9 +54,9 @@ def test_convert_then_load(model_dir, tmp_path):
     assert main(["convert", str(model_dir), str(out), "--variant", "hyper", "--layers", "last:2",
                  "--param", "block_size=8", "--param", "min_seq_len=16"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["patchattn"]["variant"] == "hyper"
-    assert config["patchattn"]["layers"] == [2, 3]
-    assert config["patchattn"]["params"]["block_size"] == 8
+    assert config["patchattn"][0]["variant"] == "hyper"
+    assert config["patchattn"][0]["layers"] == [2, 3]
+    assert config["patchattn"][0]["params"]["block_size"] == 8
     loaded = patchattn.from_pretrained(str(out))
     reference = patchattn.patch_model(patchattn.from_pretrained(str(model_dir)), "hyper", layers="last:2",
                                       block_size=8, min_seq_len=16)
@@ -71,7 +71,7 @@ def test_convert_force_replaces_a_non_empty_output(model_dir, tmp_path):
     (out / "model-00001-of-00002.safetensors").write_text("stale shard of an older model")
     assert main(["convert", str(model_dir), str(out), "--variant", "exact", "--force"]) == 0
     assert not (out / "model-00001-of-00002.safetensors").exists()
-    assert json.loads((out / "config.json").read_text())["patchattn"]["variant"] == "exact"
+    assert json.loads((out / "config.json").read_text())["patchattn"][0]["variant"] == "exact"
     assert [p.name for p in out.parent.iterdir()] == ["converted"]  # no temporary directory left beside it
 
 
@@ -83,7 +83,7 @@ def test_eval_exact_variant_matches_original(model_dir, text_file, tmp_path):
                      str(path), *extra]) == 0
         results.append(json.loads(path.read_text()))
     assert results[0]["tokens_scored"] == results[1]["tokens_scored"] > 100
-    assert results[1]["patch"]["variant"] == "exact"
+    assert results[1]["patch"][0]["variant"] == "exact"
     assert results[0]["ppl"] == pytest.approx(results[1]["ppl"], rel=1e-5)
 
 

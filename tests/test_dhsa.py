@@ -319,8 +319,8 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     ref = logits(model, tokens())
     model.save_pretrained(tmp_path)
     loaded = patchattn.from_pretrained(str(tmp_path))
-    assert loaded.config.patchattn["variant"] == "dhsa"
-    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    assert loaded.config.patchattn[0]["variant"] == "dhsa"
+    assert loaded.config.patchattn[0]["params"] == model.config.patchattn[0]["params"]
     torch.testing.assert_close(logits(loaded, tokens()), ref, atol=0, rtol=0)
 
 

@@ -80,7 +80,7 @@ def test_two_processes_both_stages_learn(ddp_run):
     assert names == {"stage1/step_4", "stage1/step_8", "stage1/step_10", "stage2/step_4", "stage2/step_8"}
     assert (ddp_run / "loss_curve.png").stat().st_size > 0
     for d in ("stage1", "final"):
-        assert patchattn.from_pretrained(str(ddp_run / d)).config.patchattn["variant"] == "sigmoid"
+        assert patchattn.from_pretrained(str(ddp_run / d)).config.patchattn[0]["variant"] == "sigmoid"
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_python_route_matches_the_patched_model_object(tmp_path, tasks, referenc
     assert scores(results) == expected
     assert scores(results) != base
     assert results["config"]["model"] == "patchattn"
-    assert results["config"]["patchattn"]["variant"] == "gated"
+    assert results["config"]["patchattn"][0]["variant"] == "gated"
     picked = [max((0, 1), key=lambda c: expected[2 * doc + c]) for doc in range(4)]  # labels are doc % 2
     assert results["results"][TASK]["acc,none"] == pytest.approx(sum(p == doc % 2 for doc, p in enumerate(picked)) / 4)
 
@@ -138,7 +138,7 @@ def test_cli_route_matches_the_patched_model_object(tmp_path, task_dir, referenc
     (samples_file,) = glob.glob(str(out / "*" / f"samples_{TASK}_*.jsonl"))
     samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
     (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
-    assert json.loads(Path(results_file).read_text())["config"]["patchattn"]["variant"] == "gated"
+    assert json.loads(Path(results_file).read_text())["config"]["patchattn"][0]["variant"] == "gated"
     expected, base = reference
     got = scores({"samples": {TASK: samples}})
     assert got == expected and got != base
@@ -151,7 +151,7 @@ def test_model_args_patch_an_unpatched_checkpoint(tmp_path, tasks, reference):
     expected = evaluate_object(tasks, patchattn.patch_model(tiny_model("llama"), "hyper", layers=[-2, -1], **HYPER))
     assert scores(results) == expected
     assert scores(results) != reference[1]  # the unpatched base
-    assert results["config"]["patchattn"]["layers"] == [2, 3]
+    assert results["config"]["patchattn"][0]["layers"] == [2, 3]
     # the string form of model_args (`key=value,...`, values typed by lm-eval) makes the same patch
     text = ",".join([f"pretrained={path}", "variant=hyper", "layers=last:2", *(f"param_{k}={v}" for k, v in HYPER.items())])
     lm = PatchattnLM.create_from_arg_string(text, {"device": "cpu"})

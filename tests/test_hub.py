@@ -164,7 +164,7 @@ def test_delta_round_trip_matches_full_upload(hub):
     assert delta_keys(hub, "me/llama-hyper-delta") == {"model.layers.1.mlp.down_proj.weight", "model.norm.weight"}
     files = hub.files("me/llama-hyper-delta")
     assert not [f for f in files if f.startswith("model")]
-    assert json.loads(files["config.json"])["patchattn"]["delta"] == {
+    assert json.loads(files["config.json"])["patchattn"][0]["delta"] == {
         "base_model": "org/tiny-llama", "base_revision": base_sha, "file": DELTA_FILE}
     card = ModelCard(files["README.md"].decode())
     assert (card.data.base_model, card.data.base_model_relation) == ("org/tiny-llama", "adapter")
@@ -175,7 +175,7 @@ def test_delta_round_trip_matches_full_upload(hub):
     expected = logits(model)
     from_delta = patchattn.from_pretrained("me/llama-hyper-delta")
     assert torch.equal(logits(from_delta), expected)
-    assert "delta" not in from_delta.config.patchattn  # a re-save of the loaded model is a whole model
+    assert "delta" not in from_delta.config.patchattn[0]  # a re-save of the loaded model is a whole model
     assert torch.equal(logits(patchattn.from_pretrained("me/llama-hyper-full")), expected)
     with pytest.raises(ValueError, match="delta upload"):
         AutoModelForCausalLM.from_pretrained("me/llama-hyper-delta")
@@ -196,7 +196,30 @@ def test_trainable_variant_round_trip_full_and_delta(hub):
     expected = logits(model)
     for repo in ("me/llama-gated-delta", "me/llama-gated-full"):
         loaded = patchattn.from_pretrained(repo)
-        assert loaded.config.patchattn["variant"] == "gated"
+        assert loaded.config.patchattn[0]["variant"] == "gated"
+        assert torch.equal(logits(loaded), expected)
+
+
+def test_composition_round_trip_full_and_delta(hub):
+    """hyper then gated (its gate under ``patchattn_layer_1``): the delta holds the gates, its record sits on the
+    first spec, the card names both variants, and both uploads reload the composition with the same logits."""
+    tiny_model("llama").push_to_hub("org/tiny-llama")
+    model = patchattn.patch_model(tiny_model("llama"), "hyper", **HYPER)
+    patchattn.patch_model(model, "gated", layers="last:2")
+    gates = [k for k, _ in model.named_parameters() if ".patchattn_layer_1." in k]
+    assert gates
+    train(model, *gates)
+    patchattn.push_to_hub(model, "me/llama-hg-delta", delta_only=True, base_model="org/tiny-llama")
+    patchattn.push_to_hub(model, "me/llama-hg-full", base_model="org/tiny-llama")
+    assert delta_keys(hub, "me/llama-hg-delta") == set(gates)
+    specs = json.loads(hub.files("me/llama-hg-delta")["config.json"])["patchattn"]
+    assert [s["variant"] for s in specs] == ["hyper", "gated"] and "delta" in specs[0] and "delta" not in specs[1]
+    card = hub.files("me/llama-hg-full")["README.md"].decode()
+    assert "`hyper + gated`" in card and "`gated.granularity`" in card
+    expected = logits(model)
+    for repo in ("me/llama-hg-delta", "me/llama-hg-full"):
+        loaded = patchattn.from_pretrained(repo)
+        assert loaded.config.patchattn == model.config.patchattn
         assert torch.equal(logits(loaded), expected)
 
 

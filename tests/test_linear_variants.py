@@ -315,7 +315,7 @@ def test_save_and_from_pretrained_give_identical_logits(case, tmp_path):
     ref = model(input_ids=tokens()).logits
     model.save_pretrained(tmp_path)
     loaded = patchattn.from_pretrained(str(tmp_path)).eval()
-    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    assert loaded.config.patchattn[0]["params"] == model.config.patchattn[0]["params"]
     assert sorted(variant_layers(loaded)) == [1, 2, 3]
     torch.testing.assert_close(loaded(input_ids=tokens()).logits, ref, atol=0, rtol=0)
 

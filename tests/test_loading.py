@@ -78,7 +78,7 @@ def test_checkpoint_of_patchattn_0_1_still_loads(tmp_path):
 def test_corrupt_spec_is_refused_before_loading(tmp_path):
     saved_patched(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["patchattn"]["params"] = {"granularity": "diagonal"}
+    config["patchattn"][0]["params"] = {"granularity": "diagonal"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="patchattn spec has invalid parameters.*granularity"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -102,7 +102,7 @@ def test_patch_record_belongs_to_the_model_when_configs_are_shared(tmp_path):
     with pytest.raises(ValueError, match="not patched"):
         patchattn.unpatch_model(b)
     a.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["patchattn"]["variant"] == "gated"
+    assert json.loads((tmp_path / "config.json").read_text())["patchattn"][0]["variant"] == "gated"
     assert a.model.layers[0].self_attn.config is a.config  # submodules follow the model's own copy
     patchattn.unpatch_model(a)
     assert type(a) is LlamaForCausalLM and not hasattr(a.config, "patchattn")

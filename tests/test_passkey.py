@@ -166,7 +166,7 @@ def test_distill_eval_script(tmp_path, tokenizer):
         "--teacher", str(tmp_path / "teacher"), "--student", f"sig={tmp_path / 'student'}", "--ppl-lengths", "32,64",
         "--ppl-tokens", "256", "--passkey-lengths", "80,120", "--depths", "0,1", "--trials", "2",
         "--max-new-tokens", "3", "--out", str(tmp_path / "out" / "eval"), "--no-progress"])
-    assert set(results) == {"teacher", "sig"} and results["sig"]["patch"]["variant"] == "sigmoid"
+    assert set(results) == {"teacher", "sig"} and results["sig"]["patch"][0]["variant"] == "sigmoid"
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["models"]["teacher"]["ppl"].keys() == {"32", "64"}
     assert len(saved["models"]["sig"]["passkey"]["trials"]) == 8

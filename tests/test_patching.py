@@ -104,9 +104,9 @@ def test_save_and_from_pretrained_round_trip(family, tmp_path):
     ref = logits(model, tokens())
     model.save_pretrained(tmp_path)
     loaded = patchattn.from_pretrained(str(tmp_path))
-    assert loaded.config.patchattn["variant"] == "hyper"
-    assert loaded.config.patchattn["layers"] == [2, 3]
-    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    assert loaded.config.patchattn[0]["variant"] == "hyper"
+    assert loaded.config.patchattn[0]["layers"] == [2, 3]
+    assert loaded.config.patchattn[0]["params"] == model.config.patchattn[0]["params"]
     torch.testing.assert_close(logits(loaded, tokens()), ref, atol=0, rtol=0)
 
 
@@ -160,7 +160,11 @@ def test_patching_twice_is_an_error():
     model = tiny_model("llama")
     patchattn.patch_model(model, "exact")
     with pytest.raises(ValueError, match="already patched with .exact.; call patchattn.unpatch_model"):
+        patchattn.patch_model(model, "exact", layers="last:1")
+    with pytest.raises(ValueError, match="cannot combine 'hyper' .prefill approximation. with 'exact' "
+                                         ".whole-attention replacement."):
         patchattn.patch_model(model, "hyper")
+    assert [spec["variant"] for spec in model.config.patchattn] == ["exact"]
 
 
 def test_unsupported_and_encoder_models_are_rejected():

@@ -47,7 +47,7 @@ def test_single_process_loss_falls_and_saved_model_reloads(uninterrupted):
     assert records[-1]["eval_ppl"] < uninterrupted["eval_ppl_start"]
     assert (out / "loss_curve.png").stat().st_size > 0
     reloaded = patchattn.from_pretrained(str(out / "final")).eval()
-    assert reloaded.config.patchattn["variant"] == "gated"
+    assert reloaded.config.patchattn[0]["variant"] == "gated"
     model = uninterrupted["model"].eval().cpu()  # trained on the accelerator's device (CUDA where present)
     ids = uninterrupted["tokenizer"]("To be, or not to be, that is the question", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_lora_moh_with_accumulation_and_checkpointing(tmp_path):
     model = result["model"].eval().cpu()
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged
     reloaded = patchattn.from_pretrained(str(out / "final")).eval()
-    assert reloaded.config.patchattn["variant"] == "moh"
+    assert reloaded.config.patchattn[0]["variant"] == "moh"
     ids = torch.arange(5, 40)[None]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -136,8 +136,8 @@ def test_save_and_load_after_training(variant, tmp_path):
     assert (ref - logits(tiny_model("gemma3"), tokens())).abs().max() > 1e-3, "the variant changed nothing"
     model.save_pretrained(tmp_path)
     loaded = patchattn.from_pretrained(str(tmp_path)).eval()
-    assert loaded.config.patchattn["variant"] == variant
-    assert loaded.config.patchattn["params"] == model.config.patchattn["params"]
+    assert loaded.config.patchattn[0]["variant"] == variant
+    assert loaded.config.patchattn[0]["params"] == model.config.patchattn[0]["params"]
     torch.testing.assert_close(logits(loaded, tokens()), ref, atol=0, rtol=0)
 
 

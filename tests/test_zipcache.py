@@ -387,7 +387,7 @@ def test_save_and_load_keep_the_cache(tmp_path):
     loaded = patchattn.from_pretrained(tmp_path)
     out = loaded.generate(x, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref) and isinstance(out.past_key_values, PatchattnCache)
-    assert loaded.config.patchattn["params"]["key_low_bits"] == 4
+    assert loaded.config.patchattn[0]["params"]["key_low_bits"] == 4
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from ..attention import exact_attention
 from ..logging_utils import warn_once
-from .base import Variant, VariantParams, handoff, param, register_variant
+from .base import MODIFIER, Variant, VariantParams, handoff, param, register_variant
 from .gated import module_dims
 
 #: :func:`handoff` key: the generation cache of this call, put there by the forward pre-hook, popped in ``attention``
@@ -303,6 +303,9 @@ class ActAttention(Variant):
     description = ("ACT (arXiv 2406.15765): damp hidden attention sinks by beta in searched heads and redistribute "
                    "their mass; training-free, exact attention plus the sink columns.")
     Params = ActParams
+    #: composes with nothing: it computes its own attention over every key (column statistics of the exact map),
+    #: so a prefill approximation under it would not run, and a cache variant's partial keys would skew its sinks
+    role = MODIFIER
 
     def __init__(self, params: ActParams, layer_idx: int):
         super().__init__(params, layer_idx)

@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import exact_attention
-from .base import VariantParams, param, register_variant
+from .base import MODIFIER, PREFILL, VariantParams, param, register_variant
 from .gated import HiddenStatesVariant, module_dims
 
 
@@ -106,6 +105,10 @@ class AffineScaledAttention(HiddenStatesVariant):
                    "input-dependent α; α=1, β=0 at init.")
     trainable = True
     Params = AffineParams
+    role = MODIFIER
+    #: not over a KV-cache variant: the beta term averages the values the cache hands back, which zipcache hands
+    #: back partly (packed blocks stay out of them on decode steps) and streaming masks by its own rule
+    stacks_over = (PREFILL,)
 
     def build(self, attention_module):
         heads, _, hidden = module_dims(attention_module)
@@ -125,7 +128,7 @@ class AffineScaledAttention(HiddenStatesVariant):
         b, h, q_len, _ = query.shape
         hk, k_len, d = key.shape[1], key.shape[2], value.shape[-1]
         x = self.take_hidden_states(module, q_len)
-        out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
+        out, weights = self.inner_attention(module, query, key, value, attention_mask, **kwargs)
         alpha = self.alpha(x)
         if self.training and self.params.momentum < 1.0:
             with torch.no_grad():

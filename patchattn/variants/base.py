@@ -7,6 +7,10 @@ patchattn's dispatcher for every attention layer; the dispatcher hands patched l
 Variants that change more than the attention function (gates, routers, new norms, their own KV cache) override
 ``attach``/``detach`` to modify the attention module and undo it exactly. Adding a variant is one new file in
 ``patchattn/variants/`` that subclasses ``Variant`` and is decorated with ``@register_variant``.
+
+Variants compose (``patch_model`` on a patched model): ``role`` says what a variant changes and ``stacks_over``
+which roles it may run over; on a layer with several, the outermost runs and reaches the next through
+:meth:`Variant.inner_attention` (see :func:`composition_conflict`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,43 @@ import torch.nn.functional as F
 VARIANTS: dict[str, type[Variant]] = {}
 
 _HANDOFF = "_patchattn_handoff"
+
+#: submodule of a patched attention module holding the first variant patched on it (``patchattn_layer``); the
+#: variants of later patches of the same model (a composition) are ``patchattn_layer_1``, ``patchattn_layer_2``, ...
+LAYER_ATTR = "patchattn_layer"
+#: attention module attribute: the names of its variant submodules in the order their ``attention`` runs (outermost
+#: first), set by patching; each variant reaches the next one with :meth:`Variant.inner_attention`
+STACK_ATTR = "_patchattn_stack"
+
+# -- roles: what part of attention a variant changes, which decides what it can be combined with -----------------
+#: changes the output or the scores of the attention under it (``gated``, ``affine``, ``act``): outermost
+MODIFIER = "modifier"
+#: owns the layer's KV-cache representation (``zipcache``, ``streaming``): between modifiers and prefill variants
+KV_CACHE = "kv_cache"
+#: approximates the long causal prefill and is exact elsewhere (``hyper``, ``dhsa``): innermost
+PREFILL = "prefill"
+#: replaces attention as a whole (``moh``, ``sigmoid``, the linear family, ``exact``): alone on its layers
+REPLACEMENT = "replacement"
+ROLE_LABELS = {MODIFIER: "output/score modifier", KV_CACHE: "KV-cache representation",
+               PREFILL: "prefill approximation", REPLACEMENT: "whole-attention replacement"}
+#: execution order on one layer: a variant's ``inner_attention`` is the next variant of a higher rank
+ROLE_RANK = {MODIFIER: 0, KV_CACHE: 1, PREFILL: 2, REPLACEMENT: 3}
+
+
+def composition_conflict(a: type[Variant], b: type[Variant]) -> str | None:
+    """Why variants ``a`` and ``b`` cannot run on the same layer (None: they compose). Two variants of one role
+    never do (a layer has one cache, one prefill method, ...); otherwise the outer one (lower rank) must list the
+    inner one's role in its ``stacks_over``: that is its promise to compute its result from ``inner_attention``."""
+    if a.role == b.role:
+        return f"both are {ROLE_LABELS[a.role]}s, and a layer runs one"
+    outer, inner = sorted((a, b), key=lambda v: ROLE_RANK[v.role])
+    if REPLACEMENT in (a.role, b.role):
+        replacement = a if a.role == REPLACEMENT else b
+        return f"{replacement.name!r} replaces attention as a whole, so nothing runs with it on a layer"
+    if inner.role not in outer.stacks_over:
+        return (f"{outer.name!r} does not run over a {ROLE_LABELS[inner.role]} "
+                f"({outer.name!r} composes over: {', '.join(ROLE_LABELS[r] for r in outer.stacks_over) or 'nothing'})")
+    return None
 
 
 def handoff(attention_module: nn.Module) -> dict[str, Any]:
@@ -88,6 +129,11 @@ class Variant(nn.Module):
     attention_function_only: ClassVar[bool] = False
     #: named parameter sets one argument away (``preset="paper"``); the defaults are the measured recommendation
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: what the variant changes (MODIFIER, KV_CACHE, PREFILL or REPLACEMENT): decides what it composes with
+    role: ClassVar[str] = REPLACEMENT
+    #: roles of the variants this one may run over on the same layer (see :func:`composition_conflict`): listing a
+    #: role promises that ``attention`` computes its core attention with :meth:`inner_attention`
+    stacks_over: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__()
@@ -181,6 +227,19 @@ class Variant(nn.Module):
         """Same contract as a transformers attention function: returns ``(out [b, q, h, d], weights | None)``."""
         raise NotImplementedError
 
+    def inner_attention(self, module, query, key, value, attention_mask, **kwargs):
+        """The attention this variant builds on: in a composition, the ``attention`` of the next variant patched on
+        this layer (a modifier's gate multiplies what the cache variant under it returns, which runs the prefill
+        approximation under it), else exact attention."""
+        stack = module.__dict__.get(STACK_ATTR, ())
+        for i, name in enumerate(stack[:-1]):
+            layer = module._modules.get(name)
+            if layer is not None and layer.name == self.name:
+                return module._modules[stack[i + 1]].attention(module, query, key, value, attention_mask, **kwargs)
+        from ..attention import exact_attention
+
+        return exact_attention(module, query, key, value, attention_mask, **kwargs)
+
     def attention_transfer(self, module, query, key, value, attention_mask, **kwargs):
         """Attention transfer (stage 1 of distillation, as in LoLCATs): run this variant and the original softmax
         attention on the same inputs, record the MSE between their outputs in ``transfer_loss`` (summed over
@@ -203,6 +262,8 @@ class Variant(nn.Module):
 def register_variant(cls: type[Variant]) -> type[Variant]:
     if cls.name in VARIANTS:
         raise ValueError(f"variant {cls.name!r} is registered twice")
+    if cls.role not in ROLE_RANK:
+        raise ValueError(f"variant {cls.name!r} has role {cls.role!r}; roles: {sorted(ROLE_RANK)}")
     cls.Params.variant_name = cls.name
     VARIANTS[cls.name] = cls
     return cls

@@ -21,7 +21,7 @@ import dataclasses
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
 from ..attention import exact_attention, exact_tail, long_causal_prefill
-from .base import Variant, VariantParams, param, register_variant
+from .base import PREFILL, Variant, VariantParams, param, register_variant
 
 POW2 = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -47,6 +47,7 @@ class DynamicHierarchicalSparseAttention(Variant):
     description = "DHSA: chunk-scored top-budget key chunks + local window, block-sparse exact attention (prefill)."
     Params = DhsaParams
     attention_function_only = True
+    role = PREFILL
     presets = {"paper": {"sink_tokens": 0, "exact_tail": 0}}
 
     def settings(self) -> DhsaSettings:

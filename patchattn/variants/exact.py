@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..attention import exact_attention
-from .base import Variant, VariantParams, register_variant
+from .base import REPLACEMENT, Variant, VariantParams, register_variant
 
 
 @dataclasses.dataclass
@@ -18,6 +18,7 @@ class ExactAttention(Variant):
     description = "Exact attention routed through patchattn (plumbing check; same logits as the original)."
     Params = ExactParams
     attention_function_only = True
+    role = REPLACEMENT
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         return exact_attention(module, query, key, value, attention_mask, **kwargs)

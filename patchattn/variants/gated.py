@@ -8,7 +8,8 @@ bias exactly when ``q_proj`` has one; the paper's formula has none.
 
 To continue-train a pretrained model, patchattn writes the gate as ``2·σ(X W_g [+ b_g])`` with ``W_g`` (and
 ``b_g``) zero-initialised: ``2·σ(0) = 1`` exactly, so the patched model starts at the original one, bit for bit,
-and the gate can learn to damp (→ 0) or amplify (→ 2) each head. Attention itself is untouched (``exact_attention``:
+and the gate can learn to damp (→ 0) or amplify (→ 2) each head. Attention itself is untouched (``exact_attention``,
+or in a composition the attention of the variant under the gate, ``Variant.inner_attention``:
 sliding windows, softcap, GQA, KV cache all as before).
 
 This module also holds :class:`HiddenStatesVariant`, the base class of the variants whose parameters act on the
@@ -22,8 +23,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from ..attention import exact_attention
-from .base import Variant, VariantParams, handoff, param, register_variant
+from .base import KV_CACHE, MODIFIER, PREFILL, Variant, VariantParams, handoff, param, register_variant
 
 _HIDDEN_STATES = "hidden_states"
 
@@ -101,6 +101,8 @@ class GatedAttention(HiddenStatesVariant):
                    "zero-init W_g starts at the original model.")
     trainable = True
     Params = GatedParams
+    role = MODIFIER
+    stacks_over = (KV_CACHE, PREFILL)  # the gate multiplies whatever output the attention under it gives
 
     def build(self, attention_module):
         heads, head_dim, hidden = module_dims(attention_module)
@@ -114,7 +116,7 @@ class GatedAttention(HiddenStatesVariant):
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         b, _, q_len, _ = query.shape
         x = self.take_hidden_states(module, q_len)
-        out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)
+        out, weights = self.inner_attention(module, query, key, value, attention_mask, **kwargs)
         gate = 2.0 * torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)).float())  # exactly 1.0 at init
         out = out * gate.view(b, q_len, self.heads, self.width).to(out.dtype)
         return out, weights

@@ -12,7 +12,7 @@ import dataclasses
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
 from ..attention import exact_attention, exact_tail, long_causal_prefill
-from .base import Variant, VariantParams, param, register_variant
+from .base import PREFILL, Variant, VariantParams, param, register_variant
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class HyperAttention(Variant):
     description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
     Params = HyperParams
     attention_function_only = True
+    role = PREFILL
     #: defaults = measured on Qwen2.5-0.5B at 32k (README, "Long-context task accuracy"): the sinks cost no columns
     #: (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85% before them
     presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256}}

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..attention import exact_attention
 from .affine import valid_queries
-from .base import VariantParams, param, register_variant
+from .base import REPLACEMENT, VariantParams, param, register_variant
 from .gated import HiddenStatesVariant, module_dims
 
 
@@ -94,6 +94,7 @@ class MoHAttention(HiddenStatesVariant):
                    "two-stage weights and a load-balance loss, or the query-norm router (MoH-LLaMA3).")
     trainable = True
     Params = MoHParams
+    role = REPLACEMENT
 
     def __init__(self, params, layer_idx):
         super().__init__(params, layer_idx)

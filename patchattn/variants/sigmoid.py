@@ -61,7 +61,7 @@ from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton
 from ..attention import causal_bool_mask, exact_attention, key_padding_from_mask
 from ..logging_utils import warn_once
 from .affine import valid_queries, visible_keys
-from .base import Variant, VariantParams, param, register_variant
+from .base import REPLACEMENT, Variant, VariantParams, param, register_variant
 from .gated import _reference_parameter, module_dims
 
 _EPS = 1e-6
@@ -91,6 +91,7 @@ class SigmoidAttention(Variant):
                    "(different normalisation).")
     trainable = True
     Params = SigmoidParams
+    role = REPLACEMENT
 
     def __init__(self, params, layer_idx):
         super().__init__(params, layer_idx)

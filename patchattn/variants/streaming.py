@@ -29,7 +29,7 @@ import dataclasses
 import torch
 
 from ..attention import causal_bool_mask, exact_attention
-from .base import Variant, VariantParams, param, register_variant
+from .base import KV_CACHE, Variant, VariantParams, param, register_variant
 
 
 @dataclasses.dataclass
@@ -54,6 +54,9 @@ class StreamingAttention(Variant):
     Params = StreamingParams
     attention_function_only = True
     presets = {}
+    #: what the method is, an eviction policy of the KV cache (the cache is not evicted yet): so it excludes
+    #: zipcache. It does not run over a prefill approximation: its sinks+window mask would make one fall back.
+    role = KV_CACHE
 
     def attention(self, module, query, key, value, attention_mask, *, scaling, dropout=0.0, sliding_window=None,
                   softcap=None, output_attentions=False, **kwargs):

@@ -51,11 +51,11 @@ import random
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..attention import eager_attention, exact_attention
+from ..attention import eager_attention
 from ..cache import TensorMapLayerMixin
 from ..kernels.zipcache import kernel_usable, quantized_decode_attention
 from ..logging_utils import warn_once
-from .base import Variant, VariantParams, handoff, param, register_variant
+from .base import KV_CACHE, PREFILL, Variant, VariantParams, handoff, param, register_variant
 
 #: :func:`handoff` key: the layer whose ``update`` ran for this call, popped in ``ZipCache.attention``
 PENDING_KEY = "zipcache_pending"
@@ -596,6 +596,10 @@ class ZipCache(Variant):
                    "probe-estimated normalised attention saliency and streaming re-quantisation.")
     Params = ZipCacheParams
     presets = {"paper": PAPER_SETTING}
+    role = KV_CACHE
+    #: a prefill approximation under it computes multi-query forwards (its prefill); decode steps, which
+    #: prefill approximations run exactly, may take the fused kernel or the eager probe path instead
+    stacks_over = (PREFILL,)
 
     def detach(self, attention_module) -> None:
         handoff(attention_module).pop(PENDING_KEY, None)  # a layer whose update ran without an attention call
@@ -618,8 +622,8 @@ class ZipCache(Variant):
         dequantising the blocks in token order and the path below."""
         layer: ZipCacheLayer | None = handoff(module).pop(PENDING_KEY, None)
         if layer is None or layer.pending_key is not key:  # not our cache (plain forward, user's DynamicCache)
-            return exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   softcap=softcap, **kwargs)
+            return self.inner_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                        dropout=dropout, softcap=softcap, **kwargs)
         layer.pending_key = None
         if layer.deferred:
             if attention_mask is None and not kwargs.get("output_attentions") and not (dropout and module.training):
@@ -644,8 +648,8 @@ class ZipCache(Variant):
             layer.record_probes(*column_scores(_grouped(weights, hk), visible, columns))
             result = (out, weights if kwargs.get("output_attentions") else None)
         else:
-            result = exact_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                     softcap=softcap, **kwargs)
+            result = self.inner_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, softcap=softcap, **kwargs)
         if q_len > 1:
             layer.record_probes(*probe_scores(query, key, layer.pick_probes(q_len), attention_mask, scaling=scaling,
                                               softcap=softcap, columns=columns))

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.linear import normalized_gla, normalized_gla_step
-from ..base import VariantParams, handoff, param
+from ..base import REPLACEMENT, VariantParams, handoff, param
 from ..gated import HiddenStatesVariant, module_dims
 from .cache import STATE_KEY, LinearStateLayer
 
@@ -127,6 +127,7 @@ class LinearAttentionVariant(HiddenStatesVariant):
     """Base of ``lawcat``, ``hedgehog``, ``mala``, ``nala``, ``lightning`` (see the module docstring)."""
 
     trainable = True
+    role = REPLACEMENT
 
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__(params, layer_idx)
