@@ -57,7 +57,7 @@ def _probe_lse_kernel(Q, K, ROWS, LSE, scale, softcap, n_probes, g, hk, offset,
                       SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     pid = tl.program_id(1)  # = sequence * hk + KV head
-    seq = pid // hk
+    seq = (pid // hk).to(tl.int64)  # sequence offsets can pass 2**31 elements (long prompts, big batches)
     kv = pid % hk
     n_total = n_probes * g
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,7 +89,7 @@ def _probe_sums_kernel(Q, K, ROWS, LSE, FIRST, SUMS, scale, softcap, n_probes, g
                        SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     pid = tl.program_id(1)  # = sequence * hk + KV head
-    seq = pid // hk
+    seq = (pid // hk).to(tl.int64)  # sequence offsets can pass 2**31 elements (long prompts, big batches)
     kv = pid % hk
     n_total = n_probes * g
     offs_d = tl.arange(0, BLOCK_D)

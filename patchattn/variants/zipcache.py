@@ -331,12 +331,13 @@ def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, att
     sums = query.new_zeros(b, hk, columns, dtype=torch.float32)
     counts = torch.zeros_like(sums)
     chunk = max(1, max_elements // (b * h * k_len))
+    key_t = key.reshape(b * hk, k_len, d).transpose(1, 2)
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
         n = r.numel()
         q = query[:, :, r].reshape(b * hk, g * n, d)
-        scores = torch.baddbmm(q.new_empty(b * hk, g * n, k_len), q, key.reshape(b * hk, k_len, d).transpose(1, 2),
-                               beta=0, alpha=scaling).float().view(b, hk, g, n, k_len)  # scaled by the GEMM
+        scores = torch.baddbmm(q.new_empty(b * hk, g * n, k_len), q, key_t, beta=0, alpha=scaling)  # scaled there
+        scores = scores.float().view(b, hk, g, n, k_len)
         if softcap is not None:
             scores.div_(softcap).tanh_().mul_(softcap)
         visible = _grouped(visible_rows(attention_mask, r, q_len, k_len, query.device), hk)
