@@ -126,7 +126,16 @@ def test_probe_scores_takes_the_kernel_only_without_a_mask(kernel_on_cpu, monkey
     assert calls == [1]
 
 
-def test_clear_errors():
+def test_other_tile_sizes_give_the_same_sums(kernel_on_cpu):
+    shape = (1, 2, 3, 70, 90, 16, 20, 75)
+    query, key, rows = inputs(shape, torch.float32, seed=6)
+    s1, c1 = ops.probe_column_scores(query, key, rows, scaling=0.25, columns=75)
+    s2, c2 = ops.probe_column_scores(query, key, rows, scaling=0.25, columns=75, block_m=32, block_n=64, num_warps=2)
+    torch.testing.assert_close(s2, s1, atol=1e-6, rtol=1e-5)
+    assert torch.equal(c2, c1)
+
+
+def test_clear_errors(kernel_on_cpu):
     q = torch.zeros(1, 4, 8, 16)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         ops.probe_column_scores(q, torch.zeros(1, 3, 8, 16), torch.tensor([7]), scaling=1.0)
@@ -134,6 +143,9 @@ def test_clear_errors():
         ops.probe_column_scores(q, torch.zeros(1, 2, 5, 16), torch.tensor([7]), scaling=1.0)
     with pytest.raises(ValueError, match="columns"):
         ops.probe_column_scores(q, torch.zeros(1, 2, 8, 16), torch.tensor([7]), scaling=1.0, columns=9)
+    with pytest.raises(ValueError, match="powers of two"):
+        ops.probe_column_scores(q.to(DEV), torch.zeros(1, 2, 8, 16, device=DEV), torch.tensor([7]), scaling=1.0,
+                                block_m=24)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

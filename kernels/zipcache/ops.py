@@ -105,13 +105,15 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
 
 
 def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | None = None,
-                        columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        columns: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ZipCache's prefill saliency probes under a causal mask (no padding): the probe query ``rows``' exact
     softmax over the keys each sees (row ``r`` sees keys ``j <= r + k_len - q_len``), summed over the GQA group's
     heads and the probes on the last ``columns`` keys, and how many (head, probe) pairs see each key: ``(sums,
     counts)``, both ``[b, hk, columns]`` float32. ``query [b, h, q_len, d]``, ``key [b, hk, k_len, d]`` (one
     dtype), ``k_len >= q_len``. The fused kernel (``triton_probe.py``: never builds the probe × key matrix) where
-    usable, else the reference; the counts are analytic either way."""
+    usable, else the reference; the counts are analytic either way. ``block_m`` (query rows per tile, a power of
+    two >= 16), ``block_n`` (keys per tile, likewise) and ``num_warps`` default to sizes for the device."""
     if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]:
         raise ValueError(f"expected query [b, h, q, d] and key [b, hk, k, d]; got {tuple(query.shape)} and "
                          f"{tuple(key.shape)}")
@@ -131,7 +133,10 @@ def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | No
     rows = rows.sort().values.to(device=query.device, dtype=torch.int32)
     query, key = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key))
     sums = torch.empty(b, hk, columns, device=query.device, dtype=torch.float32)
-    block_m, block_n, num_warps = block_sizes(query)
+    default_m, default_n, default_warps = block_sizes(query)
+    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
+    if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
+        raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must be powers of two >= 16")
     launch_probe_sums(query, key, rows, sums, scaling=scaling, softcap=softcap, columns=columns, block_m=block_m,
                       block_n=block_n, num_warps=num_warps)
     counts = causal_probe_counts(rows, q_len, k_len, columns, h // hk).expand(b, hk, columns).contiguous()
