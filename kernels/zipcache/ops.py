@@ -1,16 +1,17 @@
-"""Host side of the ZipCache decode kernel: segments, split sizes and the launches (one per segment, one to attend
-the full-precision tokens and merge).
+"""Host side of the ZipCache kernels: for the decode kernel segments, split sizes and the launches (one per
+segment, one to attend the full-precision tokens and merge); for the prefill probes the sorted probe rows, the
+analytic counts and the two launches.
 
-:func:`quantized_decode_attention` is the entry: the fused kernel on CUDA (or on CPU with ``KERNEL_ON_CPU``, which
-only works under Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is imported: how the tests compare
-both paths without a GPU), the reference in ``naive.py`` elsewhere.
+:func:`quantized_decode_attention` and :func:`probe_column_scores` are the entries: the fused kernel on CUDA (or
+on CPU with ``KERNEL_ON_CPU``, which only works under Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton
+is imported: how the tests compare both paths without a GPU), the reference in ``naive.py`` elsewhere.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import triton_can_take
-from .naive import quantized_decode_attention_reference
+from .naive import causal_probe_counts, probe_scores_reference, quantized_decode_attention_reference
 
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
@@ -101,3 +102,42 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     launch_finish(query, keys, values, partials, out, scaling=scaling, softcap=softcap, block_n=block_n,
                   num_warps=num_warps)
     return out
+
+
+def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | None = None,
+                        columns: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZipCache's prefill saliency probes under a causal mask (no padding): the probe query ``rows``' exact
+    softmax over the keys each sees (row ``r`` sees keys ``j <= r + k_len - q_len``), summed over the GQA group's
+    heads and the probes on the last ``columns`` keys, and how many (head, probe) pairs see each key: ``(sums,
+    counts)``, both ``[b, hk, columns]`` float32. ``query [b, h, q_len, d]``, ``key [b, hk, k_len, d]`` (one
+    dtype), ``k_len >= q_len``. The fused kernel (``triton_probe.py``: never builds the probe × key matrix) where
+    usable, else the reference; the counts are analytic either way. ``block_m`` (query rows per tile, a power of
+    two >= 16), ``block_n`` (keys per tile, likewise) and ``num_warps`` default to sizes for the device."""
+    if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]:
+        raise ValueError(f"expected query [b, h, q, d] and key [b, hk, k, d]; got {tuple(query.shape)} and "
+                         f"{tuple(key.shape)}")
+    b, h, q_len, d = query.shape
+    hk, k_len = key.shape[1], key.shape[2]
+    columns = k_len if columns is None else columns
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if k_len < q_len:
+        raise ValueError(f"causal probes need every query's own key: {k_len} keys for {q_len} queries")
+    if not 0 <= columns <= k_len:
+        raise ValueError(f"columns ({columns}) must be within 0 .. {k_len} keys")
+    if key.dtype != query.dtype or not kernel_usable(query) or rows.numel() == 0 or columns == 0:
+        return probe_scores_reference(query, key, rows, scaling=scaling, softcap=softcap, columns=columns)
+    from .triton_probe import block_sizes, launch_probe_sums
+
+    rows = rows.sort().values.to(device=query.device, dtype=torch.int32)
+    query, key = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key))
+    sums = torch.empty(b, hk, columns, device=query.device, dtype=torch.float32)
+    default_m, default_n, default_warps = block_sizes(query)
+    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
+    if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
+        raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must be powers of two >= 16")
+    launch_probe_sums(query, key, rows, sums, scaling=scaling, softcap=softcap, columns=columns, block_m=block_m,
+                      block_n=block_n, num_warps=num_warps)
+    counts = causal_probe_counts(rows, q_len, k_len, columns, h // hk).expand(b, hk, columns).contiguous()
+    return sums, counts

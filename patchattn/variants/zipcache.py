@@ -53,7 +53,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidi
 
 from ..attention import eager_attention
 from ..cache import TensorMapLayerMixin
-from ..kernels.zipcache import kernel_usable, quantized_decode_attention
+from ..kernels.zipcache import causal_probe_counts, kernel_usable, probe_column_scores, quantized_decode_attention
 from ..logging_utils import warn_once
 from .base import KV_CACHE, PREFILL, Variant, VariantParams, handoff, param, register_variant
 
@@ -311,28 +311,43 @@ def column_scores(probs: torch.Tensor, visible: torch.Tensor, columns: int) -> t
 def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, attention_mask: torch.Tensor | None,
                  *, scaling: float, softcap: float | None = None, columns: int | None = None,
                  max_elements: int = 1 << 27) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the probe query ``rows`` over all keys (exact softmax over what each may see), reduced by
-    :func:`column_scores` to the last ``columns`` keys; computed in chunks of probes so at most ``max_elements``
-    scores exist at once (0.5 GiB of float32: 73 probes a chunk at 32k keys, batch 4, 14 heads; 2**25 meant ~180
-    small chunks per layer there, and a 32k prefill 11x slower than exact's on an H200).
-    ``sums / counts`` is the normalised attention score estimate."""
+    """Attention of the probe query ``rows`` over all keys (exact softmax over what each may see), reduced as
+    :func:`column_scores` does to the last ``columns`` keys. ``sums / counts`` is the normalised attention score
+    estimate.
+
+    Without a mask (causal) where the fused kernel runs (CUDA, or its ``KERNEL_ON_CPU`` switch) it is
+    :func:`~patchattn.kernels.zipcache.probe_column_scores`: no probe × key matrix at all. Otherwise the matrix is
+    built in chunks of probes so at most ``max_elements`` scores exist at once (0.5 GiB of float32: 73 probes a
+    chunk at 32k keys, batch 4, 14 heads; 2**25 meant ~180 small chunks per layer there, and a 32k prefill 11x
+    slower than exact's on an H200), scaled by the GEMM, capped and masked in place; masked probabilities are
+    exactly 0 after the softmax (the rows a padding mask hides entirely, NaN, are zeroed), so they are summed as they
+    are, and the causal counts are analytic."""
     b, h, q_len, d = query.shape
     hk, k_len = key.shape[1], key.shape[2]
+    g = h // hk
     columns = k_len if columns is None else columns
+    if attention_mask is None and kernel_usable(query):
+        return probe_column_scores(query, key, rows, scaling=scaling, softcap=softcap, columns=columns)
     sums = query.new_zeros(b, hk, columns, dtype=torch.float32)
     counts = torch.zeros_like(sums)
     chunk = max(1, max_elements // (b * h * k_len))
+    key_t = key.reshape(b * hk, k_len, d).transpose(1, 2)
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
-        q = query[:, :, r].reshape(b, hk, h // hk, r.numel(), d)
-        scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+        n = r.numel()
+        q = query[:, :, r].reshape(b * hk, g * n, d)
+        scores = torch.baddbmm(q.new_empty(b * hk, g * n, k_len), q, key_t, beta=0, alpha=scaling)  # scaled there
+        scores = scores.float().view(b, hk, g, n, k_len)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores.div_(softcap).tanh_().mul_(softcap)
         visible = _grouped(visible_rows(attention_mask, r, q_len, k_len, query.device), hk)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
-        s, c = column_scores(probs, visible, columns)
-        sums += s
-        counts += c
+        probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)[..., k_len - columns:]
+        sums += (probs if attention_mask is None else probs.nan_to_num_(0.0)).sum((2, 3))
+        if attention_mask is not None:  # [b|1, hk|1, g|1, columns]: the pairs that see each key
+            seen = visible[..., k_len - columns:].sum(3, dtype=torch.float32)
+            counts += seen.sum(2) * (g // seen.shape[2])
+    if attention_mask is None:
+        counts += causal_probe_counts(rows, q_len, k_len, columns, g).to(counts.device)
     return sums, counts
 
 
