@@ -15,27 +15,24 @@ PyTorch sum. Writes ``zipcache_probe.json`` into ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import random
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import bench_ms as cuda_bench_ms
+from _bench import commit, environment, write_json
 
 from patchattn.kernels.zipcache import probe_column_scores
 from patchattn.variants import zipcache
 
 
 def bench_ms(fn, device: str) -> float:
+    """Median ms: the harness's do_bench on CUDA, wall clock of 3 calls after a warm-up on the CPU."""
     if device == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return cuda_bench_ms(fn, rep=50)
     fn()
     times = []
     for _ in range(3):
@@ -100,14 +97,11 @@ def main() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for the PyTorch path alone)")
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
     dtype = getattr(torch, args.dtype)
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-            "dtype": args.dtype, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = {**environment(args.device == "cuda", key="device", packages=("torch", "triton"), date="utc"),
+            "commit": commit(short=True), "dtype": args.dtype}
     rows = [run_case(args.batch, args.heads, args.kv_heads, args.head_dim, int(c), dtype, args.device, tiles, i)
             for i, c in enumerate(args.contexts.split(","))]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zipcache_probe.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    write_json(Path(args.out) / "zipcache_probe.json", {**meta, "rows": rows})
     print(f"\n{meta['device']}, torch {meta['torch']}, {args.dtype}, b={args.batch} h={args.heads} "
           f"hk={args.kv_heads} d={args.head_dim}; ms = median of one layer's call")
     print(f"{'context':>8}{'probes':>8}{'sdpa ms':>10}{'torch ms':>10}{'fused ms':>10}{'fused err':>11}  tiles")
