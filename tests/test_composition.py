@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = sorted(BUILDERS) + ["chatglm2"]
 # settings under which each variant really changes a 64-token prefill (hyper/dhsa approximate, streaming masks)
 PARAMS = {
-    "hyper": dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, exact_tail=0),
+    "hyper": dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, sink_tokens=0, exact_tail=0),
     "dhsa": dict(layers="last:2", min_seq_len=16, chunk_size=16, query_block=16, budget_tokens=16, local_window=16,
-                 sink_tokens=16),
+                 sink_tokens=16, exact_tail=0),
     "zipcache": dict(requant_interval=4),
     "streaming": dict(sink_tokens=2, window=16),
     "gated": {},
