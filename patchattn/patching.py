@@ -491,10 +491,10 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
     """Patch ``model`` in place with ``variant`` on ``layers`` and return it.
 
     On an already patched model the new variant composes with the others (``config.patchattn`` lists the patches in
-    order): e.g. ``hyper`` on ``"last:16"``, then ``zipcache`` on all layers. A variant that cannot share a layer
-    with one already there (see ``Variant.role``), or the same variant twice, raises a ``ValueError`` naming both;
-    ``unpatch_model(model, name)`` removes one. Everything is checked before the model changes, and a failure while
-    attaching leaves it as it was.
+    order): e.g. a prefill approximation on ``"last:16"``, then a KV-cache variant on all layers. A variant that
+    cannot share a layer with one already there (see ``Variant.role``), or the same variant twice, raises a
+    ``ValueError`` naming both; ``unpatch_model(model, name)`` removes one. Everything is checked before the model
+    changes, and a failure while attaching leaves it as it was.
     """
     family = resolve_family(model)
     cls = get_variant(variant)
@@ -564,7 +564,7 @@ def patched(model: nn.Module, variant: str, *, layers=None, **params) -> Iterato
     """Context manager: ``patch_model`` on enter (same arguments, same refusal of an already patched model),
     ``unpatch_model`` on exit, also when the body raises; yields the patched model.
 
-        with patchattn.patched(model, "hyper", layers="last:8") as m:
+        with patchattn.patched(model, variant_name, layers="last:8") as m:
             logits = m(input_ids).logits
     """
     if is_patched(model):
