@@ -38,8 +38,9 @@ class HyperAttention(Variant):
     Params = HyperParams
     attention_function_only = True
     role = PREFILL
-    #: defaults = measured on Qwen2.5-0.5B at 32k (README, "Long-context task accuracy"): the sinks cost no columns
-    #: (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85% before them
+    #: defaults = measured on Qwen2.5-0.5B at 32k (benchmarks/README.md, "Long-context task accuracy"): the sinks cost
+    #: no columns (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85%
+    #: before them
     presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256}}
 
     def settings(self) -> HyperSettings:

@@ -1,0 +1,142 @@
+"""Render measurement tables of benchmarks/README.md from their results file, so the README cannot drift from the data.
+
+    python scripts/render_results.py            # rewrite every table between its markers in benchmarks/README.md
+    python scripts/render_results.py --check    # exit 1 (and show a diff) where a table differs from its rendering
+    python scripts/render_results.py --print longctx_tasks    # print one table
+
+A table lives between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in the README and is rendered from one JSON
+file of one run. Tables so far:
+
+``longctx_tasks``: ``benchmarks/results/longctx_tasks.json`` (``scripts/longctx_tasks.py``): one row per setting,
+accuracy per task, the mean over tasks, its difference to the setting named ``exact``, the paired counts (samples
+the setting got right and exact wrong / wrong and exact right, from the per-sample ``correct`` lists), the summed
+prefill seconds and the KV cache after one prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "benchmarks" / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+MINUS, DASH = "\u2212", "\u2013"
+
+#: setting name in longctx_tasks.json -> the README's description, in the README's row order. A setting missing here
+#: is rendered under its own name after these.
+LONGCTX_LABELS = {
+    "exact": "exact (SDPA)",
+    "hyper-tail-s16 (default)": "`hyper` **default**: `exact_tail=256`, 16 sinks + 240 samples",
+    "hyper-tail": "`hyper`, `exact_tail=256` only (the previous default)",
+    "hyper-tail-s16 min_seq_len=8192": "`hyper` default, `min_seq_len=8192`",
+    "hyper-tail-s16 @last:22": '`hyper` default, `layers="last:22"`',
+    "dhsa-tail (default)": "`dhsa` **default**: `exact_tail=256`",
+    "dhsa-notail": "`dhsa`, `exact_tail=0` (the previous default)",
+    "dhsa-notail budget_tokens=4096": "`dhsa`, `exact_tail=0`, `budget_tokens=4096`",
+    "dhsa-notail @last:22": '`dhsa`, `exact_tail=0`, `layers="last:22"`',
+    "zipcache (default)": "`zipcache` **default** (the measured recommendation)",
+}
+
+
+def _signed(x: float) -> str:
+    """``x`` to one decimal with its sign (a typographic minus), ``0.0`` unsigned."""
+    r = round(x, 1)
+    return f"{0:.1f}" if r == 0 else ("+" if r > 0 else MINUS) + f"{abs(r):.1f}"
+
+
+def render_longctx_tasks(data: dict) -> str:
+    """The markdown table of a ``scripts/longctx_tasks.py`` results file (``{"rows": [...]}``)."""
+    rows = data["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    settings.sort(key=lambda s: list(LONGCTX_LABELS).index(s) if s in LONGCTX_LABELS else len(LONGCTX_LABELS))
+    cell = {}
+    for r in rows:
+        key = (r["setting"], r["task"])
+        if key in cell:
+            raise ValueError(f"two rows for setting {key[0]!r}, task {key[1]!r}")
+        cell[key] = r
+    if "exact" not in settings:
+        raise ValueError("no setting named 'exact' to compare against")
+    exact_mean = sum(cell["exact", t]["accuracy"] for t in tasks) / len(tasks) * 100
+
+    lines = ["| setting | " + " | ".join(tasks) + " | mean | Δ vs exact | paired | prefill | KV |",
+             "|---|" + "---:|" * (len(tasks) + 5)]
+    for s in settings:
+        missing = [t for t in tasks if (s, t) not in cell]
+        if missing:
+            raise ValueError(f"setting {s!r} has no row for {missing}")
+        accs = [cell[s, t]["accuracy"] * 100 for t in tasks]
+        mean = sum(accs) / len(accs)
+        if s == "exact":
+            delta = paired = DASH
+        else:
+            gained = lost = 0
+            for t in tasks:
+                mine, ref = cell[s, t]["correct"], cell["exact", t]["correct"]
+                if len(mine) != len(ref):
+                    raise ValueError(f"setting {s!r}, task {t!r}: {len(mine)} samples, exact has {len(ref)}")
+                gained += sum(1 for a, b in zip(mine, ref) if a and not b)
+                lost += sum(1 for a, b in zip(mine, ref) if b and not a)
+            delta = _signed(mean - exact_mean)
+            paired = f"+{gained} / {MINUS}{lost}"
+        prefill = sum(cell[s, t]["prefill_s"] for t in tasks)
+        kv = {cell[s, t]["kv_bytes"] for t in tasks}
+        kv_text = " / ".join(f"{b / 2**20:.0f} MiB" for b in sorted(kv))
+        lines.append(f"| {LONGCTX_LABELS.get(s, s)} | " + " | ".join(f"{a:.0f}%" for a in accs)
+                     + f" | {mean:.1f} | {delta} | {paired} | {prefill:.1f} s | {kv_text} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks)}
+
+
+def render(name: str) -> str:
+    path, fn = TABLES[name]
+    return fn(json.loads(path.read_text()))
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+
+
+def splice(text: str, name: str, table: str) -> str:
+    """``text`` with the part between ``name``'s markers replaced by ``table``."""
+    begin, end = _markers(name)
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"no {begin.strip()} ... {end} markers in the README")
+    return text[:i + len(begin)] + table + text[j:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--check", action="store_true", help="exit 1 where the README differs from the rendering")
+    ap.add_argument("--print", dest="show", metavar="NAME", choices=sorted(TABLES), help="print one table")
+    args = ap.parse_args(argv)
+    if args.show:
+        sys.stdout.write(render(args.show))
+        return 0
+    old = args.readme.read_text()
+    new = old
+    for name in TABLES:
+        new = splice(new, name, render(name))
+    if args.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                       str(args.readme), "rendered"))
+            print(f"{args.readme} is stale: run python scripts/render_results.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
