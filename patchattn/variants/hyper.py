@@ -40,7 +40,7 @@ class HyperAttention(Variant):
     role = PREFILL
     #: defaults = measured on Qwen2.5-0.5B at 32k (benchmarks/README.md, "Long-context task accuracy"): the sinks cost
     #: no columns (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85%
-    #: before them
+    #: before them (benchmarks/results/longctx_tasks_20samples_c28a9b3.json)
     presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256}}
 
     def settings(self) -> HyperSettings:
