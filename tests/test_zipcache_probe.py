@@ -123,6 +123,7 @@ def test_probe_scores_takes_the_kernel_only_without_a_mask(kernel_on_cpu, monkey
     assert calls == [1]
     mask = torch.ones(20, 20, dtype=torch.bool, device=DEV).tril()[None, None]
     probe_scores(query, key, rows, mask, scaling=0.25)
+    probe_scores(query, key, rows, None, scaling=0.25, use_kernel=False)  # zipcache's probe_kernel=False
     assert calls == [1]
 
 
@@ -176,7 +177,7 @@ def run_both(monkeypatch, model, fn):
     kernel = zipcache_variant.probe_column_scores
     monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
     monkeypatch.setattr(zipcache_variant, "probe_column_scores", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
-    patchattn.patch_model(model, "zipcache", decode_kernel=False, requant_interval=8)
+    patchattn.patch_model(model, "zipcache", decode_kernel=False, requant_interval=8, probe_kernel=True)
     fused = fn()
     patchattn.unpatch_model(model)
     return torch_path, fused, len(calls)
@@ -219,3 +220,15 @@ def test_chunked_prefill_with_the_probe_kernel_equals_the_pytorch_probes(monkeyp
     torch.testing.assert_close(logits, torch_logits, atol=1e-5, rtol=1e-5)
     for mine, theirs in zip(block_tensors(cache), block_tensors(torch_cache)):
         assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_the_probe_kernel_is_opt_in(monkeypatch):
+    """Default zipcache scores its probes with PyTorch even where the kernel could run (``probe_kernel=False``)."""
+    calls = []
+    kernel = zipcache_variant.probe_column_scores
+    monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
+    monkeypatch.setattr(zipcache_variant, "probe_column_scores", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    model = patchattn.patch_model(tiny_model("llama").to(DEV), "zipcache", decode_kernel=False, requant_interval=8)
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2)).to(DEV)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert calls == []

@@ -81,6 +81,8 @@ class ZipCacheParams(VariantParams):
     quantize_sliding: bool = param(True, help="quantise sliding-window layers too (False: keep them full precision)")
     decode_kernel: bool = param(True, help="decode steps of full layers attend the packed blocks in place with the "
                                            "fused kernel (CUDA) instead of dequantising them (False: dequantise)")
+    probe_kernel: bool = param(False, help="score a prefill's saliency probes with the fused Triton kernel (CUDA, no "
+                                           "padding mask) instead of chunked PyTorch; off until it has run on a GPU")
     seed: int = param(0, low=0, help="seed of the random probes (offset by layer index)")
 
     def validate(self) -> None:
@@ -310,12 +312,13 @@ def column_scores(probs: torch.Tensor, visible: torch.Tensor, columns: int) -> t
 
 def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, attention_mask: torch.Tensor | None,
                  *, scaling: float, softcap: float | None = None, columns: int | None = None,
-                 max_elements: int = 1 << 27) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_elements: int = 1 << 27, use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the probe query ``rows`` over all keys (exact softmax over what each may see), reduced as
     :func:`column_scores` does to the last ``columns`` keys. ``sums / counts`` is the normalised attention score
     estimate.
 
-    Without a mask (causal) where the fused kernel runs (CUDA, or its ``KERNEL_ON_CPU`` switch) it is
+    With ``use_kernel`` and without a mask (causal), where the fused kernel runs (CUDA, or its ``KERNEL_ON_CPU``
+    switch), it is
     :func:`~patchattn.kernels.zipcache.probe_column_scores`: no probe × key matrix at all. Otherwise the matrix is
     built in chunks of probes so at most ``max_elements`` scores exist at once (0.5 GiB of float32: 73 probes a
     chunk at 32k keys, batch 4, 14 heads; 2**25 meant ~180 small chunks per layer there, and a 32k prefill 11x
@@ -326,7 +329,7 @@ def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, att
     hk, k_len = key.shape[1], key.shape[2]
     g = h // hk
     columns = k_len if columns is None else columns
-    if attention_mask is None and kernel_usable(query):
+    if use_kernel and attention_mask is None and kernel_usable(query):
         return probe_column_scores(query, key, rows, scaling=scaling, softcap=softcap, columns=columns)
     sums = query.new_zeros(b, hk, columns, dtype=torch.float32)
     counts = torch.zeros_like(sums)
@@ -667,6 +670,7 @@ class ZipCache(Variant):
                                           dropout=dropout, softcap=softcap, **kwargs)
         if q_len > 1:
             layer.record_probes(*probe_scores(query, key, layer.pick_probes(q_len), attention_mask, scaling=scaling,
-                                              softcap=softcap, columns=columns))
+                                              softcap=softcap, columns=columns,
+                                              use_kernel=self.params.probe_kernel))
         layer.after_attention(q_len)
         return result
