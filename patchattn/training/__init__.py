@@ -1,7 +1,7 @@
 """What the training recipes share (``recipes/continue_train.py``, ``recipes/distill.py``), written once.
 
 * :mod:`.config`: the config field groups a recipe's config inherits (model + patch, data, one optimisation stage,
-  what trains, the run), validated field by field, and
+  what trains, the run), validated field by field (:mod:`patchattn.fields`, the field system variants use too), and
   loading from YAML plus ``--field value`` overrides.
 * :mod:`.data`: documents are read, split (held-out tail), tokenized and packed identically on every process.
 * :mod:`.model`: build, patch, calibrate and set what trains; the original softmax model as a teacher.
@@ -12,6 +12,7 @@
   uninterrupted loss curve.
 * :mod:`.plots`: the loss curves.
 """
+from ..fields import nested, param
 from .config import (
     MIXED_PRECISION,
     ConfigBase,
@@ -23,7 +24,6 @@ from .config import (
     TrainableFields,
     field_error,
     load_config,
-    nested,
     option,
     parse_args,
     run_main,
@@ -47,7 +47,7 @@ from .run import Run, TrainState, checkpoint_position, last_checkpoint, resume_c
 
 __all__ = [
     "MIXED_PRECISION", "ConfigBase", "ConfigError", "DataFields", "ModelFields", "RunFields", "StageFields",
-    "TrainableFields", "field_error", "load_config", "nested", "option", "parse_args", "run_main",
+    "TrainableFields", "field_error", "load_config", "nested", "option", "param", "parse_args", "run_main",
     "pack", "read_corpus", "split_corpus", "tokenize_docs",
     "KILL_ENV", "LossFn", "batch_indices", "describe", "evaluate", "held_out_loss", "lr_at", "train_steps",
     "TINY_LLAMA", "build_model", "finish", "load_patched_model", "original_model", "set_gradient_checkpointing",

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..fields import Fields, param
+
 MIXED_PRECISION = (None, "no", "fp16", "bf16", "fp8")
 
 
@@ -22,41 +24,19 @@ class ConfigError(ValueError):
     """A bad recipe config; the message names the field."""
 
 
-# -- config ---------------------------------------------------------------------------------------------------------
-
-def option(default=dataclasses.MISSING, *, types: tuple = (), low=None, high=None, low_open=False, high_open=False,
-           choices=None, nullable=False, factory=None):
-    """A config field with what the validator checks: ``types`` (bool never passes as int), the range
-    ``low``..``high`` (inclusive unless ``*_open``), ``choices``; ``nullable`` lets ``None`` through."""
-    meta = dict(types=types, low=low, high=high, low_open=low_open, high_open=high_open, choices=choices,
-                nullable=nullable)
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def nested(cls):
-    """A field holding a sub-config (a mapping in YAML), e.g. ``stage1:`` of the distillation recipe."""
-    return dataclasses.field(default_factory=cls, metadata={"nested": cls})
-
-
 def field_error(name: str, message: str, value) -> ConfigError:
     """``config field 'name' <message>, got <value>``: every config error names its field."""
     return ConfigError(f"config field {name!r} {message}, got {value!r}")
 
 
-def _range_text(meta) -> str:
-    low, high = meta["low"], meta["high"]
-    if high is None:
-        return f"must be {'>' if meta['low_open'] else '>='} {low}"
-    if low is None:
-        return f"must be {'<' if meta['high_open'] else '<='} {high}"
-    return f"must be in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+#: the earlier name of :func:`patchattn.fields.param`, kept for configs written against it
+option = param
 
 
 @dataclasses.dataclass
-class ConfigBase:
-    """Loading and validation for every recipe config (see :func:`option`); ``check`` adds cross-field rules."""
+class ConfigBase(Fields):
+    """Loading and validation for every recipe config: fields declared with :func:`patchattn.fields.param` (the field
+    system of variant parameters too), checked field by field; ``check`` adds cross-field rules."""
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", prefix: str = ""):
@@ -79,39 +59,24 @@ class ConfigBase:
         return config
 
     def validate(self, prefix: str = "") -> None:
-        for f in dataclasses.fields(self):
-            meta, value, name = f.metadata, getattr(self, f.name), prefix + f.name
-            if "nested" in meta:
-                continue  # validated by its own from_dict
-            if not meta or (value is None and meta["nullable"]):
-                continue
-            types = meta["types"]
-            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-                raise field_error(name, f"must be {' or '.join(t.__name__ for t in types)}"
-                                  f"{' or null' if meta['nullable'] else ''}", value)
-            if meta["choices"] is not None and value not in meta["choices"]:
-                raise field_error(name, f"must be one of {list(meta['choices'])}", value)
-            low, high = meta["low"], meta["high"]
-            if (low is not None and (value <= low if meta["low_open"] else value < low)) or \
-                    (high is not None and (value >= high if meta["high_open"] else value > high)):
-                raise field_error(name, _range_text(meta), value)
+        self.check_fields(prefix)  # nested sub-configs were validated by their own from_dict
         self.check(prefix)
+
+    def field_error(self, name: str, message: str, value) -> ConfigError:
+        return field_error(name, message, value)
 
     def check(self, prefix: str) -> None:
         """Cross-field rules; groups that have some override this and call ``super().check(prefix)``."""
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass
 class ModelFields(ConfigBase):
-    model: str = option("smollm2-135m", types=(str,))  # shipped name, local dir, Hub id, patched dir or "tiny-llama"
-    model_config: dict = option(types=(dict,), factory=dict)  # tiny-llama only: LlamaConfig overrides
-    tokenizer_vocab: int = option(512, types=(int,), low=1)  # tiny-llama only: word-level vocabulary size
-    variant: str = option(None, types=(str,))  # required (no default variant): a name in patchattn.VARIANTS
+    model: str = param("smollm2-135m", types=(str,))  # shipped name, local dir, Hub id, patched dir or "tiny-llama"
+    model_config: dict = param(types=(dict,), factory=dict)  # tiny-llama only: LlamaConfig overrides
+    tokenizer_vocab: int = param(512, low=1)  # tiny-llama only: word-level vocabulary size
+    variant: str = param(None, types=(str,))  # required (no default variant): a name in patchattn.VARIANTS
     layers: Any = None  # None/"all", "last:N", "first:N" or a list of indices (checked by patch_model)
-    variant_params: dict = option(types=(dict,), factory=dict)
+    variant_params: dict = param(types=(dict,), factory=dict)
 
     def check(self, prefix):
         super().check(prefix)
@@ -138,12 +103,12 @@ class ModelFields(ConfigBase):
 @dataclasses.dataclass
 class DataFields(ConfigBase):
     data: Any = None  # None (shipped Shakespeare), a path / list of .txt/.jsonl paths, or a `datasets` name
-    data_config: str | None = option(None, types=(str,), nullable=True)  # `datasets` config name
-    data_split: str = option("train", types=(str,))
-    text_field: str = option("text", types=(str,))  # JSONL / datasets column
-    eval_fraction: float = option(0.05, types=(int, float), low=0, high=1, low_open=True, high_open=True)
-    eval_tokens: int = option(16384, types=(int,), low=1)  # held-out tokens scored per evaluation
-    seq_len: int = option(512, types=(int,), low=2)
+    data_config: str | None = param(None, types=(str,), nullable=True)  # `datasets` config name
+    data_split: str = param("train", types=(str,))
+    text_field: str = param("text", types=(str,))  # JSONL / datasets column
+    eval_fraction: float = param(0.05, low=0, high=1, low_open=True, high_open=True)
+    eval_tokens: int = param(16384, low=1)  # held-out tokens scored per evaluation
+    seq_len: int = param(512, low=2)
 
     def check(self, prefix):
         super().check(prefix)
@@ -176,26 +141,26 @@ def _shipped_text(source: str) -> bool:
 class StageFields(ConfigBase):
     """One optimisation stage: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
-    batch_size: int = option(8, types=(int,), low=1)  # per process, per micro-batch
-    grad_accum: int = option(1, types=(int,), low=1)  # micro-batches per optimizer step
-    lr: float = option(1e-3, types=(int, float), low=0, low_open=True)
-    weight_decay: float = option(0.0, types=(int, float), low=0)
-    warmup_steps: int = option(0, types=(int,), low=0)
-    min_lr_ratio: float = option(0.1, types=(int, float), low=0, high=1)
-    max_grad_norm: float = option(1.0, types=(int, float), low=0)  # 0: no clipping
-    max_steps: int = option(100, types=(int,), low=1)
-    gradient_checkpointing: bool = option(False, types=(bool,))
-    eval_every: int = option(0, types=(int,), low=0)  # 0: only at the start and the end
-    save_every: int = option(0, types=(int,), low=0)  # 0: no intermediate checkpoints
+    batch_size: int = param(8, low=1)  # per process, per micro-batch
+    grad_accum: int = param(1, low=1)  # micro-batches per optimizer step
+    lr: float = param(1e-3, low=0, low_open=True)
+    weight_decay: float = param(0.0, low=0)
+    warmup_steps: int = param(0, low=0)
+    min_lr_ratio: float = param(0.1, low=0, high=1)
+    max_grad_norm: float = param(1.0, low=0)  # 0: no clipping
+    max_steps: int = param(100, low=1)
+    gradient_checkpointing: bool = param(False)
+    eval_every: int = param(0, low=0)  # 0: only at the start and the end
+    save_every: int = param(0, low=0)  # 0: no intermediate checkpoints
 
 
 @dataclasses.dataclass
 class TrainableFields(ConfigBase):
-    trainable: str = option("variant", types=(str,), choices=("variant", "lora", "full"))
-    lora_r: int = option(16, types=(int,), low=1)
-    lora_alpha: int = option(32, types=(int,), low=1)
-    lora_dropout: float = option(0.0, types=(int, float), low=0, high=1, high_open=True)
-    lora_targets: list = option(types=(list,), factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    trainable: str = param("variant", choices=("variant", "lora", "full"))
+    lora_r: int = param(16, low=1)
+    lora_alpha: int = param(32, low=1)
+    lora_dropout: float = param(0.0, low=0, high=1, high_open=True)
+    lora_targets: list = param(types=(list,), factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def check(self, prefix):
         super().check(prefix)
@@ -205,12 +170,12 @@ class TrainableFields(ConfigBase):
 
 @dataclasses.dataclass
 class RunFields(ConfigBase):
-    mixed_precision: str | None = option(None, types=(str,), nullable=True, choices=MIXED_PRECISION)
-    resume: Any = option(False, types=(bool, str))  # true: the last complete checkpoint in output_dir; or a path
-    output_dir: str = option("runs/train", types=(str,))
-    seed: int = option(0, types=(int,))
-    log_every: int = option(0, types=(int,), low=0)  # print a text line every N steps (0: the progress bar only)
-    push_to_hub: str | None = option(None, types=(str,), nullable=True)  # Hub repo id
+    mixed_precision: str | None = param(None, types=(str,), nullable=True, choices=MIXED_PRECISION)
+    resume: Any = param(False, types=(bool, str))  # true: the last complete checkpoint in output_dir; or a path
+    output_dir: str = param("runs/train", types=(str,))
+    seed: int = param(0)
+    log_every: int = param(0, low=0)  # print a text line every N steps (0: the progress bar only)
+    push_to_hub: str | None = param(None, types=(str,), nullable=True)  # Hub repo id
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
