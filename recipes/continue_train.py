@@ -26,16 +26,16 @@ import torch
 import yaml
 
 from patchattn import training
+from patchattn.fields import param
 from patchattn.training import ConfigError as ConfigError  # re-exported: callers catch recipe.ConfigError
-from patchattn.training import option
 
 
 @dataclasses.dataclass
 class RecipeConfig(training.RunFields, training.StageFields, training.TrainableFields, training.DataFields,
                    training.ModelFields):
     # on the variant's auxiliary loss (Variant.auxiliary_loss); None: the variant's own weights
-    aux_loss_weight: float | None = option(None, types=(int, float), low=0, nullable=True)
-    output_dir: str = option("runs/continue_train", types=(str,))
+    aux_loss_weight: float | None = param(None, types=(int, float), low=0, nullable=True)
+    output_dir: str = param("runs/continue_train", types=(str,))
 
 
 def load_config(path: str | None, overrides: dict | None = None) -> RecipeConfig:

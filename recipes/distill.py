@@ -41,22 +41,23 @@ import torch.nn.functional as F
 import yaml
 
 from patchattn import training
-from patchattn.training import ConfigError, field_error, nested, option
+from patchattn.fields import nested, param
+from patchattn.training import ConfigError, field_error
 
 
 @dataclasses.dataclass
 class Stage1Config(training.StageFields):
-    lr: float = option(1e-2, types=(int, float), low=0, low_open=True)  # LoLCATs' stage-1 learning rate
+    lr: float = param(1e-2, low=0, low_open=True)  # LoLCATs' stage-1 learning rate
 
 
 @dataclasses.dataclass
 class Stage2Config(training.StageFields, training.TrainableFields):
-    trainable: str = option("lora", types=(str,), choices=("variant", "lora", "full"))
-    lora_r: int = option(8, types=(int,), low=1)
-    lora_alpha: int = option(16, types=(int,), low=1)
-    loss: str = option("kl", types=(str,), choices=("kl", "lm"))
-    temperature: float = option(1.0, types=(int, float), low=0, low_open=True)  # KL only
-    lr: float = option(1e-4, types=(int, float), low=0, low_open=True)
+    trainable: str = param("lora", choices=("variant", "lora", "full"))
+    lora_r: int = param(8, low=1)
+    lora_alpha: int = param(16, low=1)
+    loss: str = param("kl", choices=("kl", "lm"))
+    temperature: float = param(1.0, low=0, low_open=True)  # KL only
+    lr: float = param(1e-4, low=0, low_open=True)
 
     def check(self, prefix):
         super().check(prefix)
@@ -68,8 +69,8 @@ class Stage2Config(training.StageFields, training.TrainableFields):
 
 @dataclasses.dataclass
 class DistillConfig(training.RunFields, training.DataFields, training.ModelFields):
-    seq_len: int = option(1024, types=(int,), low=2)
-    output_dir: str = option("runs/distill", types=(str,))
+    seq_len: int = param(1024, low=2)
+    output_dir: str = param("runs/distill", types=(str,))
     stage1: Stage1Config = nested(Stage1Config)
     stage2: Stage2Config = nested(Stage2Config)
 

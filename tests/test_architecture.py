@@ -185,7 +185,7 @@ def test_variants_do_not_import_what_sits_above_them(module):
 
 # -- generic code names no variant ------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
-GENERIC = ["patchattn/training.py", "patchattn/patching.py",
+GENERIC = [*sorted(str(p.relative_to(REPO)) for p in (REPO / "patchattn" / "training").glob("*.py")), "patchattn/patching.py",
            *sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*.py"))]
 
 

@@ -192,7 +192,7 @@ def test_bad_config_names_the_field(override, field):
     ({"data": "missing.jsonl"}, "config field 'data' names a file that does not exist"),
 ])
 def test_bad_config_is_refused_before_anything_is_written(override, message, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(training.model, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     out = tmp_path / "run"
     with pytest.raises(training.ConfigError) as info:
         recipe.main(recipe.load_config(str(TINY), {"output_dir": str(out), **override}))
@@ -201,7 +201,7 @@ def test_bad_config_is_refused_before_anything_is_written(override, message, tmp
 
 
 def test_resume_of_a_finished_run_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(training.model, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")  # what a finished run writes last

@@ -122,7 +122,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the config error")
 
-    monkeypatch.setattr(training, "build_model", refuse)
+    monkeypatch.setattr(training.model, "build_model", refuse)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -17,13 +17,15 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import math
 import weakref
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..fields import Fields
+from ..fields import param as param  # re-exported: variants declare their parameters with it
 
 VARIANTS: dict[str, type[Variant]] = {}
 
@@ -77,42 +79,19 @@ def handoff(attention_module: nn.Module) -> dict[str, Any]:
     return attention_module.__dict__.setdefault(_HANDOFF, {})
 
 
-def param(default, *, low=None, high=None, help: str = "", choices=None):
-    """A variant parameter: default, allowed range (inclusive) or choices, and a one-line help."""
-    return dataclasses.field(default=default, metadata={"low": low, "high": high, "help": help, "choices": choices})
-
-
 @dataclasses.dataclass
-class VariantParams:
-    """Base of every variant's parameter dataclass; validation is driven by the ``param`` metadata."""
+class VariantParams(Fields):
+    """Base of every variant's parameter dataclass: fields declared with :func:`patchattn.fields.param` (the field
+    system the training configs use too), checked by ``validate``; subclasses add cross-parameter rules by overriding
+    ``validate`` and calling ``super().validate()``."""
 
     variant_name: ClassVar[str] = "variant"
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            where = f"{self.variant_name}: parameter {f.name!r}"
-            if meta.get("choices") is not None:
-                if value not in meta["choices"]:
-                    raise ValueError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
-                continue
-            if isinstance(f.default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{where} must be True or False, got {value!r}")
-                continue
-            if isinstance(f.default, int) and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{where} must be an integer, got {value!r}")
-            low, high = meta.get("low"), meta.get("high")
-            allowed = f"[{low}, {'inf' if high is None else high}]"
-            if isinstance(f.default, float):
-                # NaN passes every comparison and inf reaches math.log: both must be refused here, by name
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{where} must be a finite number in {allowed}, got {value!r}")
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise ValueError(f"{where} must be in {allowed}, got {value!r}")
+        self.check_fields()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def field_error(self, name: str, message: str, value) -> ValueError:
+        return ValueError(f"{self.variant_name}: parameter {name!r} {message}, got {value!r}")
 
 
 class Variant(nn.Module):
