@@ -34,13 +34,15 @@ message; memory is freed and the run goes on. Rows without zipcache whose weight
 [n, hidden] activations (residual, normed copy, queries, attention output) exceed the GPU's memory are not run:
 ``status: "oom"``, ``oom_phase: "predicted"``, ``measured: false``
 (``--no-predict-oom`` runs them anyway: an exact 1M-token prefill of the 8B shape takes minutes before it fails).
-``--budget-s`` skips rows that would start after that many seconds. The JSON (``{"meta", "rows"}``, every row with
+``--budget-s`` skips rows that would start after that many seconds; ``--resume`` skips the rows the file already
+has (ok or oom), so the same command can be rerun after a time limit or after a kernel fault that lost the CUDA
+context (the script stops at such an error: every later row would fail). The JSON (``{"meta", "rows"}``, every row with
 gpu/torch/triton/date/command/commit) is written after every row, with ``--append`` merged into an existing file
 (rows of the same shape/variant/n replaced), and a PNG next to it: prefill seconds, peak/KV GiB and decode tok/s vs
 prompt length, per variant.
 
-  python scripts/bench_longctx.py --shapes 8b --lens 32768,131072 --append        # H200, one 10-min call
-  python scripts/bench_longctx.py --shapes 8b --lens 1048576 --variants hyper+zipcache,dhsa+zipcache --append
+  python scripts/bench_longctx.py --shapes 8b --lens 32768,131072 --resume --budget-s 480   # H200, 10-min calls
+  python scripts/bench_longctx.py --shapes 8b --lens 1048576 --variants hyper+zipcache,dhsa+zipcache --resume
   python scripts/bench_longctx.py --tiny          # CPU smoke test of the script (writes to the temp folder)
 """
 from __future__ import annotations
@@ -230,9 +232,9 @@ def decode(model, token: torch.Tensor, cache, steps: int) -> torch.Tensor:
     return torch.cat(fed, 1)
 
 
-def measure(model, ids: torch.Tensor, steps: int, chunk: int | None, cuda: bool, state: dict) -> dict:
-    """One timed prefill + ``steps`` decode steps on the model as patched; ``state["phase"]`` says where it is (for
-    an OOM row)."""
+def measure(model, ids: torch.Tensor, steps: int, chunk: int | None, cuda: bool, row: dict, state: dict) -> None:
+    """One timed prefill + ``steps`` decode steps on the model as patched, into ``row`` as they complete (an OOM in
+    the decode keeps the prefill's numbers); ``state["phase"]`` says where it is."""
     timer = Timer(cuda)
     state["phase"] = "setup"
     cache = make_cache(model)
@@ -244,7 +246,8 @@ def measure(model, ids: torch.Tensor, steps: int, chunk: int | None, cuda: bool,
     prefill_ms = timer.stop_ms()
     paths, approx_layers = sum_paths(patchattn.attention_paths(model, reset=True)) if patchattn.is_patched(model) \
         else ({}, 0)
-    kv_prefill = cache_bytes(cache)
+    row.update(prefill_s=round(prefill_ms / 1e3, 3), kv_bytes_prefill=cache_bytes(cache), prefill_paths=paths,
+               approx_layers=approx_layers)
     token = logits[:, -1:].argmax(-1)
     del logits
     state["phase"] = "decode"
@@ -253,10 +256,19 @@ def measure(model, ids: torch.Tensor, steps: int, chunk: int | None, cuda: bool,
     decode_ms = timer.stop_ms()
     if patchattn.is_patched(model):
         patchattn.attention_paths(model, reset=True)
-    return {"prefill_s": round(prefill_ms / 1e3, 3), "decode_s": round(decode_ms / 1e3, 4),
-            "decode_tok_s": round(steps / (decode_ms / 1e3), 2), "kv_bytes": cache_bytes(cache),
-            "kv_bytes_prefill": kv_prefill, "prefill_paths": paths, "approx_layers": approx_layers,
-            "first_tokens": fed[0, :8].tolist()}
+    row.update(decode_s=round(decode_ms / 1e3, 4), decode_tok_s=round(steps / (decode_ms / 1e3), 2),
+               kv_bytes=cache_bytes(cache), first_tokens=fed[0, :8].tolist())
+
+
+def cuda_usable() -> bool:
+    """False after a sticky CUDA error (an illegal memory access in a kernel poisons the process's context: every
+    later row would fail too)."""
+    try:
+        torch.cuda.synchronize()
+        (torch.ones(1, device="cuda") + 1).item()
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return False
 
 
 def free(cuda: bool) -> None:
@@ -268,14 +280,14 @@ def free(cuda: bool) -> None:
 def run_row(model, config, ids, variant: str, params: dict, args, cuda: bool) -> dict:
     """The row of ``variant`` at ``ids``: measured, or an OOM / error row; the model is unpatched afterwards."""
     n = ids.shape[1]
-    row: dict = {"status": "ok"}
+    row: dict = {"status": "ok", "prefill_s": None, "decode_tok_s": None, "kv_bytes": None}
     state = {"phase": "patch"}
     if cuda:
         free(cuda)
         torch.cuda.reset_peak_memory_stats()
     try:
         patch(model, variant, params)
-        row.update(measure(model, ids, args.new_tokens, args.mlp_chunk, cuda, state))
+        measure(model, ids, args.new_tokens, args.mlp_chunk, cuda, row, state)
     except torch.cuda.OutOfMemoryError as exc:
         row.update(status="oom", oom_phase=state["phase"], error=str(exc).splitlines()[0][:300])
     except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
@@ -367,6 +379,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--no-predict-oom", action="store_true", help="run rows whose full KV cache cannot fit")
     p.add_argument("--append", action="store_true", help="merge into --out's rows (same shape/variant/n replaced)")
+    p.add_argument("--resume", action="store_true", help="--append, and skip the rows --out already has as ok/oom "
+                                                         "(rerun the same command after a time limit or a crash)")
     p.add_argument("--out", default=None, help=f"JSON path (default {OUT}; --tiny: {TINY_OUT}, never the results)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (fp32): checks the script, not speed")
     argv = sys.argv[1:] if argv is None else argv
@@ -390,7 +404,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = {**env, "commit": commit(), "dtype": str(dtype), "batch": 1, "new_tokens": args.new_tokens,
             "mlp_chunk": args.mlp_chunk, "params": params, "weights": "random (torch.manual_seed(0))"}
     out = Path(args.out or (TINY_OUT if args.tiny else OUT))
-    old = load_rows(out) if args.append else []
+    old = load_rows(out) if args.append or args.resume else []
+    done = {key(r) for r in old if r.get("status") in ("ok", "oom")} if args.resume else set()
     total = torch.cuda.get_device_properties(0).total_memory if cuda else None
     rows: list[dict] = []
     skipped: list[str] = []
@@ -404,6 +419,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
             for variant in variants:
                 label = f"{shape} {variant} n={n}"
+                if (shape, variant, n) in done:
+                    print(f"  {label}: in {out} already (--resume)", flush=True)
+                    continue
                 if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                     skipped.append(label)
                     print(f"budget reached: {label} not run", flush=True)
@@ -439,6 +457,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"approx layers {row.get('approx_layers')}"
                       + (f", {row['error']}" if row["status"] == "error" else ""), flush=True)
                 save(out, {**meta, "skipped": skipped}, old, rows)
+                if row["status"] == "error" and cuda and not cuda_usable():
+                    raise SystemExit(f"{label}: the CUDA context is lost ({row['error']}); rows so far are in {out}; "
+                                     "rerun the command with --resume (skip this row with --variants/--lens)")
             del ids
         del model
         free(cuda)

@@ -103,6 +103,11 @@ def test_append_params_and_oom_prediction(tmp_path):
     assert [(r["shape"], r["variant"], r["n"]) for r in kept] == [("tiny", "exact", 64), ("8b", "exact", 64),
                                                                    ("tiny", "exact", 40), ("tiny", "hyper", 40)]
     assert rows[1]["params"] == {"hyper": {**bench.TINY_PARAMS["hyper"], "sample_size": 4}}
+    # --resume: the ok/oom rows the file has are not run again, the others are (the "x" row at n=64 is)
+    rows = bench.main(["--tiny", "--lens", "40,64", "--new-tokens", "2", "--variants", "exact,hyper", "--resume",
+                       "--out", str(out)])
+    assert [(r["variant"], r["n"]) for r in rows] == [("exact", 64), ("hyper", 64)]
+    assert len(json.loads(out.read_text())["rows"]) == 5
     assert bench.parse_params(["zipcache.decode_kernel=false", "x.y=abc"], False) == {
         "zipcache": {"decode_kernel": False}, "x": {"y": "abc"}}
     config = bench.make_config("8b", False)
@@ -114,3 +119,34 @@ def test_append_params_and_oom_prediction(tmp_path):
     # budget: nothing starts after 0 s
     assert bench.main(["--tiny", "--lens", "40", "--variants", "exact", "--budget-s", "0", "--out",
                        str(tmp_path / "b.json")]) == []
+
+
+def test_oom_is_a_row_with_its_phase_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A ``torch.cuda.OutOfMemoryError`` in the decode (simulated on CPU) makes an ``oom`` row that keeps the
+    prefill's numbers; the model comes back unpatched and the next row runs; other errors are ``error`` rows."""
+    real = bench.decode
+
+    def decode(model, token, cache, steps):
+        if patchattn.is_patched(model) and "hyper" in {s["variant"] for s in patchattn.patch_specs(model)}:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return real(model, token, cache, steps)
+
+    def prefill(model, ids, cache, chunk, logits_to_keep=1):
+        if patchattn.is_patched(model) and "dhsa" in {s["variant"] for s in patchattn.patch_specs(model)}:
+            raise ValueError("boom")
+        return real_prefill(model, ids, cache, chunk, logits_to_keep)
+
+    real_prefill = bench.prefill
+    monkeypatch.setattr(bench, "decode", decode)
+    monkeypatch.setattr(bench, "prefill", prefill)
+    out = tmp_path / "oom.json"
+    rows = bench.main(["--tiny", "--lens", "48", "--new-tokens", "2", "--variants", "hyper+zipcache,dhsa,exact",
+                       "--warmup-len", "0", "--out", str(out)])
+    oom, err, ok = rows
+    assert oom["status"] == "oom" and oom["oom_phase"] == "decode" and "out of memory" in oom["error"]
+    assert oom["prefill_s"] > 0 and oom["approx_layers"] == 2 and oom["decode_tok_s"] is None
+    assert err["status"] == "error" and err["error_phase"] == "prefill" and "boom" in err["error"]
+    assert err["prefill_s"] is None and err["kv_bytes"] is None
+    assert ok["status"] == "ok" and ok["decode_tok_s"] > 0
+    assert [r["status"] for r in json.loads(out.read_text())["rows"]] == ["oom", "error", "ok"]
+    assert all(FIELDS <= set(r) for r in rows)
