@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     skipped: list[str] = []
     for shape in shapes:
+        if all((shape, v, n) in done for n in lens for v in variants):
+            print(f"{shape}: every row in {out} already (--resume)", flush=True)
+            continue
         config = make_config(shape, args.tiny)
         model = build_model(config, device, dtype)
         weights = sum(t.numel() * t.element_size() for t in model.parameters())  # tied embeddings counted once

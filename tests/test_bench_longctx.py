@@ -108,6 +108,7 @@ def test_append_params_and_oom_prediction(tmp_path):
                        "--out", str(out)])
     assert [(r["variant"], r["n"]) for r in rows] == [("exact", 64), ("hyper", 64)]
     assert len(json.loads(out.read_text())["rows"]) == 5
+    assert bench.main(["--tiny", "--lens", "40,64", "--variants", "exact,hyper", "--resume", "--out", str(out)]) == []
     assert bench.parse_params(["zipcache.decode_kernel=false", "x.y=abc"], False) == {
         "zipcache": {"decode_kernel": False}, "x": {"y": "abc"}}
     config = bench.make_config("8b", False)
