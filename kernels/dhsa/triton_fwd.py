@@ -21,7 +21,8 @@ def _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, j0, j1, offs_m, o
         chunk = tl.load(list_base + j // (CHUNK // BN))
         offs_n = chunk * CHUNK + (j % (CHUNK // BN)) * BN + tl.arange(0, BN)
         col_ok = offs_n < n
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        rows_n = offs_n.to(tl.int64)  # row offsets in int64: n * stride passes 2**31 at 1M tokens
+        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         if CAUSAL:  # keys past n are past every row too
             s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
@@ -33,7 +34,7 @@ def _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, j0, j1, offs_m, o
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        vt = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc
@@ -56,10 +57,12 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     offs_m = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n
-    q = tl.load(Q + bi * sqb + hi * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = K + bi * skb + kvh * skh
-    v_base = V + bi * svb + kvh * svh
-    kvalid = KVALID + bi * n
+    rows_m = offs_m.to(tl.int64)  # [b, n, h, d] at 1M tokens and 32 heads: n * sqn passes 2**31
+    bi64 = bi.to(tl.int64)
+    q = tl.load(Q + bi64 * sqb + hi * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + bi64 * skb + kvh * skh
+    v_base = V + bi64 * svb + kvh * svh
+    kvalid = KVALID + bi64 * n
     list_base = IDX + bi * sib + hi * sih + qb * siq
     cnt = tl.load(CNT + bi * scb + hi * sch + qb)
     nfull = tl.load(NFULL + bi * scb + hi * sch + qb)  # leading chunks that end before the block: no causal mask
@@ -76,7 +79,7 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + bi * sob + hi * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + bi64 * sob + hi * soh + rows_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + pid_bh * n + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * n + rows_m, lse, mask=row_ok)
