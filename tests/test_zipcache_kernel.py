@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import CUDA, DEV
-from tiny_models import COMMON, VOCAB, tiny_model
-from transformers import MistralConfig, MistralForCausalLM
+from tiny_models import VOCAB, tiny_model
+from tiny_models import ZIPCACHE_MODELS as MODELS
 
 import patchattn
 from patchattn.kernels.zipcache import ops, quantized_decode_attention_reference
@@ -110,14 +110,6 @@ def test_clear_errors():
 # ------------------------------------------------------------------------------------------------ inside generate()
 
 
-def gqa_mistral():
-    """Full attention (no sliding window), four query heads per KV head."""
-    torch.manual_seed(0)
-    config = MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None, head_dim=16)
-    return MistralForCausalLM(config).eval()
-
-
-MODELS = {"llama": lambda: tiny_model("llama"), "mistral-gqa": gqa_mistral, "gemma2": lambda: tiny_model("gemma2")}
 
 
 def generate_both(monkeypatch, model, ids, attention_mask=None, **params):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import CUDA, DEV
-from tiny_models import COMMON, VOCAB, tiny_model
-from transformers import MistralConfig, MistralForCausalLM
+from tiny_models import VOCAB, gqa_mistral, tiny_model
+from tiny_models import ZIPCACHE_MODELS as MODELS
 
 import patchattn
 from patchattn.kernels.zipcache import causal_probe_counts, ops, probe_scores_reference
@@ -152,14 +152,6 @@ def test_clear_errors(kernel_on_cpu):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def gqa_mistral():
-    """Full attention (no sliding window), four query heads per KV head."""
-    torch.manual_seed(0)
-    config = MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None, head_dim=16)
-    return MistralForCausalLM(config).eval()
-
-
-MODELS = {"llama": lambda: tiny_model("llama"), "mistral-gqa": gqa_mistral, "gemma2": lambda: tiny_model("gemma2")}
 
 
 def block_tensors(cache):

@@ -53,6 +53,16 @@ def tiny_model(family: str):
     return BUILDERS[family]()
 
 
+def gqa_mistral():
+    """Full attention (no sliding window), four query heads per KV head."""
+    return _build(MistralConfig, MistralForCausalLM, num_key_value_heads=1, sliding_window=None, head_dim=16)
+
+
+#: models ZipCache's fused kernels are checked on inside generate(): plain, grouped-query, sliding + softcap
+ZIPCACHE_MODELS = {"llama": lambda: tiny_model("llama"), "mistral-gqa": gqa_mistral,
+                   "gemma2": lambda: tiny_model("gemma2")}
+
+
 def random_ids(batch: int, n: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     """``[batch, n]`` token ids drawn from ``[3, vocab)`` (clear of pad/bos/eos 0-2) by a generator seeded ``seed``."""
     return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
