@@ -12,17 +12,10 @@ from pathlib import Path
 
 import torch
 
+from .fields import parse_value
+
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 # argparse `type=` converters: a bad value fails at parse time as "argument --opt: <message>", exit code 2, before
@@ -32,7 +25,7 @@ def _param_pair(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. block_size=128), got {text!r}")
-    return key, _parse_value(value)
+    return key, parse_value(value)
 
 
 def _positive_int(text: str) -> int:

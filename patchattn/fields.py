@@ -26,6 +26,17 @@ def param(default=dataclasses.MISSING, *, low=None, high=None, low_open: bool = 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def parse_value(text: str):
+    """A field value written on a command line (``KEY=VALUE``): an int, else a float, else ``true``/``false`` (any
+    case), else the string; the field's own check then says whether it fits."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def nested(cls):
     """A field holding a sub-container (a mapping in YAML), e.g. ``stage1:`` of the distillation recipe."""
     return dataclasses.field(default_factory=cls, metadata={"nested": cls})

@@ -48,7 +48,6 @@ prompt length, per variant.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import gc
 import json
@@ -66,6 +65,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 import patchattn
 from patchattn.cache import layer_nbytes
+from patchattn.fields import parse_value
 
 #: the keyword a model call takes its cache by (transformers renamed past_key_values -> cache after 5.17)
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -160,19 +160,15 @@ def chunked_positionwise(model, chunk: int | None):
 
 # -- one row ----------------------------------------------------------------------------------------------------------
 def parse_params(items: list[str], tiny: bool) -> dict[str, dict]:
-    """``--param VARIANT.KEY=VALUE`` (repeatable; values as Python literals, else strings) over ``TINY_PARAMS``
-    where ``tiny``."""
+    """``--param VARIANT.KEY=VALUE`` (repeatable; values typed as ``patchattn eval --param`` types them) over
+    ``TINY_PARAMS`` where ``tiny``."""
     params = {name: dict(p) for name, p in TINY_PARAMS.items()} if tiny else {}
     for item in items:
         key, _, value = item.partition("=")
         variant, _, name = key.partition(".")
         if not name or not _:
             raise SystemExit(f"--param {item!r}: VARIANT.KEY=VALUE")
-        try:
-            val = ast.literal_eval({"true": "True", "false": "False"}.get(value, value))
-        except (ValueError, SyntaxError):
-            val = value
-        params.setdefault(variant, {})[name] = val
+        params.setdefault(variant, {})[name] = parse_value(value)
     return params
 
 

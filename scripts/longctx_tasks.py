@@ -14,7 +14,6 @@ setting. ``--budget-s`` stops before a setting that would start after that many 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -25,6 +24,7 @@ from _bench import commit, environment, pyplot, save_figure, write_json
 
 import patchattn
 from patchattn.cache import layer_nbytes
+from patchattn.fields import parse_value
 from patchattn.realweights import load_model
 from patchattn.tasks import PromptBuilder, run_tasks
 
@@ -52,7 +52,7 @@ def parse_setting(text: str) -> tuple[str, tuple]:
         key, eq, value = pair.partition("=")
         if not eq:
             raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, got {pair!r}")
-        params[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+        params[key] = parse_value(value)
     return name, (variant, params, layers or None)
 
 
