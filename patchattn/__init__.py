@@ -24,6 +24,7 @@ from .patching import (
     register_auto_classes,
     unpatch_model,
 )
+from .retrieval_heads import retrieval_heads
 from .variants import VARIANTS, describe_params
 
 register_models()
@@ -58,5 +59,5 @@ def list_families() -> list[dict]:
 __all__ = [
     "__version__", "patch_model", "unpatch_model", "patched", "is_patched", "patched_layers", "from_pretrained",
     "push_to_hub", "list_variants", "list_families", "logger", "LAYER_ATTR", "attention_paths", "generation_cache",
-    "patch_specs",
+    "patch_specs", "retrieval_heads",
 ]

@@ -173,3 +173,30 @@ def exact_tail(module, out: torch.Tensor, query, key, value, attention_mask, tai
     out = out.clone()
     out[:, -tail:] = rows.to(out.dtype)
     return out
+
+
+def split_kv_heads(query, key, value, exact_kv_heads, *, approximate, exact) -> torch.Tensor:
+    """``[b, n, h, d]``: ``exact(q, k, v)`` for the query heads of the KV heads ``exact_kv_heads`` and
+    ``approximate(q, k, v)`` for the others (both take ``[b, h', n, d]`` queries with their ``[b, hk', n, d]`` keys
+    and values and return ``[b, n, h', d]``). Query head ``i`` reads KV head ``i // (h // hk)``, as in transformers'
+    ``repeat_kv``, so each part keeps its GQA layout. Heads that retrieval depends on stay exact this way while the
+    rest of the layer is approximated (DuoAttention, arXiv 2410.10819; RazorAttention, arXiv 2407.15891)."""
+    hk = key.shape[1]
+    chosen = sorted(set(exact_kv_heads))
+    if not chosen:
+        return approximate(query, key, value)
+    if len(chosen) == hk:
+        return exact(query, key, value)
+    rest = [i for i in range(hk) if i not in chosen]
+    b, h, n, d = query.shape
+    grouped = query.unflatten(1, (hk, h // hk))
+
+    def part(heads: list[int], attend) -> torch.Tensor:
+        index = torch.tensor(heads, device=query.device)
+        q = grouped.index_select(1, index).flatten(1, 2)
+        return attend(q, key.index_select(1, index), value.index_select(1, index))
+
+    out = query.new_empty(b, n, hk, h // hk, value.shape[-1])
+    out[:, :, chosen] = part(chosen, exact).unflatten(2, (len(chosen), h // hk)).to(out.dtype)
+    out[:, :, rest] = part(rest, approximate).unflatten(2, (len(rest), h // hk)).to(out.dtype)
+    return out.flatten(2, 3)

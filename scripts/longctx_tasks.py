@@ -5,7 +5,8 @@
         --out DIR [--budget-s 400] [--setting hyper-s16=hyper:sink_tokens=16,sample_size=240@last:12]
 
 ``--setting NAME=VARIANT[:KEY=VALUE,...][@LAYERS]`` (repeatable) adds a setting beside the named ones below, so a
-sweep of levers runs in the same process, on the same prompts, as exact attention.
+sweep of levers runs in the same process, on the same prompts, as exact attention. ``retrieval_heads=F`` among the
+parameters of a prefill variant keeps the top share ``F`` of the KV heads exact (``patchattn.retrieval_heads``).
 
 Writes ``DIR/longctx_tasks.json`` after every setting (rows of ``patchattn.tasks.run_tasks`` plus which attention
 path each patched layer took, so no row credits a variant with exact attention's result) and a PNG of accuracy per
@@ -122,7 +123,11 @@ def main(argv=None) -> None:
             break
         spec = known[name]
         if spec is not None:
-            patchattn.patch_model(model, spec[0], layers=spec[2] if len(spec) > 2 else None, **spec[1])
+            layers, params = spec[2] if len(spec) > 2 else None, dict(spec[1])
+            if "retrieval_heads" in params:  # a share of KV heads, found on the model, kept exact
+                params["exact_kv_heads"] = patchattn.retrieval_heads(model, params.pop("retrieval_heads"),
+                                                                     layers=layers)
+            patchattn.patch_model(model, spec[0], layers=layers, **params)
         try:
             rows = run_tasks(model, tokenizer, tasks=args.tasks.split(","),
                              context_lengths=[int(c) for c in args.contexts.split(",")], samples=args.samples,

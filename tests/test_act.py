@@ -59,7 +59,7 @@ def test_fused_equals_reference(mask_kind, softcap, threshold, theta):
     assert sink_columns(stats.colsum, stats.count, theta, threshold).any(), "the case must contain hidden sinks"
     assert not torch.allclose(ref[:, :, [0, 3]], reference_act(q, k, v, mask, heads=[], **kw)[0][:, :, [0, 3]])
     rows = slice(None) if mask is None else mask[:, 0].any(dim=-1).expand(2, 40)  # not the padded queries
-    torch.testing.assert_close(out[rows], ref[rows], atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=0)  # fp32, blockwise vs one-shot sums (2.3e-6 seen)
     torch.testing.assert_close(weights.sum(dim=-1)[:, :, 7:], torch.ones(2, 4, 33))  # still a distribution
 
 
@@ -72,7 +72,7 @@ def test_fused_is_precise_when_a_sink_holds_almost_everything():
     assert plain[..., 5].max() > 1 - 1e-4
     ref, _ = reference_act(q, k, v, None, heads=[0, 1, 2, 3], **kw)
     out, _ = act_attention(q, k, v, None, heads=torch.arange(4), **kw)
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)  # the naive formula is ~1e-3 off; CPUs differ by ~7e-6
 
 
 def test_decode_and_chunked_prefill_equal_reference_rows():

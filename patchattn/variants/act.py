@@ -56,8 +56,7 @@ import torch.nn as nn
 
 from ..attention import exact_attention
 from ..logging_utils import warn_once
-from .base import MODIFIER, Variant, VariantParams, handoff, param, register_variant
-from .gated import module_dims
+from .base import MODIFIER, Variant, VariantParams, check_heads_fit, handoff, normalize_heads, param, register_variant
 
 #: :func:`handoff` key: the generation cache of this call, put there by the forward pre-hook, popped in ``attention``
 CACHE_KEY = "cache"
@@ -75,29 +74,7 @@ class ActParams(VariantParams):
 
     def validate(self) -> None:
         super().validate()
-        self.heads = normalize_heads(self.heads)
-
-
-def normalize_heads(heads) -> dict[int, list[int]]:
-    """``{layer: heads}`` with int keys (JSON turns them into strings) and sorted unique non-negative heads."""
-    if heads is None:
-        return {}
-    if not isinstance(heads, dict):
-        raise ValueError(f"act: parameter 'heads' must be a dict {{layer: [head, ...]}}, got {type(heads).__name__}")
-    out = {}
-    for layer, indices in heads.items():
-        if isinstance(layer, str) and layer.isdigit():
-            layer = int(layer)
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"act: layer {layer!r} in 'heads' is not a non-negative layer index")
-        if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
-            raise ValueError(f"act: heads[{layer}] must be a list of head indices, got {indices!r}")
-        for h in indices:
-            if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-                raise ValueError(f"act: heads[{layer}] contains {h!r}, not a non-negative head index")
-        if indices:
-            out[layer] = sorted(set(indices))
-    return dict(sorted(out.items()))
+        self.heads = normalize_heads(self.heads, "act", "heads")
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------------------
@@ -322,13 +299,7 @@ class ActAttention(Variant):
         self.head_index = None if index is None else index.to(next(attention_module.parameters()).device)
 
     def attach(self, attention_module: nn.Module) -> None:
-        num_heads = module_dims(attention_module)[0]
-        num_layers = attention_module.config.num_hidden_layers
-        bad = [f"layer {layer}" for layer in self.params.heads if layer >= num_layers]
-        bad += [f"head {h} of layer {layer}" for layer, hs in self.params.heads.items() for h in hs if h >= num_heads]
-        if bad:  # patching._attach detaches this layer again, so the model stays as it was
-            raise ValueError(f"act: {', '.join(bad)} out of range: this model has {num_layers} layers "
-                             f"(0..{num_layers - 1}) of {num_heads} heads (0..{num_heads - 1})")
+        check_heads_fit(self.params.heads, attention_module, "act", "heads")
         if self.head_index is not None:
             self._hook = attention_module.register_forward_pre_hook(self._take_cache, with_kwargs=True)
 

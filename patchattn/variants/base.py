@@ -18,6 +18,7 @@ import collections
 import copy
 import dataclasses
 import weakref
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,47 @@ def handoff(attention_module: nn.Module) -> dict[str, Any]:
     variant, and a copy must see what the hooks of the module captured for this call.
     """
     return attention_module.__dict__.setdefault(_HANDOFF, {})
+
+
+def normalize_heads(heads, variant: str, name: str) -> dict[int, list[int]]:
+    """A ``{layer: [head, ...]}`` parameter with int keys (JSON turns them into strings) and sorted unique
+    non-negative heads; ``variant`` and ``name`` say whose parameter a bad value is in."""
+    if heads is None:
+        return {}
+    if not isinstance(heads, dict):
+        raise ValueError(f"{variant}: parameter {name!r} must be a dict {{layer: [head, ...]}}, got "
+                         f"{type(heads).__name__}")
+    out = {}
+    for layer, indices in heads.items():
+        if isinstance(layer, str) and layer.isdigit():
+            layer = int(layer)
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"{variant}: layer {layer!r} in {name!r} is not a non-negative layer index")
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+            raise ValueError(f"{variant}: {name}[{layer}] must be a list of head indices, got {indices!r}")
+        for h in indices:
+            if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+                raise ValueError(f"{variant}: {name}[{layer}] contains {h!r}, not a non-negative head index")
+        if indices:
+            out[layer] = sorted(set(indices))
+    return dict(sorted(out.items()))
+
+
+def check_heads_fit(heads: dict[int, list[int]], attention_module: nn.Module, variant: str, name: str, *,
+                    kv_heads: bool = False) -> None:
+    """Raise if a normalised ``{layer: [head, ...]}`` names a layer or a (KV, with ``kv_heads``) head the model
+    does not have; variants call it in ``attach``, so a failed patch leaves the model as it was."""
+    config = attention_module.config
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(getattr(attention_module, "num_heads", None) or config.num_attention_heads)
+    if kv_heads:
+        num_heads //= int(getattr(attention_module, "num_key_value_groups", 1))
+    bad = [f"layer {layer}" for layer in heads if layer >= num_layers]
+    bad += [f"head {h} of layer {layer}" for layer, hs in heads.items() for h in hs if h >= num_heads]
+    if bad:
+        kind = "KV heads" if kv_heads else "heads"
+        raise ValueError(f"{variant}: {name} has {', '.join(bad)} out of range: this model has {num_layers} layers "
+                         f"(0..{num_layers - 1}) of {num_heads} {kind} (0..{num_heads - 1})")
 
 
 @dataclasses.dataclass

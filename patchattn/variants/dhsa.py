@@ -20,8 +20,8 @@ import dataclasses
 
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill
-from .base import PREFILL, Variant, VariantParams, param, register_variant
+from ..attention import exact_attention, exact_tail, long_causal_prefill, split_kv_heads
+from .base import PREFILL, Variant, VariantParams, check_heads_fit, normalize_heads, param, register_variant
 
 POW2 = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -39,6 +39,13 @@ class DhsaParams(VariantParams):
     min_seq_len: int = param(4096, low=1, help="prefills of at most this many tokens use exact attention")
     exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
                                            "prompt's question sits; 0 = the paper's method)")
+    exact_kv_heads: dict | None = param(None, help="{layer: [kv_head, ...]} whose query heads are attended exactly "
+                                                   "over the whole prompt (retrieval heads, from "
+                                                   "patchattn.retrieval_heads)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.exact_kv_heads = normalize_heads(self.exact_kv_heads, "dhsa", "exact_kv_heads")
 
 
 @register_variant
@@ -49,6 +56,9 @@ class DynamicHierarchicalSparseAttention(Variant):
     attention_function_only = True
     role = PREFILL
     presets = {"paper": {"sink_tokens": 0, "exact_tail": 0}}
+
+    def attach(self, attention_module) -> None:
+        check_heads_fit(self.params.exact_kv_heads, attention_module, "dhsa", "exact_kv_heads", kv_heads=True)
 
     def settings(self) -> DhsaSettings:
         p = self.params
@@ -67,7 +77,15 @@ class DynamicHierarchicalSparseAttention(Variant):
         self.record_path(path)
         if path != "approximate":
             return exact()  # decode steps (exact by design), short inputs, fallbacks, requested weights
-        out, _ = dhsa_attention(query, key, value, scaling, self.settings(), key_valid=key_valid, softcap=softcap)
-        out = out.transpose(1, 2)
+        settings = self.settings()
+
+        def approximate(q, k, v):
+            return dhsa_attention(q, k, v, scaling, settings, key_valid=key_valid, softcap=softcap)[0].transpose(1, 2)
+
+        def exact_heads(q, k, v):
+            return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
+
+        out = split_kv_heads(query, key, value, self.params.exact_kv_heads.get(self.layer_idx, ()),
+                             approximate=approximate, exact=exact_heads)
         return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
                           softcap=softcap).contiguous(), None

@@ -11,8 +11,8 @@ import dataclasses
 
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill
-from .base import PREFILL, Variant, VariantParams, param, register_variant
+from ..attention import exact_attention, exact_tail, long_causal_prefill, split_kv_heads
+from .base import PREFILL, Variant, VariantParams, check_heads_fit, normalize_heads, param, register_variant
 
 
 @dataclasses.dataclass
@@ -29,6 +29,13 @@ class HyperParams(VariantParams):
     center_keys: bool = param(False, help="hash keys after subtracting their mean")
     exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a "
                                              "long prompt's question sits; 0 = the paper's method)")
+    exact_kv_heads: dict | None = param(None, help="{layer: [kv_head, ...]} whose query heads are attended exactly "
+                                                   "over the whole prompt (retrieval heads, from "
+                                                   "patchattn.retrieval_heads)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.exact_kv_heads = normalize_heads(self.exact_kv_heads, "hyper", "exact_kv_heads")
 
 
 @register_variant
@@ -42,6 +49,9 @@ class HyperAttention(Variant):
     #: no columns (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85%
     #: before them (benchmarks/results/longctx_tasks_20samples_c28a9b3.json)
     presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256}}
+
+    def attach(self, attention_module) -> None:
+        check_heads_fit(self.params.exact_kv_heads, attention_module, "hyper", "exact_kv_heads", kv_heads=True)
 
     def settings(self) -> HyperSettings:
         p = self.params
@@ -64,8 +74,16 @@ class HyperAttention(Variant):
         self.record_path(path)
         if path != "approximate":
             return exact()
-        out, _ = hyper_attention(query, key, value, scaling, self.settings(), causal=True, key_valid=key_valid,
-                                 softcap=softcap)
-        out = out.transpose(1, 2)
+        settings = self.settings()
+
+        def approximate(q, k, v):
+            out, _ = hyper_attention(q, k, v, scaling, settings, causal=True, key_valid=key_valid, softcap=softcap)
+            return out.transpose(1, 2)
+
+        def exact_heads(q, k, v):
+            return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
+
+        out = split_kv_heads(query, key, value, self.params.exact_kv_heads.get(self.layer_idx, ()),
+                             approximate=approximate, exact=exact_heads)
         return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
                           softcap=softcap).contiguous(), None
