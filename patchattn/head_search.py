@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .capture import capture_attention_inputs
 from .patching import is_patched, patch_model, resolve_family, unpatch_model
-from .planner import capture_attention_inputs
 from .variants.act import ActAttention, head_changes
 
 

@@ -47,6 +47,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from ._version import __version__
 from .attention import EXACT_BACKEND_ATTR, exact_attention, exact_backend
 from .cache import PatchattnCache, build_cache
+from .capture import active_capture
 from .families import Family, family_for_model_type, supported_model_types
 from .variants import ROLE_LABELS, VARIANTS, Variant, composition_conflict, get_variant
 from .variants.base import LAYER_ATTR, ROLE_RANK, STACK_ATTR
@@ -57,6 +58,9 @@ _SPEC_KEYS = ("variant", "layers", "params", "family")
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
+    capture = active_capture()
+    if capture is not None:  # a measurement of the model's own attention inputs (patchattn.capture)
+        return capture(module, query, key, value, attention_mask, **kwargs)
     stack = module.__dict__.get(STACK_ATTR)
     if not stack:
         return exact_attention(module, query, key, value, attention_mask, **kwargs)
@@ -193,7 +197,7 @@ def _read_one_spec(spec, where: str) -> dict:
     if not isinstance(spec["params"], dict):
         raise ValueError(f"{where}: 'params' must be an object, got {spec['params']!r}")
     try:
-        params = cls.make_params(**spec["params"])
+        params = cls.make_params(**{**cls.legacy_defaults, **spec["params"]})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} has invalid parameters: {e}") from None
     return {**spec, "params": params.to_dict()}  # normalised as patch_model records them (JSON made keys strings)
@@ -513,6 +517,8 @@ def patch_model(model: nn.Module, variant: str, *, layers=None, **params) -> nn.
         "patchattn_version": __version__,
     }
     _check_composition(existing, spec)
+    cls.prepare(model, variant_params, spec["layers"])  # may run the model: after every check
+    spec["params"] = variant_params.to_dict()
     if existing:
         _attach(model, family, spec, len(existing))
         specs = existing + [spec]

@@ -11,43 +11,18 @@ points versus exact attention on the same prompts); the search does not care whi
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import exact_attention
+from .capture import capture_attention_inputs
 from .evaluation import perplexity
 from .patching import patch_model, resolve_family, unpatch_model
 from .tasks import PromptBuilder, check_task, run_tasks
 from .variants import get_variant
-
-_CAPTURE = "patchattn_capture"
-
-
-@contextmanager
-def capture_attention_inputs(model):
-    """Run exact attention while keeping every layer's ``(query, key, value, kwargs)`` (last call per layer)."""
-    resolve_family(model)
-    store: dict[int, tuple] = {}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        store[module.layer_idx] = (query.detach(), key.detach(), value.detach(), attention_mask,
-                                   {k: kwargs[k] for k in ("scaling", "softcap", "sliding_window") if k in kwargs})
-        return exact_attention(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(_CAPTURE, capture)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-    original = model.config._attn_implementation
-    model.set_attn_implementation(_CAPTURE)
-    try:
-        yield store
-    finally:
-        model.set_attn_implementation(original)
 
 
 class _Module:
@@ -64,6 +39,7 @@ class _Module:
 @torch.inference_mode()
 def capture(model, input_ids: torch.Tensor) -> dict[int, tuple]:
     """One exact forward; returns each layer's attention inputs."""
+    resolve_family(model)  # a clear error for an unsupported model before the forward
     with capture_attention_inputs(model) as store:
         model(input_ids=input_ids, logits_to_keep=1)
     return store

@@ -8,15 +8,19 @@ scores the largest such attention mass of its query heads; the top ``fraction`` 
 are kept exact (``exact_kv_heads``) while the others are approximated (DuoAttention, arXiv 2410.10819, learns the
 same split with training).
 
-    heads = patchattn.retrieval_heads(model, 0.25)
+    patchattn.patch_model(model, "hyper")  # retrieval_heads=0.25: the search runs here, its result is saved
+    heads = patchattn.retrieval_heads(model, 0.5)  # or by hand, for any share
     patchattn.patch_model(model, "hyper", exact_kv_heads=heads)
+
+Below patching (variants call it when they are patched), so ``layers`` are layer indices here.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from .patching import parse_layers, resolve_family
-from .planner import capture_attention_inputs
+from .capture import capture_attention_inputs
 
 
 def _copy_task_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
@@ -34,11 +38,15 @@ def retrieval_head_scores(model, *, length: int = 512, seed: int = 0) -> dict[in
     attention mass that a query in the second copy puts on its own token and the next one in the first copy."""
     if length < 2:
         raise ValueError(f"retrieval_head_scores: length must be at least 2 tokens, got {length}")
-    resolve_family(model)
     vocab_size = model.config.get_text_config().vocab_size
     ids = _copy_task_ids(vocab_size, length, seed).to(model.device)
-    with capture_attention_inputs(model) as store:
-        model(ids, use_cache=False, logits_to_keep=1)
+    training = model.training
+    model.eval()  # no dropout in the scores
+    try:
+        with capture_attention_inputs(model) as store:
+            model(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        model.train(training)
     rows = torch.arange(length + 1, 2 * length, device=model.device)  # second-copy queries with a next token
     echo = rows - length
     scores = {}
@@ -57,16 +65,19 @@ def retrieval_head_scores(model, *, length: int = 512, seed: int = 0) -> dict[in
     return scores
 
 
-def retrieval_heads(model, fraction: float = 0.25, *, layers=None, length: int = 512,
+def retrieval_heads(model, fraction: float = 0.25, *, layers: Iterable[int] | None = None, length: int = 512,
                     seed: int = 0) -> dict[int, list[int]]:
-    """The top ``fraction`` of the KV heads of ``layers`` (all by default; the same syntax as ``patch_model``) by
-    :func:`retrieval_head_scores`, as ``{layer: [kv_head, ...]}`` for a prefill variant's ``exact_kv_heads``."""
+    """The top ``fraction`` of the KV heads of ``layers`` (indices; all by default) by :func:`retrieval_head_scores`,
+    as ``{layer: [kv_head, ...]}`` for a prefill variant's ``exact_kv_heads``."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"retrieval_heads: fraction is a share of the KV heads, in [0, 1]; got {fraction}")
     num_layers = model.config.get_text_config().num_hidden_layers
-    chosen_layers = set(parse_layers(layers, num_layers))
-    scores = {layer: s for layer, s in retrieval_head_scores(model, length=length, seed=seed).items()
-              if layer in chosen_layers}
+    chosen_layers = set(range(num_layers) if layers is None else (i % num_layers for i in layers))
+    found = retrieval_head_scores(model, length=length, seed=seed)
+    if chosen_layers - found.keys():
+        raise RuntimeError(f"retrieval_heads: layers {sorted(chosen_layers - found.keys())} ran no exact attention on "
+                           "the copy task (a variant patched there bypasses it); pass exact_kv_heads by hand")
+    scores = {layer: s for layer, s in found.items() if layer in chosen_layers}
     ranked = sorted(((float(s[h]), layer, h) for layer, s in scores.items() for h in range(len(s))), reverse=True)
     keep = round(fraction * len(ranked))
     heads: dict[int, list[int]] = {}

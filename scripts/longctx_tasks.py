@@ -60,7 +60,8 @@ def parse_setting(text: str) -> tuple[str, tuple]:
 @torch.no_grad()
 def kv_bytes(model, tokenizer, context: int) -> int:
     """Bytes of the KV cache a prefill of one ``context``-token prompt leaves (the variant's own cache if it has
-    one): what a cache variant saves, next to its accuracy."""
+    one): what a cache variant saves, next to its accuracy. Run before a setting's tasks too, untimed, so its
+    prefill times do not include compiling its kernels."""
     ids = torch.tensor([PromptBuilder(tokenizer).sample("niah_single", context, 0).input_ids], device=model.device)
     cache = patchattn.generation_cache(model) if patchattn.is_patched(model) else None
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -129,11 +130,14 @@ def main(argv=None) -> None:
                                                                      layers=layers)
             patchattn.patch_model(model, spec[0], layers=layers, **params)
         try:
+            contexts = sorted({int(c) for c in args.contexts.split(",")})
+            cache_bytes = {c: kv_bytes(model, tokenizer, c) for c in contexts}  # also the warm-up
+            if spec is not None:
+                patchattn.attention_paths(model, reset=True)
             rows = run_tasks(model, tokenizer, tasks=args.tasks.split(","),
                              context_lengths=[int(c) for c in args.contexts.split(",")], samples=args.samples,
                              batch_size=args.batch_size, model_name=args.model)
             paths = patchattn.attention_paths(model, reset=True) if spec is not None else {}
-            cache_bytes = {c: kv_bytes(model, tokenizer, c) for c in {r["context"] for r in rows}}
         finally:
             if spec is not None:
                 patchattn.unpatch_model(model)

@@ -11,6 +11,9 @@ file of one run. Tables so far:
 accuracy per task, the mean over tasks, its difference to the setting named ``exact``, the paired counts (samples
 the setting got right and exact wrong / wrong and exact right, from the per-sample ``correct`` lists), the summed
 prefill seconds and the KV cache after one prompt.
+
+``longctx_retrieval_heads``: ``benchmarks/results/longctx_retrieval_heads.json``, the same table for the run that
+measured exact retrieval heads.
 """
 from __future__ import annotations
 
@@ -47,12 +50,24 @@ def _signed(x: float) -> str:
     return f"{0:.1f}" if r == 0 else ("+" if r > 0 else MINUS) + f"{abs(r):.1f}"
 
 
-def render_longctx_tasks(data: dict) -> str:
+#: the same for ``longctx_retrieval_heads.json`` (the run that measured exact retrieval heads, commit 2a7f555)
+RETRIEVAL_HEADS_LABELS = {
+    "exact": "exact (SDPA)",
+    "hyper-rh25": "`hyper`, `retrieval_heads=0.25` (**the default since**)",
+    "hyper-rh50": "`hyper`, `retrieval_heads=0.5`",
+    "hyper-rh25-ms8k": "`hyper`, `retrieval_heads=0.25`, `min_seq_len=8192`",
+    "dhsa-rh25": "`dhsa`, `retrieval_heads=0.25` (**the default since**)",
+    "dhsa-rh50": "`dhsa`, `retrieval_heads=0.5`",
+    "zipcache-pk": "`zipcache`, `probe_kernel=True` (**the default since**)",
+}
+
+
+def render_longctx_tasks(data: dict, labels: dict[str, str] = LONGCTX_LABELS) -> str:
     """The markdown table of a ``scripts/longctx_tasks.py`` results file (``{"rows": [...]}``)."""
     rows = data["rows"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    settings.sort(key=lambda s: list(LONGCTX_LABELS).index(s) if s in LONGCTX_LABELS else len(LONGCTX_LABELS))
+    settings.sort(key=lambda s: list(labels).index(s) if s in labels else len(labels))
     cell = {}
     for r in rows:
         key = (r["setting"], r["task"])
@@ -86,12 +101,16 @@ def render_longctx_tasks(data: dict) -> str:
         prefill = sum(cell[s, t]["prefill_s"] for t in tasks)
         kv = {cell[s, t]["kv_bytes"] for t in tasks}
         kv_text = " / ".join(f"{b / 2**20:.0f} MiB" for b in sorted(kv))
-        lines.append(f"| {LONGCTX_LABELS.get(s, s)} | " + " | ".join(f"{a:.0f}%" for a in accs)
+        lines.append(f"| {labels.get(s, s)} | " + " | ".join(f"{a:.0f}%" for a in accs)
                      + f" | {mean:.1f} | {delta} | {paired} | {prefill:.1f} s | {kv_text} |")
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks)}
+TABLES = {
+    "longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks),
+    "longctx_retrieval_heads": (RESULTS / "longctx_retrieval_heads.json",
+                                lambda data: render_longctx_tasks(data, RETRIEVAL_HEADS_LABELS)),
+}
 
 
 def render(name: str) -> str:

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -37,6 +38,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 import patchattn
 from patchattn.loading import DELTA_FILE
 from patchattn.models.chatglm2 import ChatGLM2ForCausalLM
+from patchattn.patching import read_specs
 
 HYPER = dict(layers="last:2", min_seq_len=16, block_size=8, sample_size=8, exact_tail=0)  # hyper really runs on IDS
 IDS = torch.randint(4, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -117,7 +119,8 @@ def test_full_round_trip(hub, tmp_path):
     assert len(shards) > 1 and "model.safetensors.index.json" in files
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(files)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".py"))]  # no pickle, no remote code
-    assert json.loads(files["config.json"])["patchattn"] == model.config.patchattn
+    uploaded = SimpleNamespace(patchattn=json.loads(files["config.json"])["patchattn"])
+    assert read_specs(uploaded) == model.config.patchattn  # the same spec (JSON turned int keys into strings)
     commits = hub.commits("me/llama-hyper")
     assert len(commits) == 2 and commits[0] == info.oid  # the repo's initial commit + the push
 

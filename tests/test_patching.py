@@ -136,7 +136,8 @@ def test_list_variants_and_families():
     assert hyper["kind"] == "training-free"
     assert {k: p["default"] for k, p in hyper["params"].items()} == {
         "lsh_num_projs": 7, "block_size": 256, "sample_size": 240, "min_seq_len": 4096, "seed": 0,
-        "sink_tokens": 16, "local_window": 0, "center_keys": False, "exact_tail": 256}
+        "sink_tokens": 16, "local_window": 0, "center_keys": False, "exact_tail": 256, "retrieval_heads": 0.25,
+        "exact_kv_heads": None}
     families = {f["name"] for f in patchattn.list_families()}
     assert {"llama", "mistral", "gemma", "gemma2", "gemma3", "qwen", "chatglm2"} <= families
 

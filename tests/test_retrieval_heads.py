@@ -1,13 +1,15 @@
 """Exact KV heads inside an approximate prefill, and the copy-task search that picks them (patchattn.retrieval_heads)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_models import logits, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import patchattn
-from patchattn.attention import exact_attention, split_kv_heads
+from patchattn.attention import EXACT_BACKEND_ATTR, exact_attention, split_kv_heads
 from patchattn.retrieval_heads import _copy_task_ids, retrieval_head_scores
 
 APPROX = {"hyper": dict(min_seq_len=16, block_size=16, sample_size=16, lsh_num_projs=3, exact_tail=0),
@@ -93,7 +95,7 @@ def test_copy_scores_match_the_eager_attention_weights():
 def test_retrieval_heads_keep_the_top_fraction_of_the_chosen_layers():
     model = tiny_model("llama")
     scores = retrieval_head_scores(model, length=32)
-    heads = patchattn.retrieval_heads(model, 0.5, layers="last:2", length=32)
+    heads = patchattn.retrieval_heads(model, 0.5, layers=[2, -1], length=32)
     assert set(heads) <= {2, 3} and sum(map(len, heads.values())) == 2
     kept = [float(scores[layer][h]) for layer, hs in heads.items() for h in hs]
     dropped = [float(scores[layer][h]) for layer in (2, 3) for h in (0, 1) if h not in heads.get(layer, [])]
@@ -102,3 +104,58 @@ def test_retrieval_heads_keep_the_top_fraction_of_the_chosen_layers():
     assert patchattn.retrieval_heads(model, 1.0) == {layer: [0, 1] for layer in range(4)}
     with pytest.raises(ValueError, match="fraction"):
         patchattn.retrieval_heads(model, 1.5)
+
+
+@pytest.mark.parametrize("variant", ["hyper", "dhsa"])
+def test_patch_model_finds_the_heads_once_and_the_checkpoint_keeps_them(variant, tmp_path, monkeypatch):
+    model = tiny_model("qwen2")
+    want = patchattn.retrieval_heads(model, 0.25, layers=[1, 2, 3])
+    assert sum(map(len, want.values())) == 2  # a quarter of 3 layers x 2 KV heads
+    patchattn.patch_model(model, variant, layers="last:3", **APPROX[variant])
+    assert patchattn.patch_specs(model)[0]["params"]["exact_kv_heads"] == want
+    ids = random_ids(1, 80)
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("loading a checkpoint must not search for retrieval heads again")
+
+    monkeypatch.setattr("patchattn.variants.prefill.retrieval_heads", no_search)
+    loaded = patchattn.from_pretrained(tmp_path)
+    assert patchattn.patch_specs(loaded)[0]["params"]["exact_kv_heads"] == want
+    torch.testing.assert_close(logits(loaded, ids), out, atol=0, rtol=0)
+
+
+def test_the_search_runs_on_a_patched_model_and_leaves_its_exact_backend():
+    """Composition: a prefill variant patched over a KV-cache variant finds the same heads as on the original."""
+    model = tiny_model("llama")
+    want = patchattn.retrieval_heads(model, 0.5)
+    patchattn.patch_model(model, "zipcache")
+    patchattn.patch_model(model, "hyper", retrieval_heads=0.5, **APPROX["hyper"])
+    assert patchattn.patch_specs(model)[1]["params"]["exact_kv_heads"] == want
+    assert {m.__dict__.get(EXACT_BACKEND_ATTR) for m in (layer.self_attn for layer in model.model.layers)} == {"sdpa"}
+
+
+def test_paper_preset_approximates_every_head():
+    model = tiny_model("llama")
+    patchattn.patch_model(model, "hyper", preset="paper")
+    params = patchattn.patch_specs(model)[0]["params"]
+    assert params["retrieval_heads"] == 0 and params["exact_kv_heads"] is None
+
+
+def test_a_checkpoint_saved_before_the_search_keeps_approximating_every_head(tmp_path):
+    """A spec without ``retrieval_heads`` predates it: it loads as ``retrieval_heads=0`` (how it ran when saved),
+    not as the new default."""
+    model = tiny_model("llama")
+    patchattn.patch_model(model, "hyper", retrieval_heads=0, **APPROX["hyper"])
+    ids = random_ids(1, 80)
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("retrieval_heads", "exact_kv_heads"):
+        del config["patchattn"][0]["params"][key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = patchattn.from_pretrained(tmp_path)
+    params = patchattn.patch_specs(loaded)[0]["params"]
+    assert params["retrieval_heads"] == 0 and params["exact_kv_heads"] is None
+    torch.testing.assert_close(logits(loaded, ids), out, atol=0, rtol=0)

@@ -162,7 +162,7 @@ def block_tensors(cache):
 def run_both(monkeypatch, model, fn):
     """``fn()`` with the PyTorch probes, then with the probe kernel forced on CPU (kernel calls counted). The decode
     kernel stays off in both (``decode_kernel=False``), so the probes are the only difference."""
-    patchattn.patch_model(model, "zipcache", decode_kernel=False, requant_interval=8)
+    patchattn.patch_model(model, "zipcache", decode_kernel=False, requant_interval=8, probe_kernel=False)
     torch_path = fn()
     patchattn.unpatch_model(model)
     calls = []
@@ -214,13 +214,16 @@ def test_chunked_prefill_with_the_probe_kernel_equals_the_pytorch_probes(monkeyp
         assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
 
-def test_the_probe_kernel_is_opt_in(monkeypatch):
-    """Default zipcache scores its probes with PyTorch even where the kernel could run (``probe_kernel=False``)."""
+@pytest.mark.parametrize("probe_kernel", [True, False])
+def test_probe_kernel_switches_the_probe_path(monkeypatch, probe_kernel):
+    """The default scores the probes with the kernel where it can run; ``probe_kernel=False`` keeps PyTorch."""
     calls = []
     kernel = zipcache_variant.probe_column_scores
     monkeypatch.setattr(ops, "KERNEL_ON_CPU", True)
     monkeypatch.setattr(zipcache_variant, "probe_column_scores", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
-    model = patchattn.patch_model(tiny_model("llama").to(DEV), "zipcache", decode_kernel=False, requant_interval=8)
+    params = {} if probe_kernel else {"probe_kernel": False}
+    model = patchattn.patch_model(tiny_model("llama").to(DEV), "zipcache", decode_kernel=False, requant_interval=8,
+                                  **params)
     ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2)).to(DEV)
     model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert calls == []
+    assert len(calls) == (4 if probe_kernel else 0)  # the prefill's probes, once per full layer

@@ -156,6 +156,10 @@ class Variant(nn.Module):
     #: role promises that ``attention`` computes its core attention with :meth:`inner_attention`
     stacks_over: ClassVar[tuple[str, ...]] = ()
 
+    #: values for parameters a saved spec lacks because it predates them: what reproduces how it ran when it was saved
+    #: (a new default applies to new patches only)
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, params: VariantParams, layer_idx: int):
         super().__init__()
         self.params = params
@@ -226,6 +230,12 @@ class Variant(nn.Module):
 
     # -- training hooks: generic code (patchattn.training, the recipes) calls these through the registry,
     # ``get_variant(name).calibrate(...)``, and never needs to know which variant it trains
+
+    @classmethod
+    def prepare(cls, model: nn.Module, params: VariantParams, layers: list[int]) -> None:
+        """Fill in parameters found on the model being patched (e.g. which heads to keep exact). ``patch_model``
+        calls it before attaching and saves what it set in the spec, so loading a checkpoint never searches again.
+        Default: nothing to find."""
 
     @classmethod
     def calibrate(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:

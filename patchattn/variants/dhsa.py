@@ -20,14 +20,15 @@ import dataclasses
 
 from patchattn.kernels.dhsa import DhsaSettings, dhsa_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill, split_kv_heads
-from .base import PREFILL, Variant, VariantParams, check_heads_fit, normalize_heads, param, register_variant
+from ..attention import exact_attention, exact_tail, long_causal_prefill
+from .base import param, register_variant
+from .prefill import PrefillParams, PrefillVariant
 
 POW2 = (16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclasses.dataclass
-class DhsaParams(VariantParams):
+class DhsaParams(PrefillParams):
     chunk_size: int = param(64, choices=POW2, help="keys per chunk: the unit of selection and of the kernel")
     query_block: int = param(64, choices=POW2, help="queries per block; a block shares one kept set")
     budget_tokens: int = param(2048, low=0, help="keys selected per query block beyond window and sinks "
@@ -39,26 +40,15 @@ class DhsaParams(VariantParams):
     min_seq_len: int = param(4096, low=1, help="prefills of at most this many tokens use exact attention")
     exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a long "
                                            "prompt's question sits; 0 = the paper's method)")
-    exact_kv_heads: dict | None = param(None, help="{layer: [kv_head, ...]} whose query heads are attended exactly "
-                                                   "over the whole prompt (retrieval heads, from "
-                                                   "patchattn.retrieval_heads)")
-
-    def validate(self) -> None:
-        super().validate()
-        self.exact_kv_heads = normalize_heads(self.exact_kv_heads, "dhsa", "exact_kv_heads")
 
 
 @register_variant
-class DynamicHierarchicalSparseAttention(Variant):
+class DynamicHierarchicalSparseAttention(PrefillVariant):
     name = "dhsa"
     description = "DHSA: chunk-scored top-budget key chunks + local window, block-sparse exact attention (prefill)."
     Params = DhsaParams
     attention_function_only = True
-    role = PREFILL
-    presets = {"paper": {"sink_tokens": 0, "exact_tail": 0}}
-
-    def attach(self, attention_module) -> None:
-        check_heads_fit(self.params.exact_kv_heads, attention_module, "dhsa", "exact_kv_heads", kv_heads=True)
+    presets = {"paper": {"sink_tokens": 0, "exact_tail": 0, "retrieval_heads": 0.0}}
 
     def settings(self) -> DhsaSettings:
         p = self.params
@@ -85,7 +75,6 @@ class DynamicHierarchicalSparseAttention(Variant):
         def exact_heads(q, k, v):
             return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
 
-        out = split_kv_heads(query, key, value, self.params.exact_kv_heads.get(self.layer_idx, ()),
-                             approximate=approximate, exact=exact_heads)
+        out = self.split_heads(query, key, value, approximate=approximate, exact=exact_heads)
         return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
                           softcap=softcap).contiguous(), None

@@ -11,12 +11,13 @@ import dataclasses
 
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
-from ..attention import exact_attention, exact_tail, long_causal_prefill, split_kv_heads
-from .base import PREFILL, Variant, VariantParams, check_heads_fit, normalize_heads, param, register_variant
+from ..attention import exact_attention, exact_tail, long_causal_prefill
+from .base import param, register_variant
+from .prefill import PrefillParams, PrefillVariant
 
 
 @dataclasses.dataclass
-class HyperParams(VariantParams):
+class HyperParams(PrefillParams):
     lsh_num_projs: int = param(7, low=1, high=16, help="sign bits of the angular LSH (2^r buckets)")
     block_size: int = param(256, low=1, help="sorted-block size for exact attention inside buckets")
     sample_size: int = param(240, low=0, help="uniformly sampled keys for the residual (0 = none; 240 + 16 sinks "
@@ -29,29 +30,18 @@ class HyperParams(VariantParams):
     center_keys: bool = param(False, help="hash keys after subtracting their mean")
     exact_tail: int = param(256, low=0, help="last queries of a prefill attended exactly over all keys (where a "
                                              "long prompt's question sits; 0 = the paper's method)")
-    exact_kv_heads: dict | None = param(None, help="{layer: [kv_head, ...]} whose query heads are attended exactly "
-                                                   "over the whole prompt (retrieval heads, from "
-                                                   "patchattn.retrieval_heads)")
-
-    def validate(self) -> None:
-        super().validate()
-        self.exact_kv_heads = normalize_heads(self.exact_kv_heads, "hyper", "exact_kv_heads")
 
 
 @register_variant
-class HyperAttention(Variant):
+class HyperAttention(PrefillVariant):
     name = "hyper"
     description = "HyperAttention: LSH-sorted block attention + sampled residual for long causal prefill."
     Params = HyperParams
     attention_function_only = True
-    role = PREFILL
     #: defaults = measured on Qwen2.5-0.5B at 32k (benchmarks/README.md, "Long-context task accuracy"): the sinks cost
     #: no columns (16 + 240 = 256) and took niah_single from 82% to 100%; the exact tail took it from 35% to 85%
     #: before them (benchmarks/results/longctx_tasks_20samples_c28a9b3.json)
-    presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256}}
-
-    def attach(self, attention_module) -> None:
-        check_heads_fit(self.params.exact_kv_heads, attention_module, "hyper", "exact_kv_heads", kv_heads=True)
+    presets = {"paper": {"exact_tail": 0, "sink_tokens": 0, "sample_size": 256, "retrieval_heads": 0.0}}
 
     def settings(self) -> HyperSettings:
         p = self.params
@@ -83,7 +73,6 @@ class HyperAttention(Variant):
         def exact_heads(q, k, v):
             return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
 
-        out = split_kv_heads(query, key, value, self.params.exact_kv_heads.get(self.layer_idx, ()),
-                             approximate=approximate, exact=exact_heads)
+        out = self.split_heads(query, key, value, approximate=approximate, exact=exact_heads)
         return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
                           softcap=softcap).contiguous(), None
