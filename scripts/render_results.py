@@ -13,7 +13,8 @@ the setting got right and exact wrong / wrong and exact right, from the per-samp
 prefill seconds and the KV cache after one prompt.
 
 ``longctx_retrieval_heads``: ``benchmarks/results/longctx_retrieval_heads.json``, the same table for the run that
-measured exact retrieval heads.
+measured exact retrieval heads; ``longctx_defaults``: ``benchmarks/results/longctx_defaults.json``, the run of the
+new defaults.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ RETRIEVAL_HEADS_LABELS = {
     "hyper-rh25-ms8k": "`hyper`, `retrieval_heads=0.25`, `min_seq_len=8192`",
     "dhsa-rh25": "`dhsa`, `retrieval_heads=0.25` (**the default since**)",
     "dhsa-rh50": "`dhsa`, `retrieval_heads=0.5`",
-    "zipcache-pk": "`zipcache`, `probe_kernel=True` (**the default since**)",
+    "zipcache-pk": "`zipcache`, `probe_kernel=True` (the default since; 2-bit values then)",
 }
 
 
@@ -106,8 +107,18 @@ def render_longctx_tasks(data: dict, labels: dict[str, str] = LONGCTX_LABELS) ->
     return "\n".join(lines) + "\n"
 
 
+#: the same for ``longctx_defaults.json`` (the defaults of commit a6fe097 and two ZipCache levers, one run)
+DEFAULTS_LABELS = {
+    "exact": "exact (SDPA)",
+    "hyper-default": "`hyper` **default** (`retrieval_heads=0.25`)",
+    "dhsa-default": "`dhsa` **default** (`retrieval_heads=0.25`)",
+    "zc-lb4": "`zipcache`, `low_bits=4` (**the default since**)",
+    "zc-sr40": "`zipcache`, `salient_ratio=0.4` (2-bit values)",
+}
+
 TABLES = {
     "longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks),
+    "longctx_defaults": (RESULTS / "longctx_defaults.json", lambda data: render_longctx_tasks(data, DEFAULTS_LABELS)),
     "longctx_retrieval_heads": (RESULTS / "longctx_retrieval_heads.json",
                                 lambda data: render_longctx_tasks(data, RETRIEVAL_HEADS_LABELS)),
 }

@@ -204,8 +204,10 @@ def expected_block_bytes(block, hk, d, params):
 
 
 # (parameters, fp16 / nbytes bounds for full layers: above, from the parameter overhead at head_dim 16 with 10-token
-# streaming blocks; below, the codes alone: 16 / 3 bits at 4/2 bits and 50 % salient, 16 / 3.2 for keys at 4 bits)
-SETTINGS = {"4/2, 50 %": ({**PAPER_SETTING, "salient_ratio": 0.5}, 3.3, 16 / 3), "default": ({}, 3.2, 16 / 3.2)}
+# streaming blocks; below, the codes alone: 16 / 3 bits at 4/2 bits and 50 % salient, 16 / 3.2 for keys at 4 bits and
+# 2-bit values, 16 / 4 at 4 bits for everything, the default)
+SETTINGS = {"4/2, 50 %": ({**PAPER_SETTING, "salient_ratio": 0.5}, 3.3, 16 / 3),
+            "values at 2 bits": ({"low_bits": 2}, 3.2, 16 / 3.2), "default": ({}, 2.6, 16 / 4)}
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -215,7 +217,7 @@ def test_generate_uses_the_cache_on_every_family_with_honest_bytes_and_compressi
     model = tiny_model(family)
     x = prompt(200)
     patchattn.patch_model(model, "zipcache", requant_interval=10, **params)
-    out = model.generate(x, max_new_tokens=21, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(x, max_new_tokens=21, min_new_tokens=21, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     assert isinstance(cache, PatchattnCache) and len(zip_layers(cache)) == len(cache.layers)
     assert out.sequences.shape == (1, 221)
