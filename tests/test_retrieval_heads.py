@@ -159,3 +159,13 @@ def test_a_checkpoint_saved_before_the_search_keeps_approximating_every_head(tmp
     params = patchattn.patch_specs(loaded)[0]["params"]
     assert params["retrieval_heads"] == 0 and params["exact_kv_heads"] is None
     torch.testing.assert_close(logits(loaded, ids), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family, full_layers", [("gemma3", {1, 3}), ("gemma2", {1, 3}), ("mistral", set())])
+def test_the_search_spends_the_share_on_full_attention_layers(family, full_layers):
+    """Sliding-window layers keep exact attention over long prompts anyway: the share is of the full layers' heads."""
+    model = tiny_model(family)
+    patchattn.patch_model(model, "hyper")
+    heads = patchattn.patch_specs(model)[0]["params"]["exact_kv_heads"]
+    assert set(heads) <= full_layers
+    assert sum(map(len, heads.values())) == round(0.25 * 2 * len(full_layers))

@@ -39,13 +39,18 @@ class Family:
 
     def layer_types(self, config, num_layers: int) -> list[str]:
         """``full_attention`` / ``sliding_attention`` per layer, as the model will run them."""
-        text = getattr(config, "text_config", None) or config
-        types = getattr(text, "layer_types", None)
-        if types:
-            return list(types)[:num_layers]
-        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
-            return ["sliding_attention"] * num_layers
-        return ["full_attention"] * num_layers
+        return config_layer_types(config, num_layers)
+
+
+def config_layer_types(config, num_layers: int) -> list[str]:
+    """``full_attention`` / ``sliding_attention`` per layer of a supported model's config."""
+    text = getattr(config, "text_config", None) or config
+    types = getattr(text, "layer_types", None)
+    if types:
+        return list(types)[:num_layers]
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return ["sliding_attention"] * num_layers
+    return ["full_attention"] * num_layers
 
 
 def register_family(family: Family) -> Family:

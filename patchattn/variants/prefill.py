@@ -16,6 +16,7 @@ import dataclasses
 import torch.nn as nn
 
 from ..attention import split_kv_heads
+from ..families.base import config_layer_types
 from ..logging_utils import warn_once
 from ..retrieval_heads import retrieval_heads
 from .base import PREFILL, Variant, VariantParams, check_heads_fit, normalize_heads, param
@@ -43,8 +44,12 @@ class PrefillVariant(Variant):
 
     @classmethod
     def prepare(cls, model: nn.Module, params: PrefillParams, layers: list[int]) -> None:
+        """The share is of the full-attention layers' KV heads: sliding-window layers keep exact attention over
+        long prompts anyway (Gemma 2/3's local layers, Mistral's window), so a head kept exact there buys nothing."""
         if params.exact_kv_heads is None and params.retrieval_heads > 0:
-            params.exact_kv_heads = retrieval_heads(model, params.retrieval_heads, layers=layers)
+            types = config_layer_types(model.config, model.config.get_text_config().num_hidden_layers)
+            full = [i for i in layers if types[i] == "full_attention"]
+            params.exact_kv_heads = retrieval_heads(model, params.retrieval_heads, layers=full) if full else {}
 
     def attach(self, attention_module: nn.Module) -> None:
         check_heads_fit(self.params.exact_kv_heads or {}, attention_module, self.name, "exact_kv_heads",
