@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -169,3 +170,13 @@ def test_the_search_spends_the_share_on_full_attention_layers(family, full_layer
     heads = patchattn.patch_specs(model)[0]["params"]["exact_kv_heads"]
     assert set(heads) <= full_layers
     assert sum(map(len, heads.values())) == round(0.25 * 2 * len(full_layers))
+
+
+def test_the_attention_function_path_says_that_no_search_ran(caplog, monkeypatch):
+    """``attn_implementation="patchattn_hyper"`` never sees the whole model: every head is approximated, logged."""
+    monkeypatch.setattr("patchattn.logging_utils._seen", set())
+    model = tiny_model("llama")
+    model.set_attn_implementation("patchattn_hyper")
+    with caplog.at_level(logging.WARNING, logger="patchattn"), torch.no_grad():
+        model(random_ids(1, 4096 + 64))
+    assert caplog.text.count("no retrieval-head search ran") == 1
