@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import exact_attention
+from .attention import EXACT_BACKEND_ATTR, exact_attention
 
 _CAPTURE = "capture_attention_inputs"  # not "patchattn_*": those names are the variants' own
 _ACTIVE: list[Callable] = []
@@ -37,7 +37,9 @@ def capture_attention_inputs(model):
 
     _ACTIVE.append(capture)
     original = model.config._attn_implementation
-    patched = original.startswith("patchattn")  # its dispatcher asks active_capture()
+    # patch_model / from_pretrained set the exact backend on a patched model's layers: its dispatcher asks
+    # active_capture(). Others (incl. attn_implementation="patchattn_<name>", which has no dispatcher) switch over.
+    patched = any(EXACT_BACKEND_ATTR in m.__dict__ for m in model.modules())
     if not patched:
         AttentionInterface.register(_CAPTURE, capture)
         AttentionMaskInterface.register(_CAPTURE, sdpa_mask)

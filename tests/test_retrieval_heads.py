@@ -180,3 +180,12 @@ def test_the_attention_function_path_says_that_no_search_ran(caplog, monkeypatch
     with caplog.at_level(logging.WARNING, logger="patchattn"), torch.no_grad():
         model(random_ids(1, 4096 + 64))
     assert caplog.text.count("no retrieval-head search ran") == 1
+
+
+def test_the_search_runs_on_a_model_with_a_variant_attention_function():
+    """``attn_implementation="patchattn_hyper"`` has no dispatcher to hand layers to the capture: it switches over."""
+    model = tiny_model("llama")
+    want = patchattn.retrieval_heads(model, 0.5)
+    model.set_attn_implementation("patchattn_hyper")
+    assert patchattn.retrieval_heads(model, 0.5) == want
+    assert model.config._attn_implementation == "patchattn_hyper"

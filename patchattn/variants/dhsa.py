@@ -72,9 +72,7 @@ class DynamicHierarchicalSparseAttention(PrefillVariant):
         def approximate(q, k, v):
             return dhsa_attention(q, k, v, scaling, settings, key_valid=key_valid, softcap=softcap)[0].transpose(1, 2)
 
-        def exact_heads(q, k, v):
-            return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
-
-        out = self.split_heads(query, key, value, approximate=approximate, exact=exact_heads)
+        out = self.split_heads(module, query, key, value, attention_mask, approximate=approximate, scaling=scaling,
+                               softcap=softcap)
         return exact_tail(module, out, query, key, value, attention_mask, self.params.exact_tail, scaling=scaling,
                           softcap=softcap).contiguous(), None

@@ -3,11 +3,11 @@
 Measured on Qwen2.5-Coder-0.5B-Instruct at 32k (benchmarks/README.md, "Long-context task accuracy"): approximating
 every head kept single-needle retrieval but lost 9 points on the task mean (multi-key retrieval, variable
 tracking); keeping the quarter of KV heads that copy tokens forward exact (:mod:`patchattn.retrieval_heads`) brought
-``dhsa`` to 0.6 and ``hyper`` to 4 points of exact attention, still prefilling faster. ``patch_model`` runs the
-search (one forward of a 1,024-token copy task) and the spec stores the heads it found, so a saved model loads
-without searching again; ``retrieval_heads=0`` approximates every head (the papers' methods), and so do specs saved
-before the search existed (``legacy_defaults``) and ``attn_implementation="patchattn_<name>"`` (an attention
-function never sees the whole model; logged once).
+``dhsa`` to 0.7 and ``hyper`` to 4 points of exact attention (0.0 and 3.3 in the run of the defaults), still
+prefilling faster. ``patch_model`` runs the search (one forward of a 1,024-token copy task) and the spec stores the
+heads it found, so a saved model loads without searching again; ``retrieval_heads=0`` approximates every head (the
+papers' methods), and so do specs saved before the search existed (``legacy_defaults``) and
+``attn_implementation="patchattn_<name>"`` (an attention function never sees the whole model; logged once).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from ..attention import split_kv_heads
+from ..attention import exact_attention, split_kv_heads
 from ..families.base import config_layer_types
 from ..logging_utils import warn_once
 from ..retrieval_heads import retrieval_heads
@@ -55,11 +55,16 @@ class PrefillVariant(Variant):
         check_heads_fit(self.params.exact_kv_heads or {}, attention_module, self.name, "exact_kv_heads",
                         kv_heads=True)
 
-    def split_heads(self, query, key, value, *, approximate, exact):
-        """``[b, n, h, d]``: this layer's exact KV heads through ``exact``, the others through ``approximate``."""
+    def split_heads(self, module, query, key, value, attention_mask, *, approximate, scaling, softcap):
+        """``[b, n, h, d]``: this layer's exact KV heads through exact attention, the others through
+        ``approximate(q, k, v) -> [b, n, h', d]``."""
         heads = self.params.exact_kv_heads
         if heads is None and self.params.retrieval_heads > 0:
             warn_once(f"{self.name}: no retrieval-head search ran (the variant was not applied by patch_model, e.g. "
                       f"attn_implementation='patchattn_{self.name}'): every head is approximated")
+
+        def exact(q, k, v):
+            return exact_attention(module, q, k, v, attention_mask, scaling=scaling, softcap=softcap)[0]
+
         return split_kv_heads(query, key, value, (heads or {}).get(self.layer_idx, ()), approximate=approximate,
                               exact=exact)

@@ -30,7 +30,7 @@ Defaults are the measured recommendation, not the paper's setting (4/2 bits for 
 ``preset="paper"``): 2-bit *keys* are what hurts perplexity, so ``key_low_bits=4`` keeps every key at 4 bits in
 groups of 128 tokens, 20 % of tokens are salient and ``sink_tokens=1`` keeps the first token in full precision; and
 2-bit *values* are what loses multi-key retrieval, so ``low_bits=4`` keeps every value at 4 bits too (salient and
-regular tokens still get their own ranges). On Qwen2.5-0.5B at 32k (150 task prompts, one H200 run,
+regular tokens still get their own ranges). On Qwen2.5-0.5B at 32k (150 task prompts, two H200 runs,
 benchmarks/README.md) values at 2 bits lost 5.3 points of the task mean at 4.6x compression (20 % salient) or 4.7
 at 4.4x (40 % salient); at 4 bits, 2.7 points at 3.8x. ``low_bits=2`` is the smaller cache, one parameter away.
 
