@@ -74,7 +74,7 @@ def test_all_kv_heads_exact_is_the_original_model(variant, tmp_path):
                                             ({0: "all"}, "list of head indices")])
 def test_bad_exact_kv_heads_are_refused_and_the_model_left_as_it_was(heads, problem):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(ValueError, match=f"^hyper: .*{problem}"):  # names the variant the user asked for
         patchattn.patch_model(model, "hyper", exact_kv_heads=heads)
     assert not patchattn.is_patched(model)
 

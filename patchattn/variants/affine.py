@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import MODIFIER, PREFILL, VariantParams, param, register_variant
-from .gated import HiddenStatesVariant, module_dims
+from .base import MODIFIER, PREFILL, VariantParams, module_dims, param, register_variant
+from .gated import HiddenStatesVariant
 
 
 def linear_clipping(z: torch.Tensor) -> torch.Tensor:

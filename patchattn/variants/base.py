@@ -104,13 +104,20 @@ def normalize_heads(heads, variant: str, name: str) -> dict[int, list[int]]:
     return dict(sorted(out.items()))
 
 
+def module_dims(module: nn.Module) -> tuple[int, int, int]:
+    """``(num_heads, head_dim, hidden_size)`` of a transformers attention module (every supported family)."""
+    config = module.config
+    heads = getattr(module, "num_heads", None) or config.num_attention_heads
+    return int(heads), int(module.head_dim), int(config.hidden_size)
+
+
 def check_heads_fit(heads: dict[int, list[int]], attention_module: nn.Module, variant: str, name: str, *,
                     kv_heads: bool = False) -> None:
     """Raise if a normalised ``{layer: [head, ...]}`` names a layer or a (KV, with ``kv_heads``) head the model
     does not have; variants call it in ``attach``, so a failed patch leaves the model as it was."""
     config = attention_module.config
     num_layers = int(config.num_hidden_layers)
-    num_heads = int(getattr(attention_module, "num_heads", None) or config.num_attention_heads)
+    num_heads = module_dims(attention_module)[0]
     if kv_heads:
         num_heads //= int(getattr(attention_module, "num_key_value_groups", 1))
     bad = [f"layer {layer}" for layer in heads if layer >= num_layers]

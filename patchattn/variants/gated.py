@@ -23,16 +23,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .base import KV_CACHE, MODIFIER, PREFILL, Variant, VariantParams, handoff, param, register_variant
+from .base import KV_CACHE, MODIFIER, PREFILL, Variant, VariantParams, handoff, module_dims, param, register_variant
 
 _HIDDEN_STATES = "hidden_states"
-
-
-def module_dims(module: nn.Module) -> tuple[int, int, int]:
-    """``(num_heads, head_dim, hidden_size)`` of a transformers attention module (every supported family)."""
-    config = module.config
-    heads = getattr(module, "num_heads", None) or config.num_attention_heads
-    return int(heads), int(module.head_dim), int(config.hidden_size)
 
 
 def _reference_parameter(module: nn.Module, own: nn.Module):

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from ..attention import exact_attention
 from .affine import valid_queries
-from .base import REPLACEMENT, VariantParams, param, register_variant
-from .gated import HiddenStatesVariant, module_dims
+from .base import REPLACEMENT, VariantParams, module_dims, param, register_variant
+from .gated import HiddenStatesVariant
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ class PrefillParams(VariantParams):
     def validate(self) -> None:
         super().validate()
         if self.exact_kv_heads is not None:
-            self.exact_kv_heads = normalize_heads(self.exact_kv_heads, "prefill", "exact_kv_heads")
+            self.exact_kv_heads = normalize_heads(self.exact_kv_heads, self.variant_name, "exact_kv_heads")
 
 
 class PrefillVariant(Variant):

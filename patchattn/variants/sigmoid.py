@@ -61,8 +61,8 @@ from patchattn.kernels.sigmoid import kernel_supports, sigmoid_attention, triton
 from ..attention import causal_bool_mask, exact_attention, key_padding_from_mask
 from ..logging_utils import warn_once
 from .affine import valid_queries, visible_keys
-from .base import REPLACEMENT, Variant, VariantParams, param, register_variant
-from .gated import _reference_parameter, module_dims
+from .base import REPLACEMENT, Variant, VariantParams, module_dims, param, register_variant
+from .gated import _reference_parameter
 
 _EPS = 1e-6
 #: send CPU tensors to the Triton kernels too (only under TRITON_INTERPRET=1; see the module docstring)

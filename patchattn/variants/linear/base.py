@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.linear import normalized_gla, normalized_gla_step
-from ..base import REPLACEMENT, VariantParams, handoff, param
-from ..gated import HiddenStatesVariant, module_dims
+from ..base import REPLACEMENT, VariantParams, handoff, module_dims, param
+from ..gated import HiddenStatesVariant
 from .cache import STATE_KEY, LinearStateLayer
 
 State = dict[str, torch.Tensor]
