@@ -3,6 +3,7 @@ generate() on every family (true byte count, compression), 8-bit ≈ exact, stre
 sliding-window bookkeeping identical to transformers', exact attention without a ZipCache layer."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -157,6 +158,22 @@ def test_layer_picks_all_queries_as_probes_at_ratio_one_and_the_last_ones_plus_r
     layer.variant.params = ZipCacheParams(**PAPER_SETTING)  # 5 % + 5 %
     rows = layer.pick_probes(200).tolist()
     assert len(rows) == 20 and rows[-10:] == list(range(190, 200)) and all(r < 190 for r in rows[:10])
+    layer.variant.params = ZipCacheParams(max_probes=40)  # 10 % of 1,000 capped to 40, both kinds alike
+    rows = layer.pick_probes(1000).tolist()
+    assert rows == sorted(set(rows)) and len(rows) == 40 and rows[-20:] == list(range(980, 1000))
+    assert len(layer.pick_probes(400)) == 40 and len(layer.pick_probes(300)) == 30  # the cap, then the ratios
+
+
+def test_a_checkpoint_saved_before_the_probe_cap_loads_uncapped(tmp_path):
+    """A spec without ``max_probes`` probed 10 % of every prompt when saved: it loads as ``max_probes=0``."""
+    model = tiny_model("llama")
+    patchattn.patch_model(model, "zipcache")
+    assert patchattn.patch_specs(model)[0]["params"]["max_probes"] == 4096
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["patchattn"][0]["params"]["max_probes"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert patchattn.patch_specs(patchattn.from_pretrained(tmp_path))[0]["params"]["max_probes"] == 0
 
 
 def test_estimated_saliency_marks_the_tokens_that_get_attention():

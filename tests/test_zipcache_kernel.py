@@ -107,9 +107,25 @@ def test_clear_errors():
                                        scaling=1.0)
 
 
+def test_tiles_span_at_most_two_key_groups(kernel_on_cpu, caplog):
+    """A tile wider than the key groups is refused; groups under 16 tokens take the reference path, said once."""
+    gen = torch.Generator().manual_seed(5)
+    query = randn(1, 4, 1, 32, gen=gen)
+    keys, values = randn(1, 2, 2, 32, gen=gen), randn(1, 2, 2, 32, gen=gen)
+    block = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=16, salient=False)
+    with pytest.raises(ValueError, match=r"block_n \(32\) must be a power of two in \[16, 16\]"):
+        ops.quantized_decode_attention(query, [block], keys, values, scaling=0.2, block_n=32)
+    narrow = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=8, salient=False)
+    ops._log_small_groups_once.cache_clear()
+    with caplog.at_level("WARNING", logger="patchattn"):
+        for _ in range(2):
+            got = ops.quantized_decode_attention(query, [narrow], keys, values, scaling=0.2)
+    assert sum("narrower than the kernel's 16-row tiles" in r.message for r in caplog.records) == 1
+    want = quantized_decode_attention_reference(query, [narrow], keys, values, scaling=0.2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ inside generate()
-
-
 
 
 def generate_both(monkeypatch, model, ids, attention_mask=None, **params):

@@ -8,6 +8,9 @@ is imported: how the tests compare both paths without a GPU), the reference in `
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .. import triton_can_take
@@ -62,36 +65,54 @@ def _check(query, keys, values) -> None:
         raise ValueError("the full-precision keys must hold at least the current token")
 
 
+def _widest_tile(segments) -> int:
+    """The most rows a tile may take so that it spans at most two key groups (the kernel scores both): the
+    smallest group of a key tensor holding more than one, rounded down to a power of two (no limit: 1 << 30)."""
+    groups = [key.group for _, key, *_ in segments if key.codes.shape[2] > key.group]
+    return 1 << (min(groups).bit_length() - 1) if groups else 1 << 30
+
+
 def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, softcap: float | None = None,
-                               block_n: int | None = None, split_len: int | None = None) -> torch.Tensor:
+                               block_n: int | None = None, split_len: int | None = None,
+                               num_warps: int | None = None) -> torch.Tensor:
     """Exact softmax attention of one decode query per sequence over a ZipCache layer: its packed ``blocks`` read
     in place by the kernel, plus the full-precision ``keys``/``values [b, hk, m, d]`` (sinks + recent buffer,
     ``m >= 1``). ``query [b, h, 1, d]``; returns ``[b, 1, h, d]`` in its dtype (float32 accumulation); every key is
-    visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``block_n`` (rows per tile) and ``split_len``
-    (rows per program, a multiple of ``block_n``) default to sizes for the device."""
+    visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``block_n`` (rows per tile, a power of two
+    >= 16 and at most the key group size), ``split_len`` (rows per program, a multiple of ``block_n``) and
+    ``num_warps`` default to sizes for the device. Key groups under 16 tokens (``key_group_size``) take the
+    reference path (logged once)."""
     _check(query, keys, values)
     if not kernel_usable(query):
         return quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling, softcap=softcap)
-    from .triton_decode import launch_finish, launch_segment
-
     b, h, _, d = query.shape
     hk, g = keys.shape[1], h // keys.shape[1]
     segments = [(block.value_scale.contiguous(), *seg) for block in blocks for seg in block_segments(block)]
+    widest = _widest_tile(segments)
     if block_n is None:
-        block_n = 16 if not query.is_cuda else (64 if d <= 128 else 32)  # the interpreter: cross several tiles
+        block_n = min(widest, 64 if query.is_cuda else 16)  # the interpreter: cross several tiles
+        if block_n < 16:
+            _log_small_groups_once(widest)
+            return quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling,
+                                                        softcap=softcap)
+    elif block_n < 16 or block_n & (block_n - 1) or block_n > widest:
+        raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {min(widest, 1 << 30)}] (a tile may "
+                         f"span at most two key groups)")
     if split_len is None:  # even splits over all segments, ~_TARGET_PROGRAMS programs in all
         rows = sum(seg[-1] for seg in segments)
         per_split = -(-rows // max(1, _TARGET_PROGRAMS // (b * hk)))
         split_len = max(1, -(-per_split // block_n)) * block_n
     elif split_len % block_n:
         raise ValueError(f"split_len ({split_len}) must be a multiple of block_n ({block_n})")
+    from .triton_decode import launch_finish, launch_segment
+
     query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
     slots = sum(-(-seg[-1] // split_len) for seg in segments)
     block_g, block_d = (max(16, 1 << (x - 1).bit_length()) for x in (g, d))  # tl.dot needs >= 16 a side
     partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
-    num_warps = 4 if d <= 128 else 8
+    num_warps = num_warps or (4 if d <= 128 else 8)
     split0 = 0
     for scale, key, k_row0, value, v_row0, seg_len in segments:
         launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0,
@@ -99,9 +120,16 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
                        num_warps=num_warps)
         split0 += -(-seg_len // split_len)
     out = torch.empty(b, 1, h, d, device=query.device, dtype=query.dtype)
-    launch_finish(query, keys, values, partials, out, scaling=scaling, softcap=softcap, block_n=block_n,
+    launch_finish(query, keys, values, partials, out, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
                   num_warps=num_warps)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _log_small_groups_once(widest: int) -> None:
+    logging.getLogger("patchattn").warning(
+        "zipcache decode: key groups of %d tokens are narrower than the kernel's 16-row tiles; decoding with the "
+        "reference (dequantise every block) instead. key_group_size >= 16 (or 0) keeps the fused kernel.", widest)
 
 
 def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | None = None,

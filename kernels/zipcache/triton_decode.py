@@ -3,11 +3,14 @@
 A *segment* is a contiguous range of a block's stored rows whose keys come from one channel-wise quantised key
 tensor and whose values from one CSTQuant value tensor (a block stored salient first has two). The grid is
 ``(sequence × KV head, split)``: each program streams its split of the segment once for the whole GQA group (the
-group's queries padded to ``BLOCK_G >= 16`` rows, so both products are ``tl.dot``\\s), unpacking the codes in
-registers (load the byte holding a code, shift, mask), dequantising in float32 (the values' channel scale, a column
-factor, is applied once to the accumulator) and running an online softmax. It writes a partial ``(max, sum,
-accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of the step. Nothing is
-dequantised to memory. ``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same
+group's queries padded to ``BLOCK_G >= 16`` rows, so both products are ``tl.dot``\\s) and runs an online softmax.
+Each byte of codes is loaded once and split in registers; nothing is dequantised: the quantisation parameters move
+to the small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key group (channel-wise keys) and
+``p·v = (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work is the codes' unpacking and
+two matrix products, and the bytes read are the packed codes plus one parameter row per 128 keys or per token (the
+values' channel scale, a column factor, is applied once to the accumulator). It writes a partial ``(max, sum,
+accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of the step.
+``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same
 way and folds every slot in (logsumexp merge), writing the output: one launch per segment, plus one.
 
 Layouts (``Quantized`` in ``patchattn/variants/zipcache.py``): key codes ``[b, hk, n, d·bits/8]``, key zero/step
@@ -31,59 +34,71 @@ def _tanh(x):
 
 
 @triton.jit
-def _unpack(byte_ptrs, mask, shift, BITS: tl.constexpr):
-    """The ``BITS``-bit codes at ``shift`` in the bytes at ``byte_ptrs``, as float32."""
-    packed = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
-    return ((packed >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+def _unpack(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte), ``[BLOCK_N, BLOCK_D]`` int32 in channel
+    order, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products they enter): each
+    byte is loaded once and split in registers (channel ``c`` is code ``c % per`` of byte ``c // per``)."""
+    PER: tl.constexpr = 8 // BITS
+    offs_w = tl.arange(0, BLOCK_D // PER)
+    packed = tl.load(row_ptrs[:, None] + offs_w[None, :], mask=row_mask[:, None] & (offs_w < D // PER)[None, :],
+                     other=0).to(tl.int32)
+    shifts = tl.arange(0, PER) * BITS
+    codes = ((packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+    return tl.reshape(codes, (row_ptrs.shape[0], BLOCK_D))
 
 
 @triton.jit
 def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
-                    scaling, softcap, seg_len, k_row0, v_row0, k_group, v_group, split_len, split0, n_slots, hk, g,
+                    scaling, softcap, seg_len, k_row0, v_row0, k_group, k_groups, v_group, split_len, split0,
+                    n_slots, hk, g,
                     stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcn, stride_kzb, stride_kzh, stride_kzg,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
                     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                    PREC: tl.constexpr):
+                    MMA: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
+    K_HALF: tl.constexpr = 1 << (K_BITS - 1)
+    V_HALF: tl.constexpr = 1 << (V_BITS - 1)
     seq = pid // hk
     kv = pid % hk
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < g)[:, None] & d_mask[None, :], other=0.0)
-    # keys: channel j of a row is code j % per of byte j // per
-    k_per: tl.constexpr = 8 // K_BITS
-    k_byte = offs_d // k_per
-    k_shift = (offs_d % k_per) * K_BITS
+                mask=(offs_g < g)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     kc_base = KC + seq * stride_kcb + kv * stride_kch
-    kz_off = seq * stride_kzb + kv * stride_kzh
-    # values: this head's channels are kv·D .. kv·D + D - 1 of the token's C
-    v_per: tl.constexpr = 8 // V_BITS
+    kz_base = seq * stride_kzb + kv * stride_kzh
+    vc_base = VC + seq * stride_vcb + kv * (D // (8 // V_BITS))  # this head's channels: kv·D .. kv·D + D - 1
+    vz_base = seq * stride_vzb
     chan = kv * D + offs_d
-    v_byte = chan // v_per
-    v_shift = (chan % v_per) * V_BITS
-    v_grp = chan // v_group
-    vc_base = VC + seq * stride_vcb
-    vz_off = seq * stride_vzb
 
     start = split * split_len
     end = tl.minimum(start + split_len, seg_len)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    z_acc = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p · zero, added to every channel at the end
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         r_mask = rows < end
-        tile = r_mask[:, None] & d_mask[None, :]
+        # keys, never dequantised: k = zero[grp] + code · step[grp] per channel, so q·k = (q∘step[grp])·code +
+        # q·zero[grp] (centred codes: zero + half · step); a tile spans at most two key groups (the host keeps
+        # BLOCK_N <= k_group), both are scored
         k_rows = k_row0 + rows
-        k_codes = _unpack(kc_base + k_rows[:, None] * stride_kcn + k_byte[None, :], tile, k_shift[None, :], K_BITS)
-        kz_ptrs = kz_off + (k_rows // k_group)[:, None] * stride_kzg + offs_d[None, :]
-        k = (tl.load(KZ + kz_ptrs, mask=tile, other=0.0).to(tl.float32)
-             + k_codes * tl.load(KS + kz_ptrs, mask=tile, other=0.0).to(tl.float32))
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scaling  # [BLOCK_G, BLOCK_N]
+        codes = _unpack(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D).to(MMA)
+        grp0 = (k_row0 + n0) // k_group
+        grp1 = tl.minimum(grp0 + 1, k_groups - 1)
+        s0 = tl.load(KS + kz_base + grp0 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        z0 = tl.load(KZ + kz_base + grp0 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32) + K_HALF * s0
+        s1 = tl.load(KS + kz_base + grp1 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        z1 = tl.load(KZ + kz_base + grp1 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32) + K_HALF * s1
+        codes_t = tl.trans(codes)
+        score0 = tl.dot((q * s0[None, :]).to(codes.dtype), codes_t, input_precision=PREC)
+        score0 += tl.sum(q * z0[None, :], axis=1)[:, None]
+        score1 = tl.dot((q * s1[None, :]).to(codes.dtype), codes_t, input_precision=PREC)
+        score1 += tl.sum(q * z1[None, :], axis=1)[:, None]
+        s = tl.where((k_rows // k_group == grp0)[None, :], score0, score1) * scaling  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(r_mask[None, :], s, float("-inf"))
@@ -92,20 +107,25 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         alpha = tl.exp(m_i - m_new)
 
         v_rows = v_row0 + rows
-        v_codes = _unpack(vc_base + v_rows[:, None] * stride_vcn + v_byte[None, :], tile, v_shift[None, :], V_BITS)
-        if V_ROWWISE:  # this head's channels share one zero/step per token (the default: one for all C)
-            vz_ptrs = vz_off + v_rows * stride_vzn + (kv * D) // v_group
-            v = (tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-                 + v_codes * tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)[:, None])
-        else:
-            vz_ptrs = vz_off + v_rows[:, None] * stride_vzn + v_grp[None, :]
+        v_codes = _unpack(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D).to(MMA)
+        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + code·step) = (p∘step)·codes + sum_r p·zero
+            vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
+            v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
+            v_zero = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + V_HALF * v_step
+            pv = tl.dot((p * v_step[None, :]).to(v_codes.dtype), v_codes, input_precision=PREC)
+            z_acc = z_acc * alpha + tl.sum(p * v_zero[None, :], axis=1)
+        else:  # groups of channels within a head: dequantise the tile
+            tile = r_mask[:, None] & d_mask[None, :]
+            vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + (chan // v_group)[None, :]
             v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
-                 + v_codes * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
-        # v is still channel-normalised: the channel scale is a column factor, applied once to acc at the end
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+                 + (v_codes.to(tl.float32) + V_HALF) * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
+            pv = tl.dot(p.to(v_codes.dtype), v.to(v_codes.dtype), input_precision=PREC)
+        # still channel-normalised: the channel scale is a column factor, applied once at the end
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    acc = acc * tl.load(VSCALE + seq * stride_vsb + chan, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=d_mask, other=0.0).to(tl.float32)
+    acc = (acc + z_acc[:, None]) * channel_scale[None, :]
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i)
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
@@ -161,6 +181,12 @@ def _finish_kernel(Q, K, V, M, L, ACC, OUT, scaling, softcap, fp_len, n_slots, h
              out.to(OUT.dtype.element_ty), mask=g_mask)
 
 
+def _mma_dtype(dtype: torch.dtype):
+    """The segment kernel's product operands: fp16 for 16-bit inputs (bf16 too: 3 more mantissa bits for q∘step
+    and p∘step, magnitudes fp16 holds), fp32 for fp32."""
+    return tl.float32 if dtype == torch.float32 else tl.float16
+
+
 def _prec(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None  # fp32 inputs: exact dots, no TF32
 
@@ -192,10 +218,11 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
     block_g, block_d = m.shape[2], acc.shape[3]
     _segment_kernel[(b * hk, triton.cdiv(seg_len, split_len))](
         query, kc, kz, ks, vc, vz, vs, value_scale, m, l, acc,
-        scaling, 1.0 if softcap is None else softcap, seg_len, k_row0, v_row0, key.group, value.group, split_len,
-        split0, m.shape[1], hk, h // hk,
+        scaling, 1.0 if softcap is None else softcap, seg_len, k_row0, v_row0, key.group, kz.shape[2], value.group,
+        split_len, split0, m.shape[1], hk, h // hk,
         query.stride(0), query.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kz.stride(0), kz.stride(1), kz.stride(2), vc.stride(0), vc.stride(1),
         vz.stride(0), vz.stride(1), value_scale.stride(0),
         D=d, K_BITS=key.bits, V_BITS=value.bits, V_ROWWISE=value.group % d == 0, BLOCK_D=block_d,
-        BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, PREC=_prec(query.dtype), num_warps=num_warps)
+        BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, MMA=_mma_dtype(query.dtype),
+        PREC=_prec(query.dtype), num_warps=num_warps)

@@ -63,7 +63,8 @@ PENDING_KEY = "zipcache_pending"
 #: measured (8,192 Shakespeare tokens scored in chunks of 100 after a 1k prefill, context 2k): with 2-bit values
 #: (``low_bits=2``) SmolLM2-135M 4.57× at +1.12 % perplexity, Gemma-3-270M 4.49× at +1.27 %; the paper's setting:
 #: +15.1 % / +3.7 %
-PAPER_SETTING = {"low_bits": 2, "key_low_bits": 0, "salient_ratio": 0.6, "key_group_size": 0, "sink_tokens": 0}
+PAPER_SETTING = {"low_bits": 2, "key_low_bits": 0, "salient_ratio": 0.6, "key_group_size": 0, "sink_tokens": 0,
+                 "max_probes": 0}
 
 
 @dataclasses.dataclass
@@ -76,6 +77,9 @@ class ZipCacheParams(VariantParams):
     salient_ratio: float = param(0.2, low=0.0, high=1.0, help="share of each block's tokens kept at high_bits")
     probe_recent_ratio: float = param(0.05, low=0.0, high=1.0, help="last queries of a block used as probes (>= 1)")
     probe_random_ratio: float = param(0.05, low=0.0, high=1.0, help="random earlier queries used as probes")
+    max_probes: int = param(4096, low=0, help="at most this many probes per forward, both kinds scaled down alike "
+                                              "(0 = no cap; 10 % of a 1M-token prompt would cost ~15 % of exact "
+                                              "attention; prompts up to 40k tokens are not capped)")
     requant_interval: int = param(100, low=1, help="decode steps kept in full precision, then quantised as a block")
     key_group_size: int = param(128, low=0, help="tokens sharing one key min/step per channel (0 = the whole block)")
     value_group_size: int = param(0, low=0, help="channels sharing one value min/step per token, over the token's "
@@ -358,8 +362,15 @@ def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, att
     return sums, counts
 
 
-def _probe_count(ratio: float, n: int) -> int:
-    return min(n, round(ratio * n + 1e-9))
+def probe_counts(params: ZipCacheParams, n: int) -> tuple[int, int]:
+    """``(recent, random)`` probes among ``n`` queries: the two ratios of ``n`` (at least one recent), scaled down
+    together to ``max_probes`` in all."""
+    recent = max(1, min(n, round(params.probe_recent_ratio * n + 1e-9)))
+    randoms = min(n - recent, round(params.probe_random_ratio * n + 1e-9))
+    if params.max_probes and recent + randoms > params.max_probes:
+        keep = params.max_probes / (recent + randoms)
+        recent, randoms = max(1, int(recent * keep)), int(randoms * keep)
+    return recent, randoms
 
 
 # --------------------------------------------------------------------------------------------------- cache layer
@@ -544,10 +555,10 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
         return random.Random(p.seed * 1_000_003 + self.variant.layer_idx * 10_007 + self.seen)
 
     def _draw_window_probes(self) -> None:
-        p, n = self.variant.params, self.variant.params.requant_interval
-        recent = max(1, _probe_count(p.probe_recent_ratio, n))
+        n = self.variant.params.requant_interval
+        recent, count = probe_counts(self.variant.params, n)
         earlier = n - recent
-        randoms = self._rng().sample(range(1, earlier + 1), min(earlier, _probe_count(p.probe_random_ratio, n)))
+        randoms = self._rng().sample(range(1, earlier + 1), count)
         self.window_probes = set(randoms) | set(range(earlier + 1, n + 1))
 
     def decode_step_is_probe(self) -> bool:
@@ -555,10 +566,9 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
 
     def pick_probes(self, q_len: int) -> torch.Tensor:
         """Probe query rows of a multi-query forward: the last ``probe_recent_ratio`` (>= 1) + random earlier ones."""
-        p = self.variant.params
-        recent = max(1, _probe_count(p.probe_recent_ratio, q_len))
+        recent, count = probe_counts(self.variant.params, q_len)
         earlier = q_len - recent
-        randoms = sorted(self._rng().sample(range(earlier), min(earlier, _probe_count(p.probe_random_ratio, q_len))))
+        randoms = sorted(self._rng().sample(range(earlier), count))
         return torch.tensor(randoms + list(range(earlier, q_len)), device=self.device)
 
     def record_probes(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
@@ -614,10 +624,11 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
 @register_variant
 class ZipCache(Variant):
     name = "zipcache"
-    description = ("ZipCache: packed mixed-precision KV cache (salient tokens 4-bit, others 2-bit) with "
+    description = ("ZipCache: packed mixed-precision KV cache (salient tokens with their own ranges and bits) with "
                    "probe-estimated normalised attention saliency and streaming re-quantisation.")
     Params = ZipCacheParams
     presets = {"paper": PAPER_SETTING}
+    legacy_defaults = {"max_probes": 0}  # specs saved before the cap probed 10 % of every prompt
     role = KV_CACHE
     #: a prefill approximation under it computes multi-query forwards (its prefill); decode steps, which
     #: prefill approximations run exactly, may take the fused kernel or the eager probe path instead
