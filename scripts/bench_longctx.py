@@ -303,7 +303,20 @@ def run_row(model, config, ids, variant: str, params: dict, args, cuda: bool) ->
 
 # -- output -----------------------------------------------------------------------------------------------------------
 def key(row: dict) -> tuple:
-    return row.get("shape"), row.get("variant"), row.get("n")
+    """A row's identity: shape, variant, length and the parameters it ran with (rows with other --param values are
+    other rows)."""
+    return row.get("shape"), row.get("variant"), row.get("n"), json.dumps(row.get("params") or {}, sort_keys=True)
+
+
+def row_params(variant: str, params: dict[str, dict]) -> dict[str, dict]:
+    """The --param values of ``variant``'s parts that were given (parts without any are left out)."""
+    return {v: params[v] for v in variant.split("+") if params.get(v)}
+
+
+def series_name(row: dict) -> str:
+    """``variant`` plus its non-default parameters, e.g. ``hyper+zipcache (hyper.retrieval_heads=0)``."""
+    extra = ", ".join(f"{v}.{k}={x}" for v, p in (row.get("params") or {}).items() for k, x in p.items())
+    return f"{row['variant']} ({extra})" if extra else row["variant"]
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -332,8 +345,10 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 4 * len(shapes)), squeeze=False)
     for ax_row, shape in zip(axes, shapes):
-        for i, variant in enumerate(VARIANTS + sorted({r["variant"] for r in rows} - set(VARIANTS))):
-            ok = sorted((r for r in rows if r["shape"] == shape and r["variant"] == variant and r["status"] == "ok"),
+        names = sorted({series_name(r) for r in rows},
+                       key=lambda name: (VARIANTS.index(name) if name in VARIANTS else len(VARIANTS), name))
+        for i, variant in enumerate(names):
+            ok = sorted((r for r in rows if r["shape"] == shape and series_name(r) == variant and r["status"] == "ok"),
                         key=lambda r: r["n"])
             if not ok:
                 continue
@@ -406,7 +421,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     skipped: list[str] = []
     for shape in shapes:
-        if all((shape, v, n) in done for n in lens for v in variants):
+        if all(key({"shape": shape, "variant": v, "n": n, "params": row_params(v, params)}) in done
+               for n in lens for v in variants):
             print(f"{shape}: every row in {out} already (--resume)", flush=True)
             continue
         config = make_config(shape, args.tiny)
@@ -418,16 +434,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
             for variant in variants:
                 label = f"{shape} {variant} n={n}"
-                if (shape, variant, n) in done:
+                base = {"shape": shape, "variant": variant, "n": n, "new_tokens": args.new_tokens,
+                        "mlp_chunk": args.mlp_chunk, "weights_gb": round(weights / 2**30, 2),
+                        "params": row_params(variant, params)}
+                if key(base) in done:
                     print(f"  {label}: in {out} already (--resume)", flush=True)
                     continue
                 if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                     skipped.append(label)
                     print(f"budget reached: {label} not run", flush=True)
                     continue
-                base = {"shape": shape, "variant": variant, "n": n, "new_tokens": args.new_tokens,
-                        "mlp_chunk": args.mlp_chunk, "weights_gb": round(weights / 2**30, 2),
-                        "params": {v: params.get(v, {}) for v in variant.split("+") if v != "exact"}}
                 need = predicted_need(config, variant, n + args.new_tokens, weights)
                 if total and need and need > total and not args.no_predict_oom:
                     row = {**base, "status": "oom", "oom_phase": "predicted", "measured": False,
@@ -464,11 +480,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         free(cuda)
     save(out, {**meta, "skipped": skipped}, old, rows)
     print(f"\n{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['date']} | {env['command']}")
-    print(f"{'shape':>5} {'variant':>15} {'n':>8} | {'status':>6} {'prefill s':>9} {'tok/s':>7} {'KV GiB':>7} "
+    print(f"{'shape':>5} {'variant':>40} {'n':>8} | {'status':>6} {'prefill s':>9} {'tok/s':>7} {'KV GiB':>7} "
           f"{'peak GB':>7} {'approx':>6}")
     for r in rows:
         kv = f"{r['kv_bytes'] / 2**30:7.3f}" if r.get("kv_bytes") is not None else f"{'-':>7}"
-        print(f"{r['shape']:>5} {r['variant']:>15} {r['n']:>8} | {r['status']:>6} {r.get('prefill_s')!s:>9} "
+        print(f"{r['shape']:>5} {series_name(r):>40} {r['n']:>8} | {r['status']:>6} {r.get('prefill_s')!s:>9} "
               f"{r.get('decode_tok_s')!s:>7} {kv} {r.get('peak_gb')!s:>7} {r.get('approx_layers')!s:>6}")
     return rows
 

@@ -104,11 +104,18 @@ def test_append_params_and_oom_prediction(tmp_path):
                                                                    ("tiny", "exact", 40), ("tiny", "hyper", 40)]
     assert rows[1]["params"] == {"hyper": {**bench.TINY_PARAMS["hyper"], "sample_size": 4}}
     # --resume: the ok/oom rows the file has are not run again, the others are (the "x" row at n=64 is)
+    same = ["--param", "hyper.sample_size=4", "--out", str(out)]
     rows = bench.main(["--tiny", "--lens", "40,64", "--new-tokens", "2", "--variants", "exact,hyper", "--resume",
-                       "--out", str(out)])
+                       *same])
     assert [(r["variant"], r["n"]) for r in rows] == [("exact", 64), ("hyper", 64)]
     assert len(json.loads(out.read_text())["rows"]) == 5
-    assert bench.main(["--tiny", "--lens", "40,64", "--variants", "exact,hyper", "--resume", "--out", str(out)]) == []
+    assert bench.main(["--tiny", "--lens", "40,64", "--variants", "exact,hyper", "--resume", *same]) == []
+    # other parameters are another row, kept beside the first (the table and the plot name them)
+    rows = bench.main(["--tiny", "--lens", "40", "--new-tokens", "2", "--variants", "hyper", "--resume",
+                       "--param", "hyper.sample_size=8", "--out", str(out)])
+    assert [bench.series_name(r) for r in rows] == ["hyper (hyper.min_seq_len=16, hyper.block_size=8, "
+                                                    "hyper.sample_size=8, hyper.sink_tokens=0, hyper.exact_tail=0)"]
+    assert len(json.loads(out.read_text())["rows"]) == 6
     assert bench.parse_params(["zipcache.decode_kernel=false", "x.y=abc"], False) == {
         "zipcache": {"decode_kernel": False}, "x": {"y": "abc"}}
     config = bench.make_config("8b", False)
