@@ -87,6 +87,35 @@ def test_kernel_matches_reference_at_head_dim_256_with_softcap(kernel_on_cpu, bi
     check(query, blocks, keys, values, scaling=d**-0.5, softcap=10.0, dtype=dtype)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernel_matches_reference_at_a_head_dim_that_is_not_a_power_of_two(kernel_on_cpu, bits):
+    """d = 48 in 64-wide tiles: the bit-plane columns past each row's bytes are masked, none lands on a channel."""
+    gen = torch.Generator().manual_seed(48 + bits)
+    d, hk = 48, 2
+    blocks = [make_block(gen, 1, hk, 40, d, torch.float32, high_bits=8, low_bits=bits, key_group_size=16,
+                         value_group_size=16)]
+    blocks.append(make_block(gen, 1, hk, 30, d, torch.float32, high_bits=bits, low_bits=bits, salient=False))
+    query = randn(1, hk * 3, 1, d, gen=gen)
+    keys, values = randn(1, hk, 2, d, gen=gen), randn(1, hk, 2, d, gen=gen)
+    check(query, blocks, keys, values, scaling=d**-0.5, softcap=None, dtype=torch.float32, block_n=16,
+          split_len=16)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_the_logsumexp_a_probe_step_needs_matches_the_reference(kernel_on_cpu, softcap):
+    gen = torch.Generator().manual_seed(11)
+    blocks = [make_block(gen, 2, 2, 45, 32, torch.float32, key_group_size=16)]
+    query = randn(2, 6, 1, 32, gen=gen) * 2
+    keys, values = randn(2, 2, 4, 32, gen=gen), randn(2, 2, 4, 32, gen=gen)
+    out, lse = ops.quantized_decode_attention(query, blocks, keys, values, scaling=0.2, softcap=softcap,
+                                              return_lse=True, block_n=16, split_len=16)
+    want_out, want_lse = quantized_decode_attention_reference(query, blocks, keys, values, scaling=0.2,
+                                                              softcap=softcap, return_lse=True)
+    assert lse.shape == (2, 6) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+
+
 def test_without_blocks_it_is_attention_over_the_full_precision_tokens(kernel_on_cpu):
     gen = torch.Generator().manual_seed(0)
     query, keys, values = randn(1, 4, 1, 16, gen=gen), randn(1, 2, 5, 16, gen=gen), randn(1, 2, 5, 16, gen=gen)
@@ -150,8 +179,8 @@ def generate_both(monkeypatch, model, ids, attention_mask=None, **params):
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_generate_with_the_kernel_equals_dequantising(monkeypatch, family):
-    """Same greedy tokens, logits and true bytes; every non-probe decode step of every full layer took the kernel
-    (the mask transformers hands a decode step without padding is None)."""
+    """Same greedy tokens, logits and true bytes; every decode step of every full layer took the kernel, probe
+    steps too (the mask transformers hands a decode step without padding is None)."""
     model = MODELS[family]().to(DEV)
     ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
     torch_path, fused, calls = generate_both(monkeypatch, model, ids, requant_interval=5, sink_tokens=1)
@@ -161,10 +190,26 @@ def test_generate_with_the_kernel_equals_dequantising(monkeypatch, family):
     full = [layer for layer in fused.past_key_values.layers if not layer.is_sliding]
     assert full and [layer.nbytes() for layer in fused.past_key_values.layers] == [
         layer.nbytes() for layer in torch_path.past_key_values.layers]
-    # 11 decode steps in windows of 5; the probes are each window's last step (5 % random probes of 5 round to none)
-    probes = sum(1 for step in range(1, 12) if step % 5 == 0)
-    assert calls == (11 - probes) * len(full)
+    assert calls == 11 * len(full)  # 11 decode steps (each window's last one a probe)
     assert all(isinstance(layer, ZipCacheLayer) for layer in full)
+
+
+def test_probe_steps_on_the_kernel_pick_the_salient_tokens_the_eager_steps_pick(monkeypatch):
+    """Decode probes scored from the kernel's logsumexp: the same statistics as the eager row, so every block of
+    decoded tokens marks the same tokens salient (60 % random probes per window: most steps are probes)."""
+    model = tiny_model("llama").to(DEV)
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3)).to(DEV)
+    torch_path, fused, calls = generate_both(monkeypatch, model, ids, requant_interval=5, probe_random_ratio=0.6)
+    assert torch.equal(fused.sequences, torch_path.sequences) and calls
+    decoded = 0
+    for a, b in zip(fused.past_key_values.layers, torch_path.past_key_values.layers):
+        assert len(a.blocks) == len(b.blocks) > 1
+        for x, y in zip(a.blocks[1:], b.blocks[1:]):  # the blocks after the prefill's
+            assert x.bitmap is not None and torch.equal(x.bitmap, y.bitmap)
+            decoded += 1
+    assert decoded
+    last = fused.past_key_values.layers[0]
+    torch.testing.assert_close(last.score_sums, torch_path.past_key_values.layers[0].score_sums, atol=1e-5, rtol=1e-4)
 
 
 def test_left_padding_falls_back_to_dequantising(monkeypatch):

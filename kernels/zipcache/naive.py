@@ -6,7 +6,7 @@ One decode step over a ZipCache layer (:func:`quantized_decode_attention_referen
 ``QuantizedBlock``s, ``keys``/``values [b, hk, m, d]``: its full-precision tokens (sinks + recent buffer). Every
 block is dequantised as stored (salient first: with every key visible the order does not matter) in float32, and
 attention is a plain softmax over all keys. Returns ``[b, 1, h, d]`` (transformers' attention-output layout) in the
-query's dtype.
+query's dtype, with ``return_lse`` also each query head's logsumexp ``[b, h]`` in float32.
 
 The prefill saliency probes (:func:`probe_scores_reference`, causal only): see its docstring.
 """
@@ -16,7 +16,7 @@ import torch
 
 
 def quantized_decode_attention_reference(query, blocks, keys, values, *, scaling: float,
-                                         softcap: float | None = None) -> torch.Tensor:
+                                         softcap: float | None = None, return_lse: bool = False):
     parts = [block.dequantize(torch.float32, in_order=False) for block in blocks]
     k = torch.cat([pk for pk, _ in parts] + [keys.float()], dim=2)
     v = torch.cat([pv for _, pv in parts] + [values.float()], dim=2)
@@ -25,8 +25,8 @@ def quantized_decode_attention_reference(query, blocks, keys, values, *, scaling
     scores = query.float().reshape(b, hk, h // hk, d) @ k.transpose(-1, -2) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    out = torch.softmax(scores, dim=-1) @ v  # [b, hk, g, d]
-    return out.reshape(b, 1, h, -1).to(query.dtype)
+    out = (torch.softmax(scores, dim=-1) @ v).reshape(b, 1, h, -1).to(query.dtype)  # from [b, hk, g, d]
+    return (out, torch.logsumexp(scores, dim=-1).reshape(b, h)) if return_lse else out
 
 
 def causal_probe_counts(rows: torch.Tensor, q_len: int, k_len: int, columns: int, group: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .naive import causal_probe_counts, probe_scores_reference, quantized_decode
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TARGET_PROGRAMS = 264  # about two per H200 multiprocessor
+_TARGET_PROGRAMS = 1056  # about eight per H200 multiprocessor: 264 left the GPU a third empty (ncu, 131k, b=1)
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
@@ -74,17 +74,20 @@ def _widest_tile(segments) -> int:
 
 def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, softcap: float | None = None,
                                block_n: int | None = None, split_len: int | None = None,
-                               num_warps: int | None = None) -> torch.Tensor:
+                               num_warps: int | None = None, return_lse: bool = False):
     """Exact softmax attention of one decode query per sequence over a ZipCache layer: its packed ``blocks`` read
     in place by the kernel, plus the full-precision ``keys``/``values [b, hk, m, d]`` (sinks + recent buffer,
     ``m >= 1``). ``query [b, h, 1, d]``; returns ``[b, 1, h, d]`` in its dtype (float32 accumulation); every key is
-    visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``block_n`` (rows per tile, a power of two
-    >= 16 and at most the key group size), ``split_len`` (rows per program, a multiple of ``block_n``) and
-    ``num_warps`` default to sizes for the device. Key groups under 16 tokens (``key_group_size``) take the
-    reference path (logged once)."""
+    visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``return_lse``: also each query head's
+    logsumexp ``[b, h]`` float32 (the softmax's normaliser: a probe step scores its own tokens with it).
+    ``block_n`` (rows per tile, a power of two >= 16 and at most the key group size), ``split_len`` (rows per
+    program, a multiple of ``block_n``) and ``num_warps`` default to sizes for the device. Key groups under 16 tokens
+    (``key_group_size``) take the reference path (logged once)."""
     _check(query, keys, values)
+    reference = functools.partial(quantized_decode_attention_reference, query, blocks, keys, values, scaling=scaling,
+                                  softcap=softcap, return_lse=return_lse)
     if not kernel_usable(query):
-        return quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling, softcap=softcap)
+        return reference()
     b, h, _, d = query.shape
     hk, g = keys.shape[1], h // keys.shape[1]
     segments = [(block.value_scale.contiguous(), *seg) for block in blocks for seg in block_segments(block)]
@@ -93,8 +96,7 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
         block_n = min(widest, 64 if query.is_cuda else 16)  # the interpreter: cross several tiles
         if block_n < 16:
             _log_small_groups_once(widest)
-            return quantized_decode_attention_reference(query, blocks, keys, values, scaling=scaling,
-                                                        softcap=softcap)
+            return reference()
     elif block_n < 16 or block_n & (block_n - 1) or block_n > widest:
         raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {min(widest, 1 << 30)}] (a tile may "
                          f"span at most two key groups)")
@@ -120,9 +122,10 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
                        num_warps=num_warps)
         split0 += -(-seg_len // split_len)
     out = torch.empty(b, 1, h, d, device=query.device, dtype=query.dtype)
-    launch_finish(query, keys, values, partials, out, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
+    lse = torch.empty(b, h, device=query.device, dtype=torch.float32) if return_lse else None
+    launch_finish(query, keys, values, partials, out, lse, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
                   num_warps=num_warps)
-    return out
+    return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=1)

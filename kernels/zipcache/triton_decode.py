@@ -4,14 +4,16 @@ A *segment* is a contiguous range of a block's stored rows whose keys come from 
 tensor and whose values from one CSTQuant value tensor (a block stored salient first has two). The grid is
 ``(sequence × KV head, split)``: each program streams its split of the segment once for the whole GQA group (the
 group's queries padded to ``BLOCK_G >= 16`` rows, so both products are ``tl.dot``\\s) and runs an online softmax.
-Each byte of codes is loaded once and split in registers; nothing is dequantised: the quantisation parameters move
-to the small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key group (channel-wise keys) and
-``p·v = (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work is the codes' unpacking and
-two matrix products, and the bytes read are the packed codes plus one parameter row per 128 keys or per token (the
-values' channel scale, a column factor, is applied once to the accumulator). It writes a partial ``(max, sum,
-accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of the step.
-``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same
-way and folds every slot in (logsumexp merge), writing the output: one launch per segment, plus one.
+A tile of codes is a few contiguous loads of its rows' bytes, one per bit plane (:func:`_plane_order`: columns in
+bit-plane order; the query, the parameters and the output follow it), split in registers. Nothing is dequantised:
+the quantisation parameters move to the small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key
+group (channel-wise keys) and ``p·v = (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work
+is the unpacking and two matrix products, and the bytes read are the packed codes plus one parameter row per 128
+keys or per token (the values' channel scale, a column factor, is applied once to the accumulator). It writes a
+partial ``(max, sum, accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of
+the step. ``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same way and folds
+every slot in (logsumexp merge), writing the output (and, for probe steps, each query's logsumexp): one launch per
+segment, plus one.
 
 Layouts (``Quantized`` in ``patchattn/variants/zipcache.py``): key codes ``[b, hk, n, d·bits/8]``, key zero/step
 ``[b, hk, G, 1, d]`` (row ``r`` of the key tensor uses group ``r // k_group``); value codes ``[b, n, C·bits/8]`` with
@@ -34,17 +36,26 @@ def _tanh(x):
 
 
 @triton.jit
-def _unpack(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
-    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte), ``[BLOCK_N, BLOCK_D]`` int32 in channel
-    order, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products they enter): each
-    byte is loaded once and split in registers (channel ``c`` is code ``c % per`` of byte ``c // per``)."""
+def _plane_order(BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """The tile's column order for ``BITS``-bit codes: ``(channel, valid)`` per column. Columns are bit-plane major
+    (column ``m`` holds code ``m // W`` of byte ``m % W`` of the row, ``W = BLOCK_D // per``), so a tile is ``per``
+    contiguous loads of the row's bytes with a shift each and no shuffle; the channel it holds is ``(m % W)·per +
+    m // W``. Dot products do not care about channel order: the query, the parameters and the output follow it."""
     PER: tl.constexpr = 8 // BITS
-    offs_w = tl.arange(0, BLOCK_D // PER)
-    packed = tl.load(row_ptrs[:, None] + offs_w[None, :], mask=row_mask[:, None] & (offs_w < D // PER)[None, :],
-                     other=0).to(tl.int32)
-    shifts = tl.arange(0, PER) * BITS
-    codes = ((packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    return tl.reshape(codes, (row_ptrs.shape[0], BLOCK_D))
+    W: tl.constexpr = BLOCK_D // PER
+    m = tl.arange(0, BLOCK_D)
+    return (m % W) * PER + m // W, (m % W) < D // PER
+
+
+@triton.jit
+def _unpack(row_ptrs, row_mask, col_ok, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte), ``[BLOCK_N, BLOCK_D]`` int32 in
+    :func:`_plane_order`, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products
+    they enter)."""
+    W: tl.constexpr = BLOCK_D // (8 // BITS)
+    m = tl.arange(0, BLOCK_D)
+    packed = tl.load(row_ptrs[:, None] + (m % W)[None, :], mask=row_mask[:, None] & col_ok[None, :], other=0)
+    return ((packed.to(tl.int32) >> ((m // W) * BITS)[None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
 
 
 @triton.jit
@@ -63,15 +74,15 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     seq = pid // hk
     kv = pid % hk
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < g)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    k_chan, k_ok = _plane_order(K_BITS, BLOCK_D, D)  # key columns: the query and key parameters follow them
+    v_chan, v_ok = _plane_order(V_BITS, BLOCK_D, D)  # value columns: the accumulator follows them
+    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + k_chan[None, :],
+                mask=(offs_g < g)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     kc_base = KC + seq * stride_kcb + kv * stride_kch
-    kz_base = seq * stride_kzb + kv * stride_kzh
+    kz_base = seq * stride_kzb + kv * stride_kzh + k_chan
     vc_base = VC + seq * stride_vcb + kv * (D // (8 // V_BITS))  # this head's channels: kv·D .. kv·D + D - 1
     vz_base = seq * stride_vzb
-    chan = kv * D + offs_d
+    chan = kv * D + v_chan
 
     start = split * split_len
     end = tl.minimum(start + split_len, seg_len)
@@ -86,17 +97,17 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         # q·zero[grp] (centred codes: zero + half · step); a tile spans at most two key groups (the host keeps
         # BLOCK_N <= k_group), both are scored
         k_rows = k_row0 + rows
-        codes = _unpack(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D).to(MMA)
+        codes = _unpack(kc_base + k_rows * stride_kcn, r_mask, k_ok, K_BITS, BLOCK_D).to(MMA)
         grp0 = (k_row0 + n0) // k_group
         grp1 = tl.minimum(grp0 + 1, k_groups - 1)
-        s0 = tl.load(KS + kz_base + grp0 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        z0 = tl.load(KZ + kz_base + grp0 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32) + K_HALF * s0
-        s1 = tl.load(KS + kz_base + grp1 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        z1 = tl.load(KZ + kz_base + grp1 * stride_kzg + offs_d, mask=d_mask, other=0.0).to(tl.float32) + K_HALF * s1
+        s0 = tl.load(KS + kz_base + grp0 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32)
+        z0 = tl.load(KZ + kz_base + grp0 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32) + K_HALF * s0
+        s1 = tl.load(KS + kz_base + grp1 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32)
+        z1 = tl.load(KZ + kz_base + grp1 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32) + K_HALF * s1
         codes_t = tl.trans(codes)
-        score0 = tl.dot((q * s0[None, :]).to(codes.dtype), codes_t, input_precision=PREC)
+        score0 = tl.dot((q * s0[None, :]).to(MMA), codes_t, input_precision=PREC)
         score0 += tl.sum(q * z0[None, :], axis=1)[:, None]
-        score1 = tl.dot((q * s1[None, :]).to(codes.dtype), codes_t, input_precision=PREC)
+        score1 = tl.dot((q * s1[None, :]).to(MMA), codes_t, input_precision=PREC)
         score1 += tl.sum(q * z1[None, :], axis=1)[:, None]
         s = tl.where((k_rows // k_group == grp0)[None, :], score0, score1) * scaling  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
@@ -107,37 +118,38 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         alpha = tl.exp(m_i - m_new)
 
         v_rows = v_row0 + rows
-        v_codes = _unpack(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D).to(MMA)
+        v_codes = _unpack(vc_base + v_rows * stride_vcn, r_mask, v_ok, V_BITS, BLOCK_D).to(MMA)
         if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + code·step) = (p∘step)·codes + sum_r p·zero
             vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
             v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
             v_zero = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + V_HALF * v_step
-            pv = tl.dot((p * v_step[None, :]).to(v_codes.dtype), v_codes, input_precision=PREC)
+            pv = tl.dot((p * v_step[None, :]).to(MMA), v_codes, input_precision=PREC)
             z_acc = z_acc * alpha + tl.sum(p * v_zero[None, :], axis=1)
         else:  # groups of channels within a head: dequantise the tile
-            tile = r_mask[:, None] & d_mask[None, :]
+            tile = r_mask[:, None] & v_ok[None, :]
             vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + (chan // v_group)[None, :]
             v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
                  + (v_codes.to(tl.float32) + V_HALF) * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
-            pv = tl.dot(p.to(v_codes.dtype), v.to(v_codes.dtype), input_precision=PREC)
+            pv = tl.dot(p.to(MMA), v.to(MMA), input_precision=PREC)
         # still channel-normalised: the channel scale is a column factor, applied once at the end
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=d_mask, other=0.0).to(tl.float32)
+    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=v_ok, other=0.0).to(tl.float32)
     acc = (acc + z_acc[:, None]) * channel_scale[None, :]
     slot = pid * n_slots + split0 + split
+    offs_g = tl.arange(0, BLOCK_G)
     tl.store(M + slot * BLOCK_G + offs_g, m_i)
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
-    tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + v_chan[None, :], acc, mask=v_ok[None, :])
 
 
 @triton.jit
-def _finish_kernel(Q, K, V, M, L, ACC, OUT, scaling, softcap, fp_len, n_slots, hk, g,
+def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slots, hk, g,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+                   SOFTCAP: tl.constexpr, WRITE_LSE: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)  # = sequence * hk + KV head
     seq = pid // hk
     kv = pid % hk
@@ -177,6 +189,8 @@ def _finish_kernel(Q, K, V, M, L, ACC, OUT, scaling, softcap, fp_len, n_slots, h
         l_i = l_i * alpha + tl.load(L + slot * BLOCK_G + offs_g) * beta
         m_i = m_new
     out = acc / l_i[:, None]
+    if WRITE_LSE:  # [b, h]: the softmax's log-normaliser per query head
+        tl.store(LSE + seq * hk * g + kv * g + offs_g, m_i + tl.log(l_i), mask=offs_g < g)
     tl.store(OUT + seq * stride_ob + (kv * g + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=g_mask)
 
@@ -191,18 +205,20 @@ def _prec(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None  # fp32 inputs: exact dots, no TF32
 
 
-def launch_finish(query, keys, values, partials, out, *, scaling: float, softcap: float | None, block_n: int,
+def launch_finish(query, keys, values, partials, out, lse, *, scaling: float, softcap: float | None, block_n: int,
                   num_warps: int) -> None:
-    """``out [b, 1, h, d]`` from the full-precision ``keys``/``values`` and every slot of ``partials``."""
+    """``out [b, 1, h, d]`` from the full-precision ``keys``/``values`` and every slot of ``partials``; each query
+    head's logsumexp into ``lse [b, h]`` (float32) unless it is None."""
     m, l, acc = partials
     b, h, _, d = query.shape
     hk = keys.shape[1]
     _finish_kernel[(b * hk,)](
-        query, keys, values, m, l, acc, out, scaling, 1.0 if softcap is None else softcap, keys.shape[2],
-        m.shape[1], hk, h // hk, query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(2),
+        query, keys, values, m, l, acc, out, out if lse is None else lse, scaling,
+        1.0 if softcap is None else softcap, keys.shape[2], m.shape[1], hk, h // hk, query.stride(0), query.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        out.stride(0), out.stride(2),
         D=d, BLOCK_D=acc.shape[3], BLOCK_G=m.shape[2], BLOCK_N=block_n, SOFTCAP=softcap is not None,
-        PREC=_prec(query.dtype), num_warps=num_warps)
+        WRITE_LSE=lse is not None, PREC=_prec(query.dtype), num_warps=num_warps)
 
 
 def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_row0: int, v_row0: int,

@@ -16,15 +16,17 @@ is ever built.
 When: a forward with several queries (a prefill, or a chunk over a non-empty cache) is attended in full precision
 and quantised right after. Decoded tokens stay in a full-precision recent buffer; every ``requant_interval`` decode
 steps the buffer is quantised as one block (streaming). The window's probe steps (its last 5 % and a random 5 % by
-default, drawn when the window opens) record their attention rows as they run (one eager step each), so the fused
-path is kept on the other 90 % of steps. Attention sees the dequantised past + the full-precision recent tokens.
+default, drawn when the window opens) record their attention rows over the buffer as they run. Attention sees the
+dequantised past + the full-precision recent tokens.
 
-Decode (``decode_kernel``, on by default): on the other steps of full layers the blocks are not dequantised at all.
+Decode (``decode_kernel``, on by default): on decode steps of full layers the blocks are not dequantised at all.
 ``update`` hands transformers only the full-precision tokens (sinks + recent buffer) and the variant's attention
 runs a fused Triton kernel (``patchattn.kernels.zipcache``) that reads the packed codes in place, merged with those
 tokens into the exact softmax over every key. It needs CUDA (or the kernel's ``KERNEL_ON_CPU`` switch) and no mask:
 with a padding mask, ``output_attentions`` or attention dropout the step dequantises the blocks as before (logged
-once). Probe steps, multi-query forwards and sliding layers always dequantise.
+once). A probe step takes the kernel too and scores the buffer's tokens with the logsumexp it returns (before, an
+eager step dequantised every block: ~1 s per probe step at 1M tokens). Multi-query forwards and sliding layers
+always dequantise.
 
 Defaults are the measured recommendation, not the paper's setting (4/2 bits for keys and values, 60 % salient,
 ``preset="paper"``): 2-bit *keys* are what hurts perplexity, so ``key_low_bits=4`` keeps every key at 4 bits in
@@ -362,6 +364,21 @@ def probe_scores(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, att
     return sums, counts
 
 
+def decode_probe_scores(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, columns: int, *, scaling: float,
+                        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode probe's :func:`column_scores` on the last ``columns`` of the full-precision ``key [b, hk, m, d]``
+    without the rest of its row: each probability is ``exp(score - lse)``, with ``lse [b, h]`` the logsumexp over
+    every key the query saw (the fused kernel's, blocks included)."""
+    b, h, _, d = query.shape
+    hk = key.shape[1]
+    recent = key[:, :, key.shape[2] - columns:].float()
+    scores = query.float().view(b, hk, h // hk, d) @ recent.transpose(-1, -2) * scaling  # [b, hk, g, columns]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.exp(scores - lse.view(b, hk, h // hk, 1)).unsqueeze(3)  # one probe row: [b, hk, g, 1, columns]
+    return column_scores(probs, torch.ones(1, 1, 1, 1, columns, dtype=torch.bool, device=query.device), columns)
+
+
 def probe_counts(params: ZipCacheParams, n: int) -> tuple[int, int]:
     """``(recent, random)`` probes among ``n`` queries: the two ratios of ``n`` (at least one recent), scaled down
     together to ``max_probes`` in all."""
@@ -446,12 +463,12 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
             if self.window_steps == 0:
                 self._draw_window_probes()
             self.window_steps += 1
-        # Non-probe decode steps of full layers leave the blocks packed where the fused kernel can read them: only
-        # the full-precision tokens go back (the variant attends the blocks, or dequantises them after all when a
-        # mask or the weights are needed). The mask sizes still count every token.
+        # Decode steps of full layers leave the blocks packed where the fused kernel can read them: only the
+        # full-precision tokens go back (the variant attends the blocks, or dequantises them after all when a mask
+        # or the weights are needed; a probe step scores its own tokens with the kernel's logsumexp). The mask sizes
+        # still count every token.
         self.deferred = (q_len == 1 and self.sliding_window is None and bool(self.blocks)
-                         and not self.decode_step_is_probe() and self.variant.params.decode_kernel
-                         and kernel_usable(key_states))
+                         and self.variant.params.decode_kernel and kernel_usable(key_states))
         # Other decode steps of full layers take blocks as stored (salient first): attention does not care about the
         # order of keys that are all visible (the variant restores token order where a mask exists). Saves a gather
         # and the bitmap decoding per block and step.
@@ -660,7 +677,14 @@ class ZipCache(Variant):
         layer.pending_key = None
         if layer.deferred:
             if attention_mask is None and not kwargs.get("output_attentions") and not (dropout and module.training):
-                out = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling, softcap=softcap)
+                if not layer.decode_step_is_probe():
+                    out = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling,
+                                                     softcap=softcap)
+                else:  # the probe's row over the buffer: exp(score - logsumexp over every key)
+                    out, lse = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling,
+                                                          softcap=softcap, return_lse=True)
+                    layer.record_probes(*decode_probe_scores(query, key, lse, layer.recent_length, scaling=scaling,
+                                                             softcap=softcap))
                 layer.after_attention(1)
                 return out, None
             warn_once("zipcache: a decode step with a padding mask, returned attention weights or attention dropout "
