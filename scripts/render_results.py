@@ -15,6 +15,10 @@ prefill seconds and the KV cache after one prompt.
 ``longctx_retrieval_heads``: ``benchmarks/results/longctx_retrieval_heads.json``, the same table for the run that
 measured exact retrieval heads; ``longctx_defaults``: ``benchmarks/results/longctx_defaults.json``, the run of the
 new defaults.
+
+``longctx_e2e``: ``benchmarks/results/longctx_e2e.json`` (``scripts/bench_longctx.py``), the long-context job;
+``zipcache_kernel``: ``benchmarks/results/zipcache_kernel_h200.json`` (``scripts/bench_zipcache_kernel.py``), one
+ZipCache decode attention vs bf16 SDPA.
 """
 from __future__ import annotations
 
@@ -116,7 +120,52 @@ DEFAULTS_LABELS = {
     "zc-sr40": "`zipcache`, `salient_ratio=0.4` (2-bit values)",
 }
 
+#: bench_longctx.py's variants in the README's row order
+E2E_ORDER = ["exact", "hyper", "dhsa", "zipcache", "hyper+zipcache", "dhsa+zipcache"]
+
+
+def render_longctx_e2e(data: dict) -> str:
+    """``benchmarks/results/longctx_e2e.json`` (``scripts/bench_longctx.py``): one row per shape, prompt length and
+    variant (with the parameters it ran with), in that order."""
+    def order(r):
+        v = r["variant"]
+        return r["shape"], r["n"], E2E_ORDER.index(v) if v in E2E_ORDER else len(E2E_ORDER), v
+    lines = ["| shape | prompt | variant | status | prefill | decode | KV cache (bf16 would be) | peak | approximated "
+             "layers | commit |", "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(data["rows"], key=order):
+        params = ", ".join(f"{v}.{k}={x}" for v, p in (r.get("params") or {}).items() for k, x in p.items())
+        variant = f"`{r['variant']}`" + (f" ({params})" if params else "")
+        status = r["status"] + (f" ({r['oom_phase']})" if r.get("oom_phase") else "")
+        ok = r["status"] == "ok"
+        kv = (f"{r['kv_bytes'] / 2**30:.2f} GiB" if ok else DASH) + f" ({r['kv_bytes_full'] / 2**30:.1f} GiB)"
+        speed = f"{r['prefill_s']:.1f} s | {r['decode_tok_s']:.1f} tok/s" if ok else f"{DASH} | {DASH}"
+        memory = f"{r['peak_gb']:.1f} GB | {r['approx_layers']}" if ok else f"{DASH} | {DASH}"
+        lines.append(f"| {r['shape'].upper()} | {r['n']:,} | {variant} | {status} | {speed} | {kv} | {memory} | "
+                     f"{r.get('commit', DASH)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_zipcache_kernel(data: dict) -> str:
+    """``benchmarks/results/zipcache_kernel_h200.json`` (``scripts/bench_zipcache_kernel.py``): per case the CUDA-graph
+    times (GPU alone) of bf16 SDPA and the fused kernel, the speed-up, the bytes read per second, and the eager
+    time (host launch overhead included)."""
+    lines = ["| batch | context | setting | bf16 SDPA (KV) | fused kernel (KV) | fused vs SDPA | fused GB/s | fused, "
+             "eager | kernel error |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['context']:,} | {r['setting']} | {r['error'][:60]} |"
+                         + " |" * 5)
+            continue
+        sdpa = f"{r['sdpa_graph_ms']:.3f} ms ({r['sdpa_bytes'] / 2**20:.0f} MiB)"
+        fused = f"{r['fused_graph_ms']:.3f} ms ({r['fused_bytes'] / 2**20:.0f} MiB)"
+        lines.append(f"| {r['batch']} | {r['context']:,} | {r['setting']} | {sdpa} | {fused} | "
+                     f"**{r['fused_graph_speedup']:.2f}×** | {r['fused_graph_gbs']:.0f} | {r['fused_ms']:.3f} ms | "
+                     f"{r['fused_kernel_error']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
+    "longctx_e2e": (RESULTS / "longctx_e2e.json", render_longctx_e2e),
     "longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks),
     "longctx_defaults": (RESULTS / "longctx_defaults.json", lambda data: render_longctx_tasks(data, DEFAULTS_LABELS)),
     "longctx_retrieval_heads": (RESULTS / "longctx_retrieval_heads.json",
