@@ -57,11 +57,15 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     offs_m = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n
-    rows_m = offs_m.to(tl.int64)  # [b, n, h, d] at 1M tokens and 32 heads: n * sqn passes 2**31
-    bi64 = bi.to(tl.int64)
-    q = tl.load(Q + bi64 * sqb + hi * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = K + bi64 * skb + kvh * skh
-    v_base = V + bi64 * svb + kvh * svh
+    # offsets in int64: at 1M tokens a row offset (n * sqn of [b, n, h, d]) and a head offset (hi * sqh of a
+    # contiguous [b, h, n, d] query: 23 heads x 1M x 128 = 3.1e9, the illegal address of a 3B-shaped 1M prefill)
+    # both pass 2**31
+    rows_m = offs_m.to(tl.int64)
+    bi64, hi64, kvh64 = bi.to(tl.int64), hi.to(tl.int64), kvh.to(tl.int64)
+    q = tl.load(Q + bi64 * sqb + hi64 * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    k_base = K + bi64 * skb + kvh64 * skh
+    v_base = V + bi64 * svb + kvh64 * svh
     kvalid = KVALID + bi64 * n
     list_base = IDX + bi * sib + hi * sih + qb * siq
     cnt = tl.load(CNT + bi * scb + hi * sch + qb)
@@ -79,7 +83,7 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + bi64 * sob + hi * soh + rows_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + bi64 * sob + hi64 * soh + rows_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * n + rows_m, lse, mask=row_ok)

@@ -71,7 +71,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     split = tl.program_id(1)
     K_HALF: tl.constexpr = 1 << (K_BITS - 1)
     V_HALF: tl.constexpr = 1 << (V_BITS - 1)
-    seq = pid // hk
+    seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
     kv = pid % hk
     offs_g = tl.arange(0, BLOCK_G)
     k_chan, k_ok = _plane_order(K_BITS, BLOCK_D, D)  # key columns: the query and key parameters follow them
