@@ -166,6 +166,7 @@ def render_zipcache_kernel(data: dict) -> str:
 
 TABLES = {
     "longctx_e2e": (RESULTS / "longctx_e2e.json", render_longctx_e2e),
+    "zipcache_kernel": (RESULTS / "zipcache_kernel_h200.json", render_zipcache_kernel),
     "longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks),
     "longctx_defaults": (RESULTS / "longctx_defaults.json", lambda data: render_longctx_tasks(data, DEFAULTS_LABELS)),
     "longctx_retrieval_heads": (RESULTS / "longctx_retrieval_heads.json",
