@@ -292,11 +292,13 @@ def run_row(model, config, ids, variant: str, params: dict, args, cuda: bool) ->
     finally:
         if patchattn.is_patched(model):
             patchattn.unpatch_model(model)
-    free(cuda)  # after the except blocks: their tracebacks held the row's tensors
-    if cuda:
-        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    row["peak_gb"] = None
+    if row["status"] == "error" and cuda and not cuda_usable():
+        pass  # a kernel fault poisoned the context: asking the GPU anything more raises again; main() stops
     else:
-        row["peak_gb"] = None
+        free(cuda)  # after the except blocks: their tracebacks held the row's tensors
+        if cuda:
+            row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["kv_bytes_full"] = full_kv_bytes(config, n + args.new_tokens, model.dtype.itemsize)
     return row
 

@@ -3,6 +3,7 @@ there and ok, zipcache compresses, hyper/dhsa really approximate, the chunked po
 unchunked logits, ``--append`` merges, ``--param`` parses, the OOM prediction spares zipcache rows."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -158,3 +159,29 @@ def test_oom_is_a_row_with_its_phase_and_the_run_goes_on(tmp_path, monkeypatch):
     assert ok["status"] == "ok" and ok["decode_tok_s"] > 0
     assert [r["status"] for r in json.loads(out.read_text())["rows"]] == ["oom", "error", "ok"]
     assert all(FIELDS <= set(r) for r in rows)
+
+
+def test_a_kernel_fault_is_an_error_row_even_though_the_gpu_answers_nothing_more(monkeypatch):
+    """An illegal memory access poisons the CUDA context: every later call raises, the cleanup's too. The row is
+    still an ``error`` row (simulated on CPU: the row runs as on a GPU, with a context that is gone)."""
+    config = bench.make_config("8b", tiny=True)
+    model = bench.build_model(config, "cpu", torch.float32)
+    faulted = []
+
+    def measure(*args, **kwargs):  # the row's GPU work: prefill and decode
+        faulted.append(True)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def free(cuda):
+        if faulted:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "free", free)
+    monkeypatch.setattr(bench, "cuda_usable", lambda: False)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+    row = bench.run_row(model, config, ids, "hyper", bench.parse_params([], True), argparse.Namespace(
+        new_tokens=2, mlp_chunk=16), cuda=True)
+    assert row["status"] == "error" and "illegal memory access" in row["error"] and row["peak_gb"] is None
+    assert not patchattn.is_patched(model)

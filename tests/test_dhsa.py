@@ -72,6 +72,17 @@ def test_selection_matches_token_level_reference(name, padded):
     assert torch.equal(sel.keep_rows(0, 301, valid).transpose(1, 2)[rows], ref.transpose(1, 2)[rows])
 
 
+@pytest.mark.parametrize("max_scores", [1, 5000])
+def test_selection_in_slices_of_query_blocks_is_the_same(max_scores):
+    """Bounded score slices (one query block at a time, or a few): the same lists as one whole matrix."""
+    st = DhsaSettings(chunk_size=16, query_block=32, budget_tokens=80, local_window=50, sink_tokens=20)
+    q, k, _ = qkv(2, 6, 2, 333, 32, seed=5)
+    whole = select_blocks(q, k, st, max_scores=1 << 40)
+    sliced = select_blocks(q, k, st, max_scores=max_scores)
+    for name in ("idx", "cnt", "nfull"):
+        assert torch.equal(getattr(sliced, name), getattr(whole, name))
+
+
 def test_selection_guarantees():
     """Causal; own chunks, window and sinks always kept; exactly min(budget, candidates) picks per block, and
     they are the best-scoring candidates; sorted unique lists; density as predicted from the settings."""

@@ -90,22 +90,37 @@ def _block_sums(x: torch.Tensor, size: int, valid: torch.Tensor | None) -> tuple
     return torch.cat(parts, 2) if len(parts) > 1 else parts[0], counts
 
 
-def chunk_scores(q, k, settings: DhsaSettings, key_valid=None) -> torch.Tensor:
-    """``[b, h, nqb, nc]`` fp32 similarity of query-block and key-chunk representations (sum / sqrt(len), i.e.
-    mean * sqrt(len)); chunks without a valid key score -inf."""
-    b, h, n, d = q.shape
-    hk = k.shape[1]
+#: most chunk scores built at once by :func:`select_blocks` (1 GiB of fp32): at 1M tokens the whole [b, h, nqb, nc]
+#: matrix is 3.2e9 scores (12.9 GiB, 24 heads), past the 2**31 elements PyTorch's CUDA topk indexes safely
+MAX_SCORES = 1 << 28
+
+
+def _representations(q, k, settings: DhsaSettings, key_valid=None):
+    """Query-block and key-chunk representations (sum / sqrt(len), i.e. mean * sqrt(len)), fp32, and the key
+    chunks' valid counts: ``[b, h, nqb, d]``, ``[b, hk, nc, d]``, ``[b, nc]``."""
     qs, qn = _block_sums(q, settings.query_block, key_valid)
     ks, kn = _block_sums(k, settings.chunk_size, key_valid)
-    q_rep = qs / qn.clamp_min(1).sqrt()[:, None, :, None]
-    k_rep = ks / kn.clamp_min(1).sqrt()[:, None, :, None]
-    nqb = q_rep.shape[2]
-    scores = (q_rep.view(b, hk, -1, d) @ k_rep.transpose(-1, -2)).view(b, h, nqb, -1)
+    return qs / qn.clamp_min(1).sqrt()[:, None, :, None], ks / kn.clamp_min(1).sqrt()[:, None, :, None], kn
+
+
+def _scores(q_rep, k_rep, kn) -> torch.Tensor:
+    """``[b, h, blocks, nc]`` similarities of the query blocks in ``q_rep`` and every key chunk; chunks without a
+    valid key score -inf."""
+    b, h, blocks, d = q_rep.shape
+    hk = k_rep.shape[1]
+    scores = (q_rep.reshape(b, hk, -1, d) @ k_rep.transpose(-1, -2)).view(b, h, blocks, -1)
     return scores.masked_fill_((kn == 0)[:, None, None, :], NEG_INF)
 
 
-def select_blocks(q, k, settings: DhsaSettings, key_valid=None) -> BlockSelection:
-    """The kept chunks of every query block: sinks, the best ``budget`` earlier chunks, window + own chunks."""
+def chunk_scores(q, k, settings: DhsaSettings, key_valid=None) -> torch.Tensor:
+    """``[b, h, nqb, nc]`` fp32 similarity of query-block and key-chunk representations (sum / sqrt(len), i.e.
+    mean * sqrt(len)); chunks without a valid key score -inf."""
+    return _scores(*_representations(q, k, settings, key_valid))
+
+
+def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: int = MAX_SCORES) -> BlockSelection:
+    """The kept chunks of every query block: sinks, the best ``budget`` earlier chunks, window + own chunks. The
+    scores are built for slices of query blocks of at most ``max_scores`` entries at a time."""
     b, h, n, _ = q.shape
     if h % k.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
@@ -121,12 +136,17 @@ def select_blocks(q, k, settings: DhsaSettings, key_valid=None) -> BlockSelectio
     kmax = int(torch.minimum(st.budget, st.candidates).max())
     if kmax > 0:
         sink_chunks = -(-settings.sink_tokens // settings.chunk_size)
-        cand = (chunks >= sink_chunks) & (chunks[None, :] < st.win_lo[:, None])  # [nqb, nc]
-        scores = chunk_scores(q, k, settings, key_valid).masked_fill_(~cand, NEG_INF)
-        top, pick = scores.topk(kmax, dim=-1)  # best first
-        ok = torch.isfinite(top) & (torch.arange(kmax, device=dev) < st.budget[:, None])
-        pieces.append(torch.where(ok, pick, -1).sort(-1).values)
-        del scores
+        q_rep, k_rep, kn = _representations(q, k, settings, key_valid)
+        nqb = q_rep.shape[2]
+        step = max(1, max_scores // (b * h * nc))
+        picks = []
+        for lo in range(0, nqb, step):
+            hi = min(lo + step, nqb)
+            cand = (chunks >= sink_chunks) & (chunks[None, :] < st.win_lo[lo:hi, None])  # [blocks, nc]
+            top, pick = _scores(q_rep[:, :, lo:hi], k_rep, kn).masked_fill_(~cand, NEG_INF).topk(kmax, dim=-1)
+            ok = torch.isfinite(top) & (torch.arange(kmax, device=dev) < st.budget[lo:hi, None])  # best first
+            picks.append(torch.where(ok, pick, -1).sort(-1).values)
+        pieces.append(torch.cat(picks, 2))
     nw = int((st.win_hi - st.win_lo).max()) + 1
     win = st.win_lo[:, None] + torch.arange(nw, device=dev)
     pieces.append(torch.where(win <= st.win_hi[:, None], win, -1).expand(b, h, -1, -1))
