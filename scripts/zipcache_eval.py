@@ -13,11 +13,24 @@ precision count at fp16), measured at the end of each window.
     nice -n 10 python scripts/zipcache_eval.py --model gemma3-270m --windows 8 \
         --configs paper,default,default/keep-sliding,all-4bit
 
-Writes ``benchmarks/results/zipcache_quality_<model>_<corpus>.json`` and a PNG beside it.
+With ``--prefill-variant NAME`` (e.g. ``hyper``; its parameters by ``--prefill-param k=v``) the run compares the
+combination instead of ``--configs``, on the same windows: exact (DynamicCache, unpatched), NAME alone (its generation
+cache), zipcache alone (the ``default`` config plus ``--param``) and NAME+zipcache (NAME patched, then zipcache
+composed over it, with the retrieval heads NAME found alone). A prefill approximation only runs on a whole causal
+prefill of more than its ``min_seq_len`` tokens: each row records how many layers (and KV heads) ran it in every
+window (``patchattn.attention_paths``, less the retrieval heads kept exact), so a row whose approximation fell back to
+exact attention shows 0.
+
+    nice -n 10 python scripts/zipcache_eval.py --model smollm2-135m --context 8192 --prefill 7168 --windows 3 \
+        --prefill-variant hyper --tag _8k
+
+Writes ``benchmarks/results/zipcache_quality_<model>_<corpus><tag>.json`` (with ``--prefill-variant``:
+``<NAME>_zipcache_quality_...``) and a PNG beside it.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -90,9 +103,102 @@ def randomise_saliency() -> None:
     ZipCacheLayer.quantize_recent = quantize_recent
 
 
+def parse_value(text: str):
+    """A JSON value (numbers, true/false, lists), else the text itself (``layers=last:16``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_params(items: list[str]) -> dict:
-    """``["k=v", ...]`` → parameters (JSON values: numbers, true/false)."""
-    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+    """``["k=v", ...]`` → parameters."""
+    return {k: parse_value(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def approximated_kv_heads(model, specs: list[dict], paths: dict) -> dict[int, int]:
+    """Per layer that took the ``approximate`` path, how many KV heads it really approximated: a prefill variant's
+    ``exact_kv_heads`` (retrieval heads) stay exact, and a layer whose heads all are counts the path but runs exact
+    attention. Layers at 0 are left out."""
+    num_kv = model.config.get_text_config().num_key_value_heads
+    exact = {int(i): len(heads) for spec in specs for i, heads in (spec["params"].get("exact_kv_heads") or {}).items()}
+    heads = {i: num_kv - exact.get(i, 0) for i, counts in paths.items() if counts.get("approximate")}
+    return {i: n for i, n in heads.items() if n > 0}
+
+
+def run_setting(model, windows, prefill: int, chunk: int, patches: list[tuple[str, dict]], desc: str) -> dict:
+    """Patch ``model`` with ``patches`` (``[(variant, params), ...]`` in order; none = the unpatched model with a
+    DynamicCache), score every window, unpatch. Also returns each window's cache bytes, the KV heads each layer
+    approximated in it, and the specs as patch_model recorded them (parameters found at patch time included)."""
+    try:
+        for variant, params in patches:
+            patchattn.patch_model(model, variant, **params)
+        specs = patchattn.patch_specs(model)
+        patchattn.attention_paths(model, reset=True)
+        scores, nbytes, approximated, paths = [], [], [], {}
+        for w in tqdm(windows, desc=desc, unit="win"):
+            cache = generation_cache(model) if patches else DynamicCache(config=model.config)
+            scores.append(score_window(model, w, prefill, chunk, cache))
+            nbytes.append(cache_bytes(cache))
+            window_paths = patchattn.attention_paths(model, reset=True)
+            approximated.append(approximated_kv_heads(model, specs, window_paths))
+            for counts in window_paths.values():
+                for path, n in counts.items():
+                    paths[path] = paths.get(path, 0) + n
+    finally:
+        if patchattn.is_patched(model):
+            patchattn.unpatch_model(model)
+    return {"nll": [r["nll"] for r in scores], "pred": torch.cat([r["pred"] for r in scores]), "bytes": nbytes,
+            "approximated": approximated, "paths": paths, "specs": specs}
+
+
+def summarise(name: str, run: dict, base: dict, targets: torch.Tensor) -> dict:
+    """One row: quality, bytes and approximation coverage, and the deltas vs ``base``."""
+    ppl = math.exp(torch.cat(run["nll"]).mean().item())
+    base_ppl = math.exp(torch.cat(base["nll"]).mean().item())
+    accuracy = (run["pred"] == targets).float().mean().item()
+    return {"config": name, "patches": run["specs"], "ppl": ppl, "ppl_increase_pct": 100 * (ppl / base_ppl - 1),
+            "accuracy": accuracy, "accuracy_delta": accuracy - (base["pred"] == targets).float().mean().item(),
+            "agreement_with_baseline": (run["pred"] == base["pred"]).float().mean().item(),
+            "kv_bytes": sum(run["bytes"]) / len(run["bytes"]), "compression": sum(base["bytes"]) / sum(run["bytes"]),
+            "approximated_layers": min(len(layers) for layers in run["approximated"]),
+            "approximated_kv_heads": min(sum(layers.values()) for layers in run["approximated"]),
+            "approximated_layers_per_window": [len(layers) for layers in run["approximated"]],
+            "attention_paths": run["paths"], "window_ppl": [math.exp(n.mean().item()) for n in run["nll"]]}
+
+
+def compare_combination(model, windows, args, extra: dict, targets: torch.Tensor) -> list[dict]:
+    """exact, NAME alone, zipcache alone, NAME+zipcache on the same windows (see the module docstring)."""
+    name = args.prefill_variant
+    zipcache = {**CONFIGS["default"], **extra}
+    run = functools.partial(run_setting, model, windows, args.prefill, args.chunk)
+    base = run([], f"{args.model} exact")
+    alone = run([(name, parse_params(args.prefill_param))], f"{args.model} {name}")
+    # the composition reuses what patch_model found for NAME alone (its retrieval heads): the same NAME in both rows
+    found = alone["specs"][0]
+    composed = [(name, {"layers": found["layers"], **found["params"]}), ("zipcache", zipcache)]
+    runs = {"exact": base, name: alone, "zipcache": run([("zipcache", zipcache)], f"{args.model} zipcache"),
+            f"{name}+zipcache": run(composed, f"{args.model} {name}+zipcache")}
+    return [summarise(label, r, base, targets) for label, r in runs.items()]
+
+
+def compare_configs(model, windows, args, extra: dict, targets: torch.Tensor) -> list[dict]:
+    """The DynamicCache baseline, then each zipcache config of ``--configs``."""
+    run = functools.partial(run_setting, model, windows, args.prefill, args.chunk)
+    base = run([], f"{args.model} DynamicCache")
+    rows = [summarise("DynamicCache (fp16 bytes)", base, base, targets)]
+    for name in args.configs.split(","):
+        params = {**(CONFIGS[name] if name in CONFIGS else parse_params(name.split("+"))), **extra}
+        random_saliency = params.pop("_random_saliency", False)
+        original = ZipCacheLayer.quantize_recent
+        try:
+            if random_saliency:
+                randomise_saliency()
+            result = run([("zipcache", params)], f"{args.model} zipcache {name}")
+        finally:
+            ZipCacheLayer.quantize_recent = original
+        rows.append({**summarise(name, result, base, targets), "params": params})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -106,6 +212,9 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default="paper,default,default/random-saliency,all-4bit",
                    help=f"comma-separated: named ({', '.join(CONFIGS)}) or inline k=v+k=v")
     p.add_argument("--param", action="append", default=[], help="extra zipcache parameter for every config, k=v")
+    p.add_argument("--prefill-variant", help="compare exact, this prefill variant alone, zipcache alone and both "
+                                             "composed (replaces --configs)")
+    p.add_argument("--prefill-param", action="append", default=[], help="--prefill-variant parameter, k=v")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
@@ -122,68 +231,39 @@ def main(argv=None) -> None:
     extra = parse_params(args.param)
 
     started = time.perf_counter()
-    base, base_bytes = [], []
-    for w in tqdm(windows, desc=f"{args.model} DynamicCache", unit="win"):
-        cache = DynamicCache(config=model.config)
-        base.append(score_window(model, w, args.prefill, args.chunk, cache))
-        base_bytes.append(sum(fp16_bytes(layer) for layer in cache.layers))
-    base_nll = torch.cat([r["nll"] for r in base])
     targets = torch.cat([w[0, args.prefill :] for w in windows])
-    rows = [{"config": "DynamicCache (fp16 bytes)", "ppl": math.exp(base_nll.mean().item()),
-             "accuracy": (torch.cat([r["pred"] for r in base]) == targets).float().mean().item(),
-             "kv_bytes": sum(base_bytes) / len(base_bytes), "compression": 1.0}]
-
-    for name in args.configs.split(","):
-        params = {**(CONFIGS[name] if name in CONFIGS else parse_params(name.split("+"))), **extra}
-        random_saliency = params.pop("_random_saliency", False)
-        original = ZipCacheLayer.quantize_recent
-        try:
-            patchattn.patch_model(model, "zipcache", **params)
-            if random_saliency:
-                randomise_saliency()
-            results, nbytes = [], []
-            for w in tqdm(windows, desc=f"{args.model} zipcache {name}", unit="win"):
-                cache = generation_cache(model)
-                results.append(score_window(model, w, args.prefill, args.chunk, cache))
-                nbytes.append(cache_bytes(cache))
-        finally:
-            ZipCacheLayer.quantize_recent = original
-            if patchattn.is_patched(model):
-                patchattn.unpatch_model(model)
-        nll = torch.cat([r["nll"] for r in results])
-        pred = torch.cat([r["pred"] for r in results])
-        ppl = math.exp(nll.mean().item())
-        rows.append({"config": name, "params": params, "ppl": ppl,
-                     "ppl_increase_pct": 100 * (ppl / rows[0]["ppl"] - 1),
-                     "accuracy": (pred == targets).float().mean().item(),
-                     "agreement_with_baseline": (pred == torch.cat([r["pred"] for r in base])).float().mean().item(),
-                     "kv_bytes": sum(nbytes) / len(nbytes),
-                     "compression": sum(base_bytes) / sum(nbytes)})
-    rows[0]["accuracy_delta"] = 0.0
-    for row in rows[1:]:
-        row["accuracy_delta"] = row["accuracy"] - rows[0]["accuracy"]
+    if args.prefill_variant:
+        rows = compare_combination(model, windows, args, extra, targets)
+        stem = f"{args.prefill_variant}_zipcache_quality_{args.model}_{args.corpus}{args.tag}"
+        title = f"{args.prefill_variant} + ZipCache on {args.model} / {args.corpus}"
+    else:
+        rows = compare_configs(model, windows, args, extra, targets)
+        stem = f"zipcache_quality_{args.model}_{args.corpus}{args.tag}"
+        title = f"ZipCache on {args.model} / {args.corpus}"
 
     result = {
         "what": "ZipCache teacher-forced streaming evaluation (see scripts/zipcache_eval.py docstring)",
         "model": args.model, "corpus": args.corpus, "context": args.context, "prefill": args.prefill,
         "chunk": args.chunk, "windows": args.windows, "scored_tokens": int(targets.numel()), "dtype": args.dtype,
-        "extra_params": extra, "rows": rows, "seconds": time.perf_counter() - started,
+        "extra_params": extra, "prefill_variant": args.prefill_variant,
+        "prefill_params": parse_params(args.prefill_param), "rows": rows, "seconds": time.perf_counter() - started,
         **environment(device == "cuda", cpu=platform.processor() or "cpu", key="device",
-                      packages=("torch", "transformers"), date="seconds", with_command=False),
+                      packages=("torch", "transformers"), date="seconds", with_command=True),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"zipcache_quality_{args.model}_{args.corpus}{args.tag}"
     write_json(out / f"{stem}.json", result, indent=2)
-    plot(rows, out / f"{stem}.png",
-         f"ZipCache on {args.model} / {args.corpus} ({targets.numel()} scored tokens, context {args.context})")
+    plot(rows, out / f"{stem}.png", f"{title} ({targets.numel()} scored tokens, context {args.context})")
 
     print(f"\n{args.model}, {args.corpus}: {targets.numel()} tokens scored after a {args.prefill}-token prefill, "
           f"chunks of {args.chunk}")
-    print(f"{'config':<26}{'KV MiB':>9}{'compress':>10}{'ppl':>9}{'Δppl %':>9}{'acc':>8}{'Δacc':>8}")
+    print(f"{'config':<26}{'KV MiB':>9}{'compress':>10}{'ppl':>9}{'Δppl %':>9}{'acc':>8}{'Δacc':>8}"
+          f"{'approx layers/KV heads':>24}")
     for r in rows:
         print(f"{r['config']:<26}{r['kv_bytes'] / 2**20:>9.2f}{r['compression']:>9.2f}×{r['ppl']:>9.3f}"
-              f"{r.get('ppl_increase_pct', 0.0):>+9.2f}{r['accuracy']:>8.4f}{r['accuracy_delta']:>+8.4f}")
+              f"{r['ppl_increase_pct']:>+9.2f}{r['accuracy']:>8.4f}{r['accuracy_delta']:>+8.4f}"
+              f"{r['approximated_layers']:>17}/{r['approximated_kv_heads']:<6}")
+    return result
 
 
 def plot(rows, path: Path, title: str) -> None:
