@@ -587,7 +587,8 @@ def patched(model: nn.Module, variant: str, *, layers=None, **params) -> Iterato
 def attention_paths(model: nn.Module, reset: bool = False) -> dict[int, dict[str, int]]:
     """Per patched layer, how many attention calls took each path since the last reset: ``approximate`` (the
     variant's method ran), ``exact_short`` / ``exact_decode`` / ``exact_crossover`` (exact by design: short input,
-    decode step, below the measured speed crossover) or ``fallback`` (a case the method does not cover). A result
+    decode step, below the measured speed crossover, every KV head of the layer an exact retrieval head:
+    ``exact_retrieval``) or ``fallback`` (a case the method does not cover). A result
     credited to an approximation should show ``approximate`` calls."""
     paths = {}
     for i, stack in _variant_stacks(model).items():

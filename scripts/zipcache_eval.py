@@ -118,8 +118,8 @@ def parse_params(items: list[str]) -> dict:
 
 def approximated_kv_heads(model, specs: list[dict], paths: dict) -> dict[int, int]:
     """Per layer that took the ``approximate`` path, how many KV heads it really approximated: a prefill variant's
-    ``exact_kv_heads`` (retrieval heads) stay exact, and a layer whose heads all are counts the path but runs exact
-    attention. Layers at 0 are left out."""
+    ``exact_kv_heads`` (retrieval heads) stay exact (a layer whose heads all are records ``exact_retrieval``, and
+    is left out here too, should a path say otherwise). Layers at 0 are left out."""
     num_kv = model.config.get_text_config().num_key_value_heads
     exact = {int(i): len(heads) for spec in specs for i, heads in (spec["params"].get("exact_kv_heads") or {}).items()}
     heads = {i: num_kv - exact.get(i, 0) for i, counts in paths.items() if counts.get("approximate")}

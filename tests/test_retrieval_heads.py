@@ -53,6 +53,16 @@ def test_exact_kv_heads_are_exact_and_the_others_approximate(variant):
 
 
 @pytest.mark.parametrize("variant", ["hyper", "dhsa"])
+def test_a_layer_whose_kv_heads_are_all_exact_is_not_counted_as_approximated(variant):
+    model = tiny_model("llama")  # 4 layers of 2 KV heads
+    patchattn.patch_model(model, variant, exact_kv_heads={0: [0, 1], 1: [1]}, **APPROX[variant])
+    model(random_ids(1, 80))
+    paths = patchattn.attention_paths(model)
+    assert paths[0] == {"exact_retrieval": 1}
+    assert paths[1] == paths[2] == paths[3] == {"approximate": 1}
+
+
+@pytest.mark.parametrize("variant", ["hyper", "dhsa"])
 def test_all_kv_heads_exact_is_the_original_model(variant, tmp_path):
     model = tiny_model("qwen2")
     ids = random_ids(1, 80)

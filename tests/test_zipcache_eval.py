@@ -75,7 +75,7 @@ def test_configs_mode_still_compares_zipcache_configs(tmp_path):
 
 
 def test_a_layer_whose_kv_heads_all_stay_exact_approximates_nothing():
-    """attention_paths counts the approximate path for such a layer; the row does not credit it."""
+    """A path that says ``approximate`` for such a layer does not make the row credit it."""
     model = tiny_models.tiny_model("llama")  # 2 KV heads
     specs = [{"variant": "hyper", "params": {"exact_kv_heads": {"2": [0], "3": [0, 1]}}}, {"variant": "zipcache",
                                                                                          "params": {}}]

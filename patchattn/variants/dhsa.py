@@ -64,6 +64,7 @@ class DynamicHierarchicalSparseAttention(PrefillVariant):
                                               min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
                                               dropout=dropout, training=module.training,
                                               output_attentions=output_attentions, layer_idx=self.layer_idx)
+        path = self.path_with_exact_heads(path, key.shape[1])
         self.record_path(path)
         if path != "approximate":
             return exact()  # decode steps (exact by design), short inputs, fallbacks, requested weights

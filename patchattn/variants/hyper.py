@@ -59,6 +59,7 @@ class HyperAttention(PrefillVariant):
                                               min_seq_len=self.params.min_seq_len, sliding_window=sliding_window,
                                               dropout=dropout, training=module.training,
                                               output_attentions=output_attentions, layer_idx=self.layer_idx)
+        path = self.path_with_exact_heads(path, key.shape[1])
         if path == "approximate" and query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
             path = "exact_crossover"  # below the measured crossover, fused SDPA is faster than the estimator
         self.record_path(path)

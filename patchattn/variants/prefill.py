@@ -55,6 +55,13 @@ class PrefillVariant(Variant):
         check_heads_fit(self.params.exact_kv_heads or {}, attention_module, self.name, "exact_kv_heads",
                         kv_heads=True)
 
+    def path_with_exact_heads(self, path: str, kv_heads: int) -> str:
+        """``path``, or ``exact_retrieval`` where the method would run on a layer whose every KV head is an exact
+        (retrieval) head: nothing is approximated there, and :func:`patchattn.attention_paths` must not say so."""
+        if path == "approximate" and len((self.params.exact_kv_heads or {}).get(self.layer_idx, ())) >= kv_heads:
+            return "exact_retrieval"
+        return path
+
     def split_heads(self, module, query, key, value, attention_mask, *, approximate, scaling, softcap):
         """``[b, n, h, d]``: this layer's exact KV heads through exact attention, the others through
         ``approximate(q, k, v) -> [b, n, h', d]``."""
