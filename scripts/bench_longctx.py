@@ -293,9 +293,9 @@ def run_row(model, config, ids, variant: str, params: dict, args, cuda: bool) ->
         if patchattn.is_patched(model):
             patchattn.unpatch_model(model)
     row["peak_gb"] = None
-    if row["status"] == "error" and cuda and not cuda_usable():
-        pass  # a kernel fault poisoned the context: asking the GPU anything more raises again; main() stops
-    else:
+    # a kernel fault poisons the context: asking the GPU anything more raises again (main() then stops)
+    context_lost = row["status"] == "error" and cuda and not cuda_usable()
+    if not context_lost:
         free(cuda)  # after the except blocks: their tracebacks held the row's tensors
         if cuda:
             row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -98,7 +98,7 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
             _log_small_groups_once(widest)
             return reference()
     elif block_n < 16 or block_n & (block_n - 1) or block_n > widest:
-        raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {min(widest, 1 << 30)}] (a tile may "
+        raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {widest}] (a tile may "
                          f"span at most two key groups)")
     if split_len is None:  # even splits over all segments, ~_TARGET_PROGRAMS programs in all
         rows = sum(seg[-1] for seg in segments)

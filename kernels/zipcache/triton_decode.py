@@ -138,7 +138,6 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=v_ok, other=0.0).to(tl.float32)
     acc = (acc + z_acc[:, None]) * channel_scale[None, :]
     slot = pid * n_slots + split0 + split
-    offs_g = tl.arange(0, BLOCK_G)
     tl.store(M + slot * BLOCK_G + offs_g, m_i)
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
     tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + v_chan[None, :], acc, mask=v_ok[None, :])

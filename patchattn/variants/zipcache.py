@@ -648,7 +648,7 @@ class ZipCache(Variant):
     legacy_defaults = {"max_probes": 0}  # specs saved before the cap probed 10 % of every prompt
     role = KV_CACHE
     #: a prefill approximation under it computes multi-query forwards (its prefill); decode steps, which
-    #: prefill approximations run exactly, may take the fused kernel or the eager probe path instead
+    #: prefill approximations run exactly, take the fused kernel (probe steps too) or dequantise the blocks
     stacks_over = (PREFILL,)
 
     def detach(self, attention_module) -> None:
@@ -677,12 +677,11 @@ class ZipCache(Variant):
         layer.pending_key = None
         if layer.deferred:
             if attention_mask is None and not kwargs.get("output_attentions") and not (dropout and module.training):
-                if not layer.decode_step_is_probe():
-                    out = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling,
-                                                     softcap=softcap)
-                else:  # the probe's row over the buffer: exp(score - logsumexp over every key)
-                    out, lse = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling,
-                                                          softcap=softcap, return_lse=True)
+                probe = layer.decode_step_is_probe()
+                out = quantized_decode_attention(query, layer.blocks, key, value, scaling=scaling, softcap=softcap,
+                                                 return_lse=probe)
+                if probe:  # the probe's row over the buffer: exp(score - logsumexp over every key)
+                    out, lse = out
                     layer.record_probes(*decode_probe_scores(query, key, lse, layer.recent_length, scaling=scaling,
                                                              softcap=softcap))
                 layer.after_attention(1)
