@@ -25,8 +25,7 @@ runs a fused Triton kernel (``patchattn.kernels.zipcache``) that reads the packe
 tokens into the exact softmax over every key. It needs CUDA (or the kernel's ``KERNEL_ON_CPU`` switch) and no mask:
 with a padding mask, ``output_attentions`` or attention dropout the step dequantises the blocks as before (logged
 once). A probe step takes the kernel too and scores the buffer's tokens with the logsumexp it returns (before, an
-eager step dequantised every block: ~1 s per probe step at 1M tokens). Multi-query forwards and sliding layers
-always dequantise.
+eager step dequantised every block of the layer). Multi-query forwards and sliding layers always dequantise.
 
 Defaults are the measured recommendation, not the paper's setting (4/2 bits for keys and values, 60 % salient,
 ``preset="paper"``): 2-bit *keys* are what hurts perplexity, so ``key_low_bits=4`` keeps every key at 4 bits in
@@ -80,8 +79,9 @@ class ZipCacheParams(VariantParams):
     probe_recent_ratio: float = param(0.05, low=0.0, high=1.0, help="last queries of a block used as probes (>= 1)")
     probe_random_ratio: float = param(0.05, low=0.0, high=1.0, help="random earlier queries used as probes")
     max_probes: int = param(4096, low=0, help="at most this many probes per forward, both kinds scaled down alike "
-                                              "(0 = no cap; 10 % of a 1M-token prompt would cost ~15 % of exact "
-                                              "attention; prompts up to 40k tokens are not capped)")
+                                              "(0 = no cap; uncapped, 10 % of 131k queries took 35 % of causal "
+                                              "SDPA's time on an H200, more at longer prompts; prompts up to 40k "
+                                              "tokens are not capped)")
     requant_interval: int = param(100, low=1, help="decode steps kept in full precision, then quantised as a block")
     key_group_size: int = param(128, low=0, help="tokens sharing one key min/step per channel (0 = the whole block)")
     value_group_size: int = param(0, low=0, help="channels sharing one value min/step per token, over the token's "
