@@ -27,6 +27,7 @@ float32 attention over the dequantised block| (the kernel's own error). Writes `
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import types
@@ -154,10 +155,11 @@ def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed, tiles=(
         row["fused_graph_ms"] = graph_ms(fused)
         row["fused_graph_speedup"] = row["sdpa_graph_ms"] / row["fused_graph_ms"]
         row["fused_graph_gbs"] = row["fused_bytes"] / row["fused_graph_ms"] / 1e6
-    row["fused_tiles_ms"] = {  # the same kernel at other tile / split / warp counts (--tiles), for tuning
-        "x".join(map(str, tile)): bench_ms(lambda: quantized_decode_attention(
-            query, [block], fp_keys, fp_values, scaling=scaling, block_n=tile[0], split_len=tile[1],
-            num_warps=tile[2] if len(tile) > 2 else None), device)
+    time_gpu = graph_ms if device == "cuda" else functools.partial(bench_ms, device=device)
+    row["fused_tiles_ms"] = {  # the same kernel at other tile / split / warp / stage counts (--tiles), for tuning
+        "x".join(map(str, tile)): time_gpu(functools.partial(
+            quantized_decode_attention, query, [block], fp_keys, fp_values, scaling=scaling,
+            **{name: x or None for name, x in zip(("block_n", "split_len", "num_warps", "num_stages"), tile)}))
         for tile in tiles}
     del keys, values
     expected = quantized_decode_attention_reference(query, [block], fp_keys, fp_values, scaling=scaling)
@@ -176,8 +178,9 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--recent", type=int, default=50, help="full-precision recent tokens beside the block")
     p.add_argument("--settings", default="paper,default", help=f"of: {', '.join(SETTINGS)}")
-    p.add_argument("--tiles", default="", help="also time the fused kernel at these BLOCK_NxSPLIT_LEN[xWARPS], "
-                                               "e.g. 16x512,32x2048,64x8192x8 (split a multiple of the block)")
+    p.add_argument("--tiles", default="", help="also time the fused kernel (GPU time: CUDA graphs) at these "
+                                               "BLOCK_NxSPLIT_LEN[xWARPS[xSTAGES]], e.g. 16x512,32x2048,64x0x8x2 "
+                                               "(split a multiple of the block; 0 = the default)")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test (the reference path, no kernel)")
     args = p.parse_args()
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]

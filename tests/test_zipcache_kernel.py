@@ -89,7 +89,7 @@ def test_kernel_matches_reference_at_head_dim_256_with_softcap(kernel_on_cpu, bi
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_matches_reference_at_a_head_dim_that_is_not_a_power_of_two(kernel_on_cpu, bits):
-    """d = 48 in 64-wide tiles: the bit-plane columns past each row's bytes are masked, none lands on a channel."""
+    """d = 48 in 64-wide tiles: the codes past each row's bytes are masked, none lands on a channel."""
     gen = torch.Generator().manual_seed(48 + bits)
     d, hk = 48, 2
     blocks = [make_block(gen, 1, hk, 40, d, torch.float32, high_bits=8, low_bits=bits, key_group_size=16,
@@ -136,22 +136,24 @@ def test_clear_errors():
                                        scaling=1.0)
 
 
-def test_tiles_span_at_most_two_key_groups(kernel_on_cpu, caplog):
-    """A tile wider than the key groups is refused; groups under 16 tokens take the reference path, said once."""
+def test_tiles_lie_in_one_key_group(kernel_on_cpu, caplog):
+    """Tiles are aligned to key rows and must divide the key group: 48-token groups take 16-row tiles; a wider
+    tile is refused; groups that are not a multiple of 16 tokens take the reference path, said once."""
     gen = torch.Generator().manual_seed(5)
     query = randn(1, 4, 1, 32, gen=gen)
     keys, values = randn(1, 2, 2, 32, gen=gen), randn(1, 2, 2, 32, gen=gen)
-    block = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=16, salient=False)
+    block = make_block(gen, 1, 2, 100, 32, torch.float32, key_group_size=48, salient=True, salient_ratio=0.3)
+    check(query, [block], keys, values, scaling=0.2, softcap=None, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"block_n \(32\) must be a power of two in \[16, 16\]"):
         ops.quantized_decode_attention(query, [block], keys, values, scaling=0.2, block_n=32)
-    narrow = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=8, salient=False)
     ops._log_small_groups_once.cache_clear()
     with caplog.at_level("WARNING", logger="patchattn"):
-        for _ in range(2):
+        for group in (8, 24):
+            narrow = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=group, salient=False)
             got = ops.quantized_decode_attention(query, [narrow], keys, values, scaling=0.2)
-    assert sum("narrower than the kernel's 16-row tiles" in r.message for r in caplog.records) == 1
-    want = quantized_decode_attention_reference(query, [narrow], keys, values, scaling=0.2)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+            want = quantized_decode_attention_reference(query, [narrow], keys, values, scaling=0.2)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert sum("tiles need 16 rows inside one group" in r.message for r in caplog.records) == 1
 
 
 # ------------------------------------------------------------------------------------------------ inside generate()

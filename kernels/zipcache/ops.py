@@ -66,23 +66,24 @@ def _check(query, keys, values) -> None:
 
 
 def _widest_tile(segments) -> int:
-    """The most rows a tile may take so that it spans at most two key groups (the kernel scores both): the
-    smallest group of a key tensor holding more than one, rounded down to a power of two (no limit: 1 << 30)."""
+    """The most rows a tile may take so that it lies in one key group (tiles are aligned to the key rows): the
+    largest power of two dividing the group of every key tensor holding more than one (no limit: 1 << 30)."""
     groups = [key.group for _, key, *_ in segments if key.codes.shape[2] > key.group]
-    return 1 << (min(groups).bit_length() - 1) if groups else 1 << 30
+    return min(group & -group for group in groups) if groups else 1 << 30
 
 
 def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, softcap: float | None = None,
                                block_n: int | None = None, split_len: int | None = None,
-                               num_warps: int | None = None, return_lse: bool = False):
+                               num_warps: int | None = None, num_stages: int | None = None,
+                               return_lse: bool = False):
     """Exact softmax attention of one decode query per sequence over a ZipCache layer: its packed ``blocks`` read
     in place by the kernel, plus the full-precision ``keys``/``values [b, hk, m, d]`` (sinks + recent buffer,
     ``m >= 1``). ``query [b, h, 1, d]``; returns ``[b, 1, h, d]`` in its dtype (float32 accumulation); every key is
     visible (no mask). ``softcap``: Gemma 2's ``tanh`` logit capping. ``return_lse``: also each query head's
     logsumexp ``[b, h]`` float32 (the softmax's normaliser: a probe step scores its own tokens with it).
-    ``block_n`` (rows per tile, a power of two >= 16 and at most the key group size), ``split_len`` (rows per
-    program, a multiple of ``block_n``) and ``num_warps`` default to sizes for the device. Key groups under 16 tokens
-    (``key_group_size``) take the reference path (logged once)."""
+    ``block_n`` (rows per tile, a power of two >= 16 dividing the key group size), ``split_len`` (rows per program,
+    a multiple of ``block_n``), ``num_warps`` and ``num_stages`` default to sizes for the device. Key groups that
+    are not a multiple of 16 tokens (``key_group_size``) take the reference path (logged once)."""
     _check(query, keys, values)
     reference = functools.partial(quantized_decode_attention_reference, query, blocks, keys, values, scaling=scaling,
                                   softcap=softcap, return_lse=return_lse)
@@ -98,10 +99,13 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
             _log_small_groups_once(widest)
             return reference()
     elif block_n < 16 or block_n & (block_n - 1) or block_n > widest:
-        raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {widest}] (a tile may "
-                         f"span at most two key groups)")
+        raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {widest}] (a tile must lie in "
+                         f"one key group)")
+    # (scale, key, k_row0, value, v_row0, rows, lead): tiles are aligned to key rows, a segment's first one starts
+    # ``lead`` rows before it
+    segments = [(*seg, seg[2] % block_n) for seg in segments]
     if split_len is None:  # even splits over all segments, ~_TARGET_PROGRAMS programs in all
-        rows = sum(seg[-1] for seg in segments)
+        rows = sum(seg[-2] + seg[-1] for seg in segments)
         per_split = -(-rows // max(1, _TARGET_PROGRAMS // (b * hk)))
         split_len = max(1, -(-per_split // block_n)) * block_n
     elif split_len % block_n:
@@ -109,18 +113,18 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     from .triton_decode import launch_finish, launch_segment
 
     query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
-    slots = sum(-(-seg[-1] // split_len) for seg in segments)
+    slots = sum(-(-(seg[-2] + seg[-1]) // split_len) for seg in segments)
     block_g, block_d = (max(16, 1 << (x - 1).bit_length()) for x in (g, d))  # tl.dot needs >= 16 a side
     partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
     num_warps = num_warps or (4 if d <= 128 else 8)
     split0 = 0
-    for scale, key, k_row0, value, v_row0, seg_len in segments:
-        launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0,
+    for scale, key, k_row0, value, v_row0, seg_len, lead in segments:
+        launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0, lead=lead,
                        split_len=split_len, split0=split0, scaling=scaling, softcap=softcap, block_n=block_n,
-                       num_warps=num_warps)
-        split0 += -(-seg_len // split_len)
+                       num_warps=num_warps, num_stages=num_stages)
+        split0 += -(-(lead + seg_len) // split_len)
     out = torch.empty(b, 1, h, d, device=query.device, dtype=query.dtype)
     lse = torch.empty(b, h, device=query.device, dtype=torch.float32) if return_lse else None
     launch_finish(query, keys, values, partials, out, lse, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
@@ -131,8 +135,9 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
 @functools.lru_cache(maxsize=1)
 def _log_small_groups_once(widest: int) -> None:
     logging.getLogger("patchattn").warning(
-        "zipcache decode: key groups of %d tokens are narrower than the kernel's 16-row tiles; decoding with the "
-        "reference (dequantise every block) instead. key_group_size >= 16 (or 0) keeps the fused kernel.", widest)
+        "zipcache decode: key groups are multiples of %d tokens only, the kernel's tiles need 16 rows inside one "
+        "group; decoding with the reference (dequantise every block) instead. A key_group_size that is a multiple "
+        "of 16 (or 0) keeps the fused kernel.", widest)
 
 
 def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | None = None,

@@ -36,31 +36,28 @@ def _tanh(x):
 
 
 @triton.jit
-def _plane_order(BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
-    """The tile's column order for ``BITS``-bit codes: ``(channel, valid)`` per column. Columns are bit-plane major
-    (column ``m`` holds code ``m // W`` of byte ``m % W`` of the row, ``W = BLOCK_D // per``), so a tile is ``per``
-    contiguous loads of the row's bytes with a shift each and no shuffle; the channel it holds is ``(m % W)·per +
-    m // W``. Dot products do not care about channel order: the query, the parameters and the output follow it."""
-    PER: tl.constexpr = 8 // BITS
-    W: tl.constexpr = BLOCK_D // PER
-    m = tl.arange(0, BLOCK_D)
-    return (m % W) * PER + m // W, (m % W) < D // PER
-
-
-@triton.jit
-def _unpack(row_ptrs, row_mask, col_ok, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte), ``[BLOCK_N, BLOCK_D]`` int32 in
-    :func:`_plane_order`, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products
-    they enter)."""
-    W: tl.constexpr = BLOCK_D // (8 // BITS)
-    m = tl.arange(0, BLOCK_D)
-    packed = tl.load(row_ptrs[:, None] + (m % W)[None, :], mask=row_mask[:, None] & col_ok[None, :], other=0)
-    return ((packed.to(tl.int32) >> ((m // W) * BITS)[None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+def _codes(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, MMA: tl.constexpr):
+    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte) as ``[BLOCK_N, BLOCK_D]`` product
+    operands in channel order, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products
+    they enter). One contiguous load of the rows' bytes (vectorised, each byte read once); the codes of a byte are
+    split with shifts and put side by side with ``tl.interleave`` (in registers: code ``i`` of byte ``j`` is channel
+    ``j·per + i``, the packing's order). 16-bit operands are made without an int→float conversion: ``code | 0x6400``
+    read as fp16 is exactly ``1024 + code``."""
+    ROW_BYTES: tl.constexpr = BLOCK_D * BITS // 8
+    offs = tl.arange(0, ROW_BYTES)
+    x = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_mask[:, None] & (offs < D * BITS // 8)[None, :], other=0)
+    if BITS == 4:
+        x = tl.interleave(x & 15, x >> 4)
+    elif BITS == 2:
+        x = tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
+    if MMA == tl.float16:
+        return (x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + (1 << (BITS - 1)))
+    return x.to(MMA) - (1 << (BITS - 1))
 
 
 @triton.jit
 def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
-                    scaling, softcap, seg_len, k_row0, v_row0, k_group, k_groups, v_group, split_len, split0,
+                    scaling, softcap, seg_len, k_row0, v_row0, lead, k_group, v_group, split_len, split0,
                     n_slots, hk, g,
                     stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcn, stride_kzb, stride_kzh, stride_kzg,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
@@ -69,47 +66,40 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     MMA: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
-    K_HALF: tl.constexpr = 1 << (K_BITS - 1)
-    V_HALF: tl.constexpr = 1 << (V_BITS - 1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
     kv = pid % hk
     offs_g = tl.arange(0, BLOCK_G)
-    k_chan, k_ok = _plane_order(K_BITS, BLOCK_D, D)  # key columns: the query and key parameters follow them
-    v_chan, v_ok = _plane_order(V_BITS, BLOCK_D, D)  # value columns: the accumulator follows them
-    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + k_chan[None, :],
-                mask=(offs_g < g)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_g < g)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     kc_base = KC + seq * stride_kcb + kv * stride_kch
-    kz_base = seq * stride_kzb + kv * stride_kzh + k_chan
-    vc_base = VC + seq * stride_vcb + kv * (D // (8 // V_BITS))  # this head's channels: kv·D .. kv·D + D - 1
+    kz_base = seq * stride_kzb + kv * stride_kzh + offs_d
+    vc_base = VC + seq * stride_vcb + kv * (D * V_BITS // 8)  # this head's channels: kv·D .. kv·D + D - 1
     vz_base = seq * stride_vzb
-    chan = kv * D + v_chan
+    chan = kv * D + offs_d
 
+    # tiles are aligned to the key tensor's rows (tile t holds key rows t·BLOCK_N ...): the host keeps BLOCK_N a
+    # divisor of the key group, so a tile lies in one group. ``r`` counts rows from the segment's first tile, whose
+    # first ``lead`` rows belong to the previous segment (masked).
     start = split * split_len
-    end = tl.minimum(start + split_len, seg_len)
+    end = tl.minimum(start + split_len, lead + seg_len)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     z_acc = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p · zero, added to every channel at the end
     for n0 in range(start, end, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        r_mask = rows < end
-        # keys, never dequantised: k = zero[grp] + code · step[grp] per channel, so q·k = (q∘step[grp])·code +
-        # q·zero[grp] (centred codes: zero + half · step); a tile spans at most two key groups (the host keeps
-        # BLOCK_N <= k_group), both are scored
-        k_rows = k_row0 + rows
-        codes = _unpack(kc_base + k_rows * stride_kcn, r_mask, k_ok, K_BITS, BLOCK_D).to(MMA)
-        grp0 = (k_row0 + n0) // k_group
-        grp1 = tl.minimum(grp0 + 1, k_groups - 1)
-        s0 = tl.load(KS + kz_base + grp0 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32)
-        z0 = tl.load(KZ + kz_base + grp0 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32) + K_HALF * s0
-        s1 = tl.load(KS + kz_base + grp1 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32)
-        z1 = tl.load(KZ + kz_base + grp1 * stride_kzg, mask=k_ok, other=0.0).to(tl.float32) + K_HALF * s1
-        codes_t = tl.trans(codes)
-        score0 = tl.dot((q * s0[None, :]).to(MMA), codes_t, input_precision=PREC)
-        score0 += tl.sum(q * z0[None, :], axis=1)[:, None]
-        score1 = tl.dot((q * s1[None, :]).to(MMA), codes_t, input_precision=PREC)
-        score1 += tl.sum(q * z1[None, :], axis=1)[:, None]
-        s = tl.where((k_rows // k_group == grp0)[None, :], score0, score1) * scaling  # [BLOCK_G, BLOCK_N]
+        r = n0 + tl.arange(0, BLOCK_N)
+        r_mask = (r >= lead) & (r < end)
+        # keys, never dequantised: k = zero + code · step per channel of the tile's group, so q·k = (q∘step)·code +
+        # q·zero (centred codes: zero + half · step)
+        k_rows = k_row0 - lead + r
+        codes = _codes(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D, MMA)
+        kz_ptrs = kz_base + ((k_row0 - lead + n0) // k_group) * stride_kzg
+        k_step = tl.load(KS + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+        k_zero = tl.load(KZ + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32) + (1 << (K_BITS - 1)) * k_step
+        s = tl.dot((q * k_step[None, :]).to(MMA), tl.trans(codes), input_precision=PREC)
+        s = (s + tl.sum(q * k_zero[None, :], axis=1)[:, None]) * scaling  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(r_mask[None, :], s, float("-inf"))
@@ -117,30 +107,31 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
 
-        v_rows = v_row0 + rows
-        v_codes = _unpack(vc_base + v_rows * stride_vcn, r_mask, v_ok, V_BITS, BLOCK_D).to(MMA)
+        v_rows = v_row0 - lead + r
+        v_codes = _codes(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D, MMA)
         if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + code·step) = (p∘step)·codes + sum_r p·zero
             vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
             v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-            v_zero = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + V_HALF * v_step
+            v_zero = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
             pv = tl.dot((p * v_step[None, :]).to(MMA), v_codes, input_precision=PREC)
             z_acc = z_acc * alpha + tl.sum(p * v_zero[None, :], axis=1)
         else:  # groups of channels within a head: dequantise the tile
-            tile = r_mask[:, None] & v_ok[None, :]
+            tile = r_mask[:, None] & d_ok[None, :]
             vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + (chan // v_group)[None, :]
             v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
-                 + (v_codes.to(tl.float32) + V_HALF) * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
+                 + (v_codes.to(tl.float32) + (1 << (V_BITS - 1))) * tl.load(VS + vz_ptrs, mask=tile,
+                                                                            other=0.0).to(tl.float32))
             pv = tl.dot(p.to(MMA), v.to(MMA), input_precision=PREC)
         # still channel-normalised: the channel scale is a column factor, applied once at the end
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=v_ok, other=0.0).to(tl.float32)
+    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=d_ok, other=0.0).to(tl.float32)
     acc = (acc + z_acc[:, None]) * channel_scale[None, :]
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i)
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
-    tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + v_chan[None, :], acc, mask=v_ok[None, :])
+    tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
 @triton.jit
@@ -220,24 +211,26 @@ def launch_finish(query, keys, values, partials, out, lse, *, scaling: float, so
         WRITE_LSE=lse is not None, PREC=_prec(query.dtype), num_warps=num_warps)
 
 
-def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_row0: int, v_row0: int,
+def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_row0: int, v_row0: int, lead: int,
                    split_len: int, split0: int, scaling: float, softcap: float | None, block_n: int,
-                   num_warps: int) -> None:
-    """Partials of the segment's ``cdiv(seg_len, split_len)`` splits into slots ``split0 ...`` of ``partials``
-    (``(m, l, acc)``: ``[b·hk, slots, BLOCK_G]`` twice and ``[b·hk, slots, BLOCK_G, BLOCK_D]``, float32)."""
+                   num_warps: int, num_stages: int | None = None) -> None:
+    """Partials of the segment's ``cdiv(lead + seg_len, split_len)`` splits into slots ``split0 ...`` of
+    ``partials`` (``(m, l, acc)``: ``[b·hk, slots, BLOCK_G]`` twice and ``[b·hk, slots, BLOCK_G, BLOCK_D]``,
+    float32). ``lead = k_row0 % block_n``: the rows of the segment's first key-aligned tile that precede it."""
     m, l, acc = partials
     b, h, _, d = query.shape
     kc, kz, ks, vc, vz, vs = (t.contiguous() for t in (key.codes, key.zero, key.step, value.codes, value.zero,
                                                          value.step))  # no-ops for the cache's own tensors
     hk = kc.shape[1]
     block_g, block_d = m.shape[2], acc.shape[3]
-    _segment_kernel[(b * hk, triton.cdiv(seg_len, split_len))](
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    _segment_kernel[(b * hk, triton.cdiv(lead + seg_len, split_len))](
         query, kc, kz, ks, vc, vz, vs, value_scale, m, l, acc,
-        scaling, 1.0 if softcap is None else softcap, seg_len, k_row0, v_row0, key.group, kz.shape[2], value.group,
+        scaling, 1.0 if softcap is None else softcap, seg_len, k_row0, v_row0, lead, key.group, value.group,
         split_len, split0, m.shape[1], hk, h // hk,
         query.stride(0), query.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kz.stride(0), kz.stride(1), kz.stride(2), vc.stride(0), vc.stride(1),
         vz.stride(0), vz.stride(1), value_scale.stride(0),
         D=d, K_BITS=key.bits, V_BITS=value.bits, V_ROWWISE=value.group % d == 0, BLOCK_D=block_d,
         BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, MMA=_mma_dtype(query.dtype),
-        PREC=_prec(query.dtype), num_warps=num_warps)
+        PREC=_prec(query.dtype), num_warps=num_warps, **stages)
