@@ -35,15 +35,53 @@ def _tanh(x):
     return tl.where(x >= 0, y, -y)
 
 
+def _unpack_asm(bits: int) -> str:
+    """PTX unpacking one 32-bit register (two 16-bit words of packed codes) into ``16 // bits`` registers of two
+    fp16 each: register ``k`` gets code ``k`` of both words, centred. Per register one shift, one ``lop3`` (mask,
+    then OR in the exponent of 1024: ``0x6400 | code`` is the fp16 ``1024 + code``) and one ``sub.f16x2`` of
+    ``1024 + 2**(bits-1)``: about 1.5 instructions per code instead of the ~5 of byte extracts and conversions."""
+    per, mask = 16 // bits, (1 << bits) - 1
+    lines = ["{", ".reg .b32 t, m;", f"mov.b32 m, {(0x6400 + (1 << (bits - 1))) * 0x10001:#x};"]
+    for k in range(per):
+        source = "$%d" % per
+        if k:
+            lines.append(f"shr.b32 t, {source}, {k * bits};")
+            source = "t"
+        lines.append(f"lop3.b32 ${k}, {source}, {mask * 0x10001:#x}, 0x64006400, 0xEA;")
+        lines.append(f"sub.rn.f16x2 ${k}, ${k}, m;")
+    return "\n".join(lines + ["}"])
+
+
+_UNPACK2, _UNPACK4, _UNPACK8 = (tl.constexpr(_unpack_asm(bits)) for bits in (2, 4, 8))
+
+
 @triton.jit
-def _codes(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, MMA: tl.constexpr):
+def _codes(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, MMA: tl.constexpr,
+           ASM: tl.constexpr):
     """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte) as ``[BLOCK_N, BLOCK_D]`` product
     operands in channel order, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products
-    they enter). One contiguous load of the rows' bytes (vectorised, each byte read once); the codes of a byte are
-    split with shifts and put side by side with ``tl.interleave`` (in registers: code ``i`` of byte ``j`` is channel
-    ``j·per + i``, the packing's order). 16-bit operands are made without an int→float conversion: ``code | 0x6400``
-    read as fp16 is exactly ``1024 + code``."""
+    they enter). One contiguous load of the rows' bytes (vectorised, each byte read once); the codes of a word are
+    split and put side by side with ``tl.interleave`` (in registers: code ``i`` of byte ``j`` is channel
+    ``j·per + i``, the packing's order). ``ASM`` (compiled fp16 operands, rows of whole 16-bit words): the split
+    and the conversion in PTX (:func:`_unpack_asm`); else Triton operations (the interpreter), where 16-bit operands
+    still skip the int→float conversion: ``code | 0x6400`` read as fp16 is exactly ``1024 + code``."""
     ROW_BYTES: tl.constexpr = BLOCK_D * BITS // 8
+    if ASM:
+        offs = tl.arange(0, ROW_BYTES // 2)
+        words = tl.load(row_ptrs.to(tl.pointer_type(tl.int16))[:, None] + offs[None, :],
+                        mask=row_mask[:, None] & (offs < D * BITS // 16)[None, :], other=0)
+        if BITS == 8:
+            c0, c1 = tl.inline_asm_elementwise(_UNPACK8, "=r,=r,r", [words], (tl.float16,) * 2, True, 2)
+            return tl.interleave(c0, c1)
+        elif BITS == 4:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(_UNPACK4, "=r,=r,=r,=r,r", [words], (tl.float16,) * 4, True,
+                                                       2)
+            return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _UNPACK2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], (tl.float16,) * 8, True, 2)
+            return tl.interleave(tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
+                                 tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)))
     offs = tl.arange(0, ROW_BYTES)
     x = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_mask[:, None] & (offs < D * BITS // 8)[None, :], other=0)
     if BITS == 4:
@@ -63,7 +101,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
                     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                    MMA: tl.constexpr, PREC: tl.constexpr):
+                    MMA: tl.constexpr, PREC: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr):
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
@@ -94,7 +132,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         # keys, never dequantised: k = zero + code · step per channel of the tile's group, so q·k = (q∘step)·code +
         # q·zero (centred codes: zero + half · step)
         k_rows = k_row0 - lead + r
-        codes = _codes(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D, MMA)
+        codes = _codes(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D, MMA, K_ASM)
         kz_ptrs = kz_base + ((k_row0 - lead + n0) // k_group) * stride_kzg
         k_step = tl.load(KS + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32)
         k_zero = tl.load(KZ + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32) + (1 << (K_BITS - 1)) * k_step
@@ -108,7 +146,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         alpha = tl.exp(m_i - m_new)
 
         v_rows = v_row0 - lead + r
-        v_codes = _codes(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D, MMA)
+        v_codes = _codes(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D, MMA, V_ASM)
         if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + code·step) = (p∘step)·codes + sum_r p·zero
             vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
             v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
@@ -191,6 +229,12 @@ def _mma_dtype(dtype: torch.dtype):
     return tl.float32 if dtype == torch.float32 else tl.float16
 
 
+def _asm_unpack(query: torch.Tensor, d: int, bits: int) -> bool:
+    """Whether the codes take the PTX unpacking: compiled (not the interpreter), fp16 operands, whole 16-bit words
+    per row."""
+    return query.is_cuda and _mma_dtype(query.dtype) == tl.float16 and d * bits % 16 == 0
+
+
 def _prec(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None  # fp32 inputs: exact dots, no TF32
 
@@ -233,4 +277,5 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
         vz.stride(0), vz.stride(1), value_scale.stride(0),
         D=d, K_BITS=key.bits, V_BITS=value.bits, V_ROWWISE=value.group % d == 0, BLOCK_D=block_d,
         BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, MMA=_mma_dtype(query.dtype),
-        PREC=_prec(query.dtype), num_warps=num_warps, **stages)
+        PREC=_prec(query.dtype), K_ASM=_asm_unpack(query, d, key.bits), V_ASM=_asm_unpack(query, d, value.bits),
+        num_warps=num_warps, **stages)
