@@ -43,7 +43,7 @@ def _unpack_asm(bits: int) -> str:
     per, mask = 16 // bits, (1 << bits) - 1
     lines = ["{", ".reg .b32 t, m;", f"mov.b32 m, {(0x6400 + (1 << (bits - 1))) * 0x10001:#x};"]
     for k in range(per):
-        source = "$%d" % per
+        source = f"${per}"
         if k:
             lines.append(f"shr.b32 t, {source}, {k * bits};")
             source = "t"
