@@ -176,27 +176,32 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
 def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slots, hk, g,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SOFTCAP: tl.constexpr, WRITE_LSE: tl.constexpr, PREC: tl.constexpr):
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_LSE: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Grid ``(sequence × KV head, channel chunk)``: each program scores the full-precision tokens (all channels)
+    and merges the partials of its ``BLOCK_C`` output channels, ``BLOCK_S`` slots at a time (a merge one slot at a
+    time is a chain of dependent loads: ~130 slots per head at b = 1 took about as long as the segments)."""
     pid = tl.program_id(0)  # = sequence * hk + KV head
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     seq = pid // hk
     kv = pid % hk
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    g_mask = (offs_g < g)[:, None] & d_mask[None, :]
-    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :], mask=g_mask,
-                other=0.0)
+    c_mask = offs_c < D
+    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_g < g)[:, None] & d_mask[None, :], other=0.0)
     k_base = K + seq * stride_kb + kv * stride_kh
     v_base = V + seq * stride_vb + kv * stride_vh
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_C), tl.float32)
     for n0 in range(0, fp_len, BLOCK_N):  # the full-precision tokens
         rows = n0 + tl.arange(0, BLOCK_N)
         r_mask = rows < fp_len
-        tile = r_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=tile, other=0.0)
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :],
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -204,23 +209,29 @@ def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slo
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=tile, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_c[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                    other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    for slot in range(pid * n_slots, (pid + 1) * n_slots):  # the quantised segments' splits
-        m_s = tl.load(M + slot * BLOCK_G + offs_g)
-        m_new = tl.maximum(m_i, m_s)
-        alpha, beta = tl.exp(m_i - m_new), tl.exp(m_s - m_new)
-        acc_s = tl.load(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        l_i = l_i * alpha + tl.load(L + slot * BLOCK_G + offs_g) * beta
+    for s0 in range(0, n_slots, BLOCK_S):  # the quantised segments' splits, BLOCK_S at a time
+        slot = s0 + tl.arange(0, BLOCK_S)
+        row = (pid * n_slots + slot)[:, None] * BLOCK_G + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
+        s_mask = (slot < n_slots)[:, None]
+        m_s = tl.load(M + row, mask=s_mask, other=float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(m_s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        beta = tl.exp(m_s - m_new[None, :])  # 0 for the masked slots
+        acc_s = tl.load(ACC + row[:, :, None] * BLOCK_D + offs_c[None, None, :], mask=s_mask[:, :, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(acc_s * beta[:, :, None], axis=0)
+        l_i = l_i * alpha + tl.sum(tl.load(L + row, mask=s_mask, other=0.0) * beta, axis=0)
         m_i = m_new
     out = acc / l_i[:, None]
-    if WRITE_LSE:  # [b, h]: the softmax's log-normaliser per query head
-        tl.store(LSE + seq * hk * g + kv * g + offs_g, m_i + tl.log(l_i), mask=offs_g < g)
-    tl.store(OUT + seq * stride_ob + (kv * g + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=g_mask)
+    if WRITE_LSE:  # [b, h]: the softmax's log-normaliser per query head, from the first channel chunk
+        if tl.program_id(1) == 0:
+            tl.store(LSE + seq * hk * g + kv * g + offs_g, m_i + tl.log(l_i), mask=offs_g < g)
+    tl.store(OUT + seq * stride_ob + (kv * g + offs_g)[:, None] * stride_oh + offs_c[None, :],
+             out.to(OUT.dtype.element_ty), mask=(offs_g < g)[:, None] & c_mask[None, :])
 
 
 def _mma_dtype(dtype: torch.dtype):
@@ -240,19 +251,22 @@ def _prec(dtype: torch.dtype):
 
 
 def launch_finish(query, keys, values, partials, out, lse, *, scaling: float, softcap: float | None, block_n: int,
-                  num_warps: int) -> None:
+                  num_warps: int, block_c: int = 32, block_s: int = 8) -> None:
     """``out [b, 1, h, d]`` from the full-precision ``keys``/``values`` and every slot of ``partials``; each query
-    head's logsumexp into ``lse [b, h]`` (float32) unless it is None."""
+    head's logsumexp into ``lse [b, h]`` (float32) unless it is None. ``block_c`` output channels per program,
+    ``block_s`` slots merged at once."""
     m, l, acc = partials
     b, h, _, d = query.shape
     hk = keys.shape[1]
-    _finish_kernel[(b * hk,)](
+    block_d = acc.shape[3]
+    block_c = min(block_c, block_d)
+    _finish_kernel[(b * hk, triton.cdiv(d, block_c))](
         query, keys, values, m, l, acc, out, out if lse is None else lse, scaling,
         1.0 if softcap is None else softcap, keys.shape[2], m.shape[1], hk, h // hk, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(2),
-        D=d, BLOCK_D=acc.shape[3], BLOCK_G=m.shape[2], BLOCK_N=block_n, SOFTCAP=softcap is not None,
-        WRITE_LSE=lse is not None, PREC=_prec(query.dtype), num_warps=num_warps)
+        D=d, BLOCK_D=block_d, BLOCK_C=block_c, BLOCK_G=m.shape[2], BLOCK_N=block_n, BLOCK_S=block_s,
+        SOFTCAP=softcap is not None, WRITE_LSE=lse is not None, PREC=_prec(query.dtype), num_warps=num_warps)
 
 
 def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_row0: int, v_row0: int, lead: int,
