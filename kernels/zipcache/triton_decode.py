@@ -133,11 +133,12 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         # q·zero (centred codes: zero + half · step)
         k_rows = k_row0 - lead + r
         codes = _codes(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D, MMA, K_ASM)
-        kz_ptrs = kz_base + ((k_row0 - lead + n0) // k_group) * stride_kzg
-        k_step = tl.load(KS + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32)
-        k_zero = tl.load(KZ + kz_ptrs, mask=d_ok, other=0.0).to(tl.float32) + (1 << (K_BITS - 1)) * k_step
-        s = tl.dot((q * k_step[None, :]).to(MMA), tl.trans(codes), input_precision=PREC)
-        s = (s + tl.sum(q * k_zero[None, :], axis=1)[:, None]) * scaling  # [BLOCK_G, BLOCK_N]
+        # the group's parameters loaded once per query row (L1 hits): in the query's layout, no shuffle to it
+        kz_ptrs = kz_base[None, :] + ((k_row0 - lead + n0) // k_group) * stride_kzg + 0 * offs_g[:, None]
+        k_step = tl.load(KS + kz_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        k_zero = tl.load(KZ + kz_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32) + (1 << (K_BITS - 1)) * k_step
+        s = tl.dot((q * k_step).to(MMA), tl.trans(codes), input_precision=PREC)
+        s = (s + tl.sum(q * k_zero, axis=1)[:, None]) * scaling  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(r_mask[None, :], s, float("-inf"))
