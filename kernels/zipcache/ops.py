@@ -121,6 +121,8 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
     num_warps = num_warps or (4 if d <= 128 else 8)
+    if num_stages is None and query.is_cuda and d <= 128:
+        num_stages = 4  # H200, d = 128: 3-5 % faster than Triton's 3 at 32k-131k, b = 1 and 8 (--tiles)
     split0 = 0
     for scale, key, k_row0, value, v_row0, seg_len, lead in segments:
         launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0, lead=lead,
