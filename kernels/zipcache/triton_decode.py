@@ -93,7 +93,12 @@ def _codes(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.
     return x.to(MMA) - (1 << (BITS - 1))
 
 
-@triton.jit
+#: row counts and offsets differ from block to block and step to step: specialising on them (``% 16 == 0``) compiles
+#: another kernel (seconds) in the middle of a decode whenever one first turns (in)divisible; strides stay specialised
+_ROW_ARGS = ["seg_len", "k_row0", "v_row0", "lead", "split_len", "split0", "n_slots", "fp_len"]
+
+
+@triton.jit(do_not_specialize=[a for a in _ROW_ARGS if a != "fp_len"])
 def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     scaling, softcap, seg_len, k_row0, v_row0, lead, k_group, v_group, split_len, split0,
                     n_slots, hk, g,
@@ -173,7 +178,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["fp_len", "n_slots"])
 def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slots, hk, g,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh,
