@@ -20,7 +20,8 @@ Per row (shape, variant, prompt length n), batch 1, under ``torch.inference_mode
   * decode: ``--new-tokens`` (64) greedy steps, one forward of the last token through the cache each (the first
     step feeds the prefill's argmax), argmax on the GPU, timed as one CUDA-event interval over the loop ->
     ``decode_s`` and ``decode_tok_s = new_tokens / decode_s``; ``decode_host_s``: how long the host took to queue the
-    steps (close to ``decode_s``: the decode waits on Python, not the GPU).
+    steps (a hint: near ``decode_s`` when Python is the bottleneck, but also when the GPU falls so far behind that
+    the launch queue fills and blocks the host).
   * ``kv_bytes``: the cache's true bytes after prefill + decode (``layer_nbytes`` per layer: zipcache's packed
     codes and scales, the DynamicCache's bf16 tensors), ``kv_bytes_prefill`` after the prefill, ``kv_bytes_full``
     those of an uncompressed cache; ``peak_gb``: ``torch.cuda.max_memory_allocated`` over the row in GiB (weights
@@ -251,7 +252,7 @@ def measure(model, ids: torch.Tensor, steps: int, chunk: int | None, cuda: bool,
     timer.start()
     host = time.perf_counter()
     fed = decode(model, token, cache, steps)
-    host_s = time.perf_counter() - host  # the host queueing the steps: close to decode_s = host-bound
+    host_s = time.perf_counter() - host  # the host queueing the steps (see the module docstring)
     decode_ms = timer.stop_ms()
     if patchattn.is_patched(model):
         patchattn.attention_paths(model, reset=True)

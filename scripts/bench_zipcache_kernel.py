@@ -226,24 +226,28 @@ def main() -> None:
 
 
 def plot(rows, path: Path, meta: dict, args) -> None:
+    """One panel per batch size and head count; sdpa and fused at their GPU time (CUDA graphs) where measured."""
     plt = pyplot()
     ok = [r for r in rows if "error" not in r]
-    batches = sorted({r["batch"] for r in ok})
-    fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(5.5 * max(1, len(batches)), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        for setting, marker in zip(meta["settings"], "os^"):
-            pts = sorted((r["context"], r) for r in ok if r["batch"] == b and r["setting"] == setting)
+    panels = sorted({(r["batch"], r.get("heads", args.heads)) for r in ok})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (b, h) in zip(axes[0], panels):
+        mine = [r for r in ok if r["batch"] == b and r.get("heads", args.heads) == h]
+        settings = [s for s in meta["settings"] if any(r["setting"] == s for r in mine)]
+        for setting, marker in zip(settings, "os^"):
+            pts = sorted((r["context"], r) for r in mine if r["setting"] == setting)
             xs = [c for c, _ in pts]
             for method, style in zip(METHODS, (":", "--", "-")):
-                if method == "sdpa" and setting != next(iter(meta["settings"])):
+                if method == "sdpa" and setting != settings[0]:
                     continue  # one baseline line: it does not depend on the setting
                 label = "sdpa (bf16 KV)" if method == "sdpa" else f"{method}, {setting}"
-                ax.plot(xs, [r[f"{method}_ms"] for _, r in pts], style, marker=marker, label=label)
+                ax.plot(xs, [r.get(f"{method}_graph_ms", r[f"{method}_ms"]) for _, r in pts], style, marker=marker,
+                        label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("one decode attention (ms)")
-        ax.set_title(f"b={b}, h={args.heads}, hk={args.kv_heads}, d={args.head_dim}", fontsize=9)
+        ax.set_ylabel("one decode attention (ms; GPU time where graphed)")
+        ax.set_title(f"b={b}, h={h}, hk={args.kv_heads}, d={args.head_dim}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"ZipCache decode attention, {meta['gpu']}, bf16", fontsize=9)
     save_figure(fig, path)
