@@ -372,8 +372,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{shape}: {title}")
             ax.grid(True, alpha=0.3)
         ax_row[0].set_yscale("log")
-        ax_row[0].legend(fontsize=8)
-        ax_row[1].legend(fontsize=6, ncol=2)
+        ax_row[0].legend(fontsize=8)  # one legend per shape: the colours are the same in all three panels
     save_figure(fig, path)
 
 
