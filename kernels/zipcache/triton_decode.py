@@ -4,16 +4,16 @@ A *segment* is a contiguous range of a block's stored rows whose keys come from 
 tensor and whose values from one CSTQuant value tensor (a block stored salient first has two). The grid is
 ``(sequence × KV head, split)``: each program streams its split of the segment once for the whole GQA group (the
 group's queries padded to ``BLOCK_G >= 16`` rows, so both products are ``tl.dot``\\s) and runs an online softmax.
-A tile of codes is a few contiguous loads of its rows' bytes, one per bit plane (:func:`_plane_order`: columns in
-bit-plane order; the query, the parameters and the output follow it), split in registers. Nothing is dequantised:
+A tile of codes is one contiguous load of its rows' bytes, split in registers into channel order (:func:`_codes`;
+PTX on the GPU); tiles are aligned to the key tensor's rows, so each lies in one key group. Nothing is dequantised:
 the quantisation parameters move to the small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key
 group (channel-wise keys) and ``p·v = (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work
 is the unpacking and two matrix products, and the bytes read are the packed codes plus one parameter row per 128
 keys or per token (the values' channel scale, a column factor, is applied once to the accumulator). It writes a
 partial ``(max, sum, accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of
 the step. ``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same way and folds
-every slot in (logsumexp merge), writing the output (and, for probe steps, each query's logsumexp): one launch per
-segment, plus one.
+every slot in (logsumexp merge, several slots at a time, one program per head and channel chunk), writing the output
+(and, for probe steps, each query's logsumexp): one launch per segment, plus one.
 
 Layouts (``Quantized`` in ``patchattn/variants/zipcache.py``): key codes ``[b, hk, n, d·bits/8]``, key zero/step
 ``[b, hk, G, 1, d]`` (row ``r`` of the key tensor uses group ``r // k_group``); value codes ``[b, n, C·bits/8]`` with
