@@ -101,6 +101,26 @@ def test_kernel_matches_reference_at_a_head_dim_that_is_not_a_power_of_two(kerne
           split_len=16)
 
 
+def test_head_dims_whose_codes_do_not_fill_whole_words_take_the_reference(kernel_on_cpu, caplog):
+    """The kernel reads codes as 16-bit words: a head dim of 36 at 2 bits (72 bits a row) decodes with the
+    reference, said once; at 4 bits (144 bits) it takes the kernel."""
+    gen = torch.Generator().manual_seed(36)
+    d, hk = 36, 2
+    query = randn(1, hk * 2, 1, d, gen=gen)
+    keys, values = randn(1, hk, 2, d, gen=gen), randn(1, hk, 2, d, gen=gen)
+    ops._log_fallback_once.cache_clear()
+    with caplog.at_level("WARNING", logger="patchattn"):
+        for _ in range(2):
+            block = make_block(gen, 1, hk, 32, d, torch.float32, high_bits=2, low_bits=2, salient=False)
+            got = ops.quantized_decode_attention(query, [block], keys, values, scaling=0.2)
+            want = quantized_decode_attention_reference(query, [block], keys, values, scaling=0.2)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert sum("whole 16-bit words" in r.message for r in caplog.records) == 1
+    block = make_block(gen, 1, hk, 32, d, torch.float32, high_bits=4, low_bits=4, salient=False)
+    check(query, [block], keys, values, scaling=0.2, softcap=None, dtype=torch.float32)
+    assert sum("whole 16-bit words" in r.message for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_the_logsumexp_a_probe_step_needs_matches_the_reference(kernel_on_cpu, softcap):
     gen = torch.Generator().manual_seed(11)
@@ -146,7 +166,7 @@ def test_tiles_lie_in_one_key_group(kernel_on_cpu, caplog):
     check(query, [block], keys, values, scaling=0.2, softcap=None, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"block_n \(32\) must be a power of two in \[16, 16\]"):
         ops.quantized_decode_attention(query, [block], keys, values, scaling=0.2, block_n=32)
-    ops._log_small_groups_once.cache_clear()
+    ops._log_fallback_once.cache_clear()
     with caplog.at_level("WARNING", logger="patchattn"):
         for group in (8, 24):
             narrow = make_block(gen, 1, 2, 40, 32, torch.float32, key_group_size=group, salient=False)

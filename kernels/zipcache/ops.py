@@ -83,7 +83,8 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     logsumexp ``[b, h]`` float32 (the softmax's normaliser: a probe step scores its own tokens with it).
     ``block_n`` (rows per tile, a power of two >= 16 dividing the key group size), ``split_len`` (rows per program,
     a multiple of ``block_n``), ``num_warps`` and ``num_stages`` default to sizes for the device. Key groups that
-    are not a multiple of 16 tokens (``key_group_size``) take the reference path (logged once)."""
+    are not a multiple of 16 tokens (``key_group_size``) and head dims whose codes do not fill whole 16-bit words
+    take the reference path (logged once)."""
     _check(query, keys, values)
     reference = functools.partial(quantized_decode_attention_reference, query, blocks, keys, values, scaling=scaling,
                                   softcap=softcap, return_lse=return_lse)
@@ -92,13 +93,18 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     b, h, _, d = query.shape
     hk, g = keys.shape[1], h // keys.shape[1]
     segments = [(block.value_scale.contiguous(), *seg) for block in blocks for seg in block_segments(block)]
+    if any(d * part.bits % 16 for _, key, _, value, *_ in segments for part in (key, value)):
+        _log_fallback_once(f"head_dim {d} does not fill whole 16-bit words of packed codes at "
+                           f"{sorted({part.bits for _, key, _, value, *_ in segments for part in (key, value)})} bits")
+        return reference()
     widest = _widest_tile(segments)
     if block_n is None:
         # H200, d = 128, 131k: 128-row tiles 4-10 % faster than 64 (bench_zipcache_kernel --tiles); the
         # interpreter: small tiles, so tests cross several
         block_n = min(widest, (128 if d <= 128 else 64) if query.is_cuda else 16)
         if block_n < 16:
-            _log_small_groups_once(widest)
+            _log_fallback_once(f"key groups are multiples of {widest} tokens only, the kernel's tiles need 16 rows "
+                               "inside one group (a key_group_size that is a multiple of 16, or 0, keeps it)")
             return reference()
     elif block_n < 16 or block_n & (block_n - 1) or block_n > widest:
         raise ValueError(f"block_n ({block_n}) must be a power of two in [16, {widest}] (a tile must lie in "
@@ -116,7 +122,8 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
 
     query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
     slots = sum(-(-(seg[-2] + seg[-1]) // split_len) for seg in segments)
-    block_g, block_d = (max(16, 1 << (x - 1).bit_length()) for x in (g, d))  # tl.dot needs >= 16 a side
+    block_g = 1 << (g - 1).bit_length()  # the products' rows: padded to the tensor cores' 16 by the compiler
+    block_d = max(16, 1 << (d - 1).bit_length())
     partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
@@ -136,12 +143,10 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=1)
-def _log_small_groups_once(widest: int) -> None:
-    logging.getLogger("patchattn").warning(
-        "zipcache decode: key groups are multiples of %d tokens only, the kernel's tiles need 16 rows inside one "
-        "group; decoding with the reference (dequantise every block) instead. A key_group_size that is a multiple "
-        "of 16 (or 0) keeps the fused kernel.", widest)
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(why: str) -> None:
+    logging.getLogger("patchattn").warning("zipcache decode: %s; decoding with the reference (dequantise every "
+                                           "block) instead of the fused kernel.", why)
 
 
 def probe_column_scores(query, key, rows, *, scaling: float, softcap: float | None = None,

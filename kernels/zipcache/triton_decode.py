@@ -3,13 +3,16 @@
 A *segment* is a contiguous range of a block's stored rows whose keys come from one channel-wise quantised key
 tensor and whose values from one CSTQuant value tensor (a block stored salient first has two). The grid is
 ``(sequence × KV head, split)``: each program streams its split of the segment once for the whole GQA group (the
-group's queries padded to ``BLOCK_G >= 16`` rows, so both products are ``tl.dot``\\s) and runs an online softmax.
-A tile of codes is one contiguous load of its rows' bytes, split in registers into channel order (:func:`_codes`;
-PTX on the GPU); tiles are aligned to the key tensor's rows, so each lies in one key group. Nothing is dequantised:
-the quantisation parameters move to the small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key
-group (channel-wise keys) and ``p·v = (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work
-is the unpacking and two matrix products, and the bytes read are the packed codes plus one parameter row per 128
-keys or per token (the values' channel scale, a column factor, is applied once to the accumulator). It writes a
+group's queries are the rows of both products, ``tl.dot``\\s of ``BLOCK_G >= g`` rows: the compiler pads them to
+the tensor cores' 16, the softmax runs on the real ones only) and runs an online softmax. Codes travel as 16-bit
+words: the compiler loads a tile's words straight into the product's operand layout and :func:`_codes` unpacks
+them there, one operand per code position ``k`` of a word (channels ``k, k + PER, ...``), so each product is a sum
+of ``PER`` smaller ones and queries, parameters and outputs are taken at stride ``PER``. Tiles are aligned to the
+key tensor's rows, so each lies in one key group. Nothing is dequantised: the quantisation parameters move to the
+small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key group (channel-wise keys) and ``p·v =
+(p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work is the unpacking and the products, and
+the bytes read are the packed codes plus one parameter row per key group or per token (the values' channel scale,
+a column factor, is applied once to the accumulator). It writes a
 partial ``(max, sum, accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of
 the step. ``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same way and folds
 every slot in (logsumexp merge, several slots at a time, one program per head and channel chunk), writing the output
@@ -35,20 +38,28 @@ def _tanh(x):
     return tl.where(x >= 0, y, -y)
 
 
+def code_scales(bits: int) -> list[int]:
+    """The factor each code of a 16-bit word carries once unpacked (:func:`_unpack_asm`): code ``k`` is masked in
+    place inside its byte, so it comes out multiplied by ``2**(k·bits mod 8)``; the products divide it back out on
+    their small side."""
+    return [1 << (k * bits % 8) for k in range(16 // bits)]
+
+
 def _unpack_asm(bits: int) -> str:
     """PTX unpacking one 32-bit register (two 16-bit words of packed codes) into ``16 // bits`` registers of two
-    fp16 each: register ``k`` gets code ``k`` of both words, centred. Per register one shift, one ``lop3`` (mask,
-    then OR in the exponent of 1024: ``0x6400 | code`` is the fp16 ``1024 + code``) and one ``sub.f16x2`` of
-    ``1024 + 2**(bits-1)``: about 1.5 instructions per code instead of the ~5 of byte extracts and conversions."""
+    fp16 each: register ``k`` gets code ``k`` of both words as the fp16 ``1024 + code·scale_k``
+    (:func:`code_scales`). One ``lop3`` per register (mask the code in place, OR in the exponent of 1024:
+    ``0x6400 | x`` is the fp16 ``1024 + x`` for ``x < 1024``), one shift for the high bytes: 0.6 instructions per
+    4-bit code. No subtraction: the products' ``1024·sum`` is taken off once per tile on the small side."""
     per, mask = 16 // bits, (1 << bits) - 1
-    lines = ["{", ".reg .b32 t, m;", f"mov.b32 m, {(0x6400 + (1 << (bits - 1))) * 0x10001:#x};"]
+    lines = ["{", ".reg .b32 t;"]
     for k in range(per):
         source = f"${per}"
-        if k:
-            lines.append(f"shr.b32 t, {source}, {k * bits};")
+        if k * bits >= 8:
+            if (k - 1) * bits < 8:
+                lines.append(f"shr.b32 t, ${per}, 8;")
             source = "t"
-        lines.append(f"lop3.b32 ${k}, {source}, {mask * 0x10001:#x}, 0x64006400, 0xEA;")
-        lines.append(f"sub.rn.f16x2 ${k}, ${k}, m;")
+        lines.append(f"lop3.b32 ${k}, {source}, {(mask << (k * bits % 8)) * 0x10001:#x}, 0x64006400, 0xEA;")
     return "\n".join(lines + ["}"])
 
 
@@ -56,49 +67,46 @@ _UNPACK2, _UNPACK4, _UNPACK8 = (tl.constexpr(_unpack_asm(bits)) for bits in (2, 
 
 
 @triton.jit
-def _codes(row_ptrs, row_mask, BITS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, MMA: tl.constexpr,
-           ASM: tl.constexpr):
-    """The codes of ``BLOCK_N`` rows (``row_ptrs``: each row's first byte) as ``[BLOCK_N, BLOCK_D]`` product
-    operands in channel order, centred (minus ``2**(BITS-1)``: half the magnitude, half the rounding of the products
-    they enter). One contiguous load of the rows' bytes (vectorised, each byte read once); the codes of a word are
-    split and put side by side with ``tl.interleave`` (in registers: code ``i`` of byte ``j`` is channel
-    ``j·per + i``, the packing's order). ``ASM`` (compiled fp16 operands, rows of whole 16-bit words): the split
-    and the conversion in PTX (:func:`_unpack_asm`); else Triton operations (the interpreter), where 16-bit operands
-    still skip the int→float conversion: ``code | 0x6400`` read as fp16 is exactly ``1024 + code``."""
-    ROW_BYTES: tl.constexpr = BLOCK_D * BITS // 8
+def _codes(words, BITS: tl.constexpr, MMA: tl.constexpr, ASM: tl.constexpr):
+    """The ``16 // BITS`` codes of each 16-bit word of ``words`` (int16, any shape) as a tuple of product operands
+    shaped like ``words``: element ``k`` holds code ``k`` of every word as ``OFFSET + code·scale_k``
+    (:func:`code_scales`; ``OFFSET`` 1024 for fp16 operands, exact there, else 0). Each operand has the words' layout: the compiler loads the words straight
+    into the matrix-product operand layout and unpacks them there (no shared-memory trip for the codes, no register
+    shuffles). ``ASM``: the unpacking in PTX (:func:`_unpack_asm`); else Triton operations (the interpreter)."""
     if ASM:
-        offs = tl.arange(0, ROW_BYTES // 2)
-        words = tl.load(row_ptrs.to(tl.pointer_type(tl.int16))[:, None] + offs[None, :],
-                        mask=row_mask[:, None] & (offs < D * BITS // 16)[None, :], other=0)
         if BITS == 8:
-            c0, c1 = tl.inline_asm_elementwise(_UNPACK8, "=r,=r,r", [words], (tl.float16,) * 2, True, 2)
-            return tl.interleave(c0, c1)
+            return tl.inline_asm_elementwise(_UNPACK8, "=r,=r,r", [words], (tl.float16,) * 2, True, 2)
         elif BITS == 4:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(_UNPACK4, "=r,=r,=r,=r,r", [words], (tl.float16,) * 4, True,
-                                                       2)
-            return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+            return tl.inline_asm_elementwise(_UNPACK4, "=r,=r,=r,=r,r", [words], (tl.float16,) * 4, True, 2)
         else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _UNPACK2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], (tl.float16,) * 8, True, 2)
-            return tl.interleave(tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
-                                 tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)))
-    offs = tl.arange(0, ROW_BYTES)
-    x = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_mask[:, None] & (offs < D * BITS // 8)[None, :], other=0)
-    if BITS == 4:
-        x = tl.interleave(x & 15, x >> 4)
-    elif BITS == 2:
-        x = tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
-    if MMA == tl.float16:
-        return (x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + (1 << (BITS - 1)))
-    return x.to(MMA) - (1 << (BITS - 1))
+            return tl.inline_asm_elementwise(_UNPACK2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], (tl.float16,) * 8,
+                                             True, 2)
+    out = ()
+    for k in tl.static_range(16 // BITS):
+        code = (words >> (k * BITS // 8 * 8)) & (((1 << BITS) - 1) << (k * BITS % 8))
+        if MMA == tl.float16:
+            out = out + ((code | 0x6400).to(tl.float16, bitcast=True),)
+        else:  # fp32 products: no offset to cancel (it would cost fp32 ten bits)
+            out = out + (code.to(MMA),)
+    return out
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _zeros_tuple(SHAPE: tl.constexpr, COUNT: tl.constexpr):
+    out = ()
+    for _ in tl.static_range(COUNT):
+        out = out + (tl.zeros(SHAPE, tl.float32),)
+    return out
 
 
 #: row counts and offsets differ from block to block and step to step: specialising on them (``% 16 == 0``) compiles
 #: another kernel (seconds) in the middle of a decode whenever one first turns (in)divisible; strides stay specialised
-_ROW_ARGS = ["seg_len", "k_row0", "v_row0", "lead", "split_len", "split0", "n_slots", "fp_len"]
-
-
-@triton.jit(do_not_specialize=[a for a in _ROW_ARGS if a != "fp_len"])
+@triton.jit(do_not_specialize=["seg_len", "k_row0", "v_row0", "lead", "split_len", "split0", "n_slots"])
 def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     scaling, softcap, seg_len, k_row0, v_row0, lead, k_group, v_group, split_len, split0,
                     n_slots, hk, g,
@@ -106,21 +114,34 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
                     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                    MMA: tl.constexpr, PREC: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr):
+                    MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr):
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
     kv = pid % hk
+    OFFSET: tl.constexpr = 1024.0 if MMA == tl.float16 else 0.0  # what _codes adds to every code
+    K_PER: tl.constexpr = 16 // K_BITS
+    V_PER: tl.constexpr = 16 // V_BITS
+    K_WORDS: tl.constexpr = BLOCK_D // K_PER
+    V_WORDS: tl.constexpr = BLOCK_D // V_PER
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < g)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    kc_base = KC + seq * stride_kcb + kv * stride_kch
-    kz_base = seq * stride_kzb + kv * stride_kzh + offs_d
-    vc_base = VC + seq * stride_vcb + kv * (D * V_BITS // 8)  # this head's channels: kv·D .. kv·D + D - 1
+    g_ok = offs_g < g
+    offs_kw = tl.arange(0, K_WORDS)
+    offs_vw = tl.arange(0, V_WORDS)
+    # code k of word w is channel w·PER + k: the products run per code position k over the words, so the queries,
+    # the key parameters and the output channels are taken at stride PER
+    q_ptrs = Q + seq * stride_qb + (kv * g + offs_g)[:, None] * stride_qh
+    # scores in base 2 (exp2), the scaling folded into the queries (unless the logits are capped first)
+    q_scale = 1.4426950408889634 if SOFTCAP else scaling * 1.4426950408889634
+    qs = ()
+    for k in tl.static_range(K_PER):
+        chan = offs_kw * K_PER + k
+        qs = qs + (tl.load(q_ptrs + chan[None, :], mask=g_ok[:, None] & (chan < D)[None, :], other=0.0
+                           ).to(tl.float32) * q_scale,)
+    kc_base = (KC + seq * stride_kcb + kv * stride_kch).to(tl.pointer_type(tl.int16))
+    kz_base = seq * stride_kzb + kv * stride_kzh + 0 * offs_g[:, None]  # [BLOCK_G, 1]: parameters in q's layout
+    vc_base = (VC + seq * stride_vcb + kv * (D * V_BITS // 8)).to(tl.pointer_type(tl.int16))  # this head's words
     vz_base = seq * stride_vzb
-    chan = kv * D + offs_d
 
     # tiles are aligned to the key tensor's rows (tile t holds key rows t·BLOCK_N ...): the host keeps BLOCK_N a
     # divisor of the key group, so a tile lies in one group. ``r`` counts rows from the segment's first tile, whose
@@ -129,53 +150,82 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     end = tl.minimum(start + split_len, lead + seg_len)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    z_acc = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p · zero, added to every channel at the end
+    acc = _zeros_tuple((BLOCK_G, V_WORDS), V_PER)  # per code position: channels k, k + PER, ...
+    pw_sum = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p∘step and of p·zero, folded in at the end
+    pz_sum = tl.zeros((BLOCK_G,), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         r = n0 + tl.arange(0, BLOCK_N)
         r_mask = (r >= lead) & (r < end)
-        # keys, never dequantised: k = zero + code · step per channel of the tile's group, so q·k = (q∘step)·code +
-        # q·zero (centred codes: zero + half · step)
-        k_rows = k_row0 - lead + r
-        codes = _codes(kc_base + k_rows * stride_kcn, r_mask, K_BITS, BLOCK_D, D, MMA, K_ASM)
-        # the group's parameters loaded once per query row (L1 hits): in the query's layout, no shuffle to it
-        kz_ptrs = kz_base[None, :] + ((k_row0 - lead + n0) // k_group) * stride_kzg + 0 * offs_g[:, None]
-        k_step = tl.load(KS + kz_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        k_zero = tl.load(KZ + kz_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32) + (1 << (K_BITS - 1)) * k_step
-        s = tl.dot((q * k_step).to(MMA), tl.trans(codes), input_precision=PREC)
-        s = (s + tl.sum(q * k_zero, axis=1)[:, None]) * scaling  # [BLOCK_G, BLOCK_N]
+        # keys, never dequantised: k = zero + step·code per channel of the tile's group, and the operand holds
+        # OFFSET + code·scale, so q·k = sum_k (q∘step/scale)·operand + q·zero - OFFSET·sum(q∘step/scale), the last
+        # two once per tile (with the rounded operand, so the offsets cancel exactly)
+        k_words = tl.load(kc_base + (k_row0 - lead + r)[:, None] * (stride_kcn // 2) + offs_kw[None, :],
+                          mask=r_mask[:, None] & (offs_kw < D // K_PER)[None, :], other=0)
+        k_codes = _codes(k_words, K_BITS, MMA, ASM)
+        kz_ptrs = kz_base + ((k_row0 - lead + n0) // k_group) * stride_kzg
+        s = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        bias = tl.zeros((BLOCK_G, K_WORDS), tl.float32)
+        for k in tl.static_range(K_PER):
+            chan = offs_kw * K_PER + k
+            k_step = tl.load(KS + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
+            k_zero = tl.load(KZ + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
+            q_step_exact = qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))
+            q_step = q_step_exact.to(MMA)
+            # + the rounding of q∘step times the codes' midpoint: the error left is that of centred codes
+            bias += (qs[k] * k_zero - OFFSET * q_step.to(tl.float32) + (q_step_exact - q_step.to(tl.float32))
+                     * ((1 << (K_BITS - 1)) * (1 << (k * K_BITS % 8))))
+            s = tl.dot(q_step, tl.trans(k_codes[k]), s, input_precision=PREC)
+        s = s + tl.sum(bias, axis=1)[:, None]  # [BLOCK_G, BLOCK_N], log2 units
         if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = (softcap * 1.4426950408889634) * _tanh(s * (scaling / (softcap * 1.4426950408889634)))
         s = tl.where(r_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
 
         v_rows = v_row0 - lead + r
-        v_codes = _codes(vc_base + v_rows * stride_vcn, r_mask, V_BITS, BLOCK_D, D, MMA, V_ASM)
-        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + code·step) = (p∘step)·codes + sum_r p·zero
+        v_words = tl.load(vc_base + v_rows[:, None] * (stride_vcn // 2) + offs_vw[None, :],
+                          mask=r_mask[:, None] & (offs_vw < D // V_PER)[None, :], other=0)
+        v_codes = _codes(v_words, V_BITS, MMA, ASM)
+        new_acc = ()
+        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + ...
             vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
             v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-            v_zero = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
-            pv = tl.dot((p * v_step[None, :]).to(MMA), v_codes, input_precision=PREC)
-            z_acc = z_acc * alpha + tl.sum(p * v_zero[None, :], axis=1)
+            # the zero of centred codes: sum p·zero + (sum p∘step - sum of its rounding)·midpoint, so the rounding
+            # of p∘step errs as with centred codes (as for the keys)
+            v_mid = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
+            p_step = (p * v_step[None, :]).to(MMA)
+            for k in tl.static_range(V_PER):
+                new_acc = new_acc + (tl.dot(p_step, v_codes[k], acc[k] * alpha[:, None], input_precision=PREC),)
+            l_tile, pw_tile, pz_tile = tl.reduce((p, p_step.to(tl.float32), p * v_mid[None, :]), 1, _add3)
+            pw_sum = pw_sum * alpha + pw_tile
+            pz_sum = pz_sum * alpha + pz_tile
         else:  # groups of channels within a head: dequantise the tile
-            tile = r_mask[:, None] & d_ok[None, :]
-            vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + (chan // v_group)[None, :]
-            v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
-                 + (v_codes.to(tl.float32) + (1 << (V_BITS - 1))) * tl.load(VS + vz_ptrs, mask=tile,
-                                                                            other=0.0).to(tl.float32))
-            pv = tl.dot(p.to(MMA), v.to(MMA), input_precision=PREC)
-        # still channel-normalised: the channel scale is a column factor, applied once at the end
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+            for k in tl.static_range(V_PER):
+                chan = offs_vw * V_PER + k
+                tile = r_mask[:, None] & (chan < D)[None, :]
+                vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + chan) // v_group)[None, :]
+                code = (v_codes[k].to(tl.float32) - OFFSET) * (1.0 / (1 << (k * V_BITS % 8)))
+                v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
+                     + code * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
+                new_acc = new_acc + (tl.dot(p.to(MMA), v.to(MMA), acc[k] * alpha[:, None], input_precision=PREC),)
+            l_tile = tl.sum(p, axis=1)
+        acc = new_acc
+        l_i = l_i * alpha + l_tile
         m_i = m_new
-    channel_scale = tl.load(VSCALE + seq * stride_vsb + chan, mask=d_ok, other=0.0).to(tl.float32)
-    acc = (acc + z_acc[:, None]) * channel_scale[None, :]
     slot = pid * n_slots + split0 + split
-    tl.store(M + slot * BLOCK_G + offs_g, m_i)
+    tl.store(M + slot * BLOCK_G + offs_g, m_i * 0.6931471805599453)  # natural log units for the merge
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
-    tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
+    for k in tl.static_range(V_PER):
+        chan = offs_vw * V_PER + k
+        scale = 1.0 / (1 << (k * V_BITS % 8))
+        out = acc[k]
+        if V_ROWWISE:
+            out = (out - OFFSET * pw_sum[:, None]) * scale + pz_sum[:, None] - (1 << (V_BITS - 1)) * pw_sum[:, None]
+        # the values' channel scale is a column factor: applied once, here
+        channel_scale = tl.load(VSCALE + seq * stride_vsb + kv * D + chan, mask=chan < D, other=0.0).to(tl.float32)
+        tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + chan[None, :], out * channel_scale[None, :],
+                 mask=(chan < D)[None, :])
 
 
 @triton.jit(do_not_specialize=["fp_len", "n_slots"])
@@ -246,12 +296,6 @@ def _mma_dtype(dtype: torch.dtype):
     return tl.float32 if dtype == torch.float32 else tl.float16
 
 
-def _asm_unpack(query: torch.Tensor, d: int, bits: int) -> bool:
-    """Whether the codes take the PTX unpacking: compiled (not the interpreter), fp16 operands, whole 16-bit words
-    per row."""
-    return query.is_cuda and _mma_dtype(query.dtype) == tl.float16 and d * bits % 16 == 0
-
-
 def _prec(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None  # fp32 inputs: exact dots, no TF32
 
@@ -297,5 +341,5 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
         vz.stride(0), vz.stride(1), value_scale.stride(0),
         D=d, K_BITS=key.bits, V_BITS=value.bits, V_ROWWISE=value.group % d == 0, BLOCK_D=block_d,
         BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, MMA=_mma_dtype(query.dtype),
-        PREC=_prec(query.dtype), K_ASM=_asm_unpack(query, d, key.bits), V_ASM=_asm_unpack(query, d, value.bits),
+        PREC=_prec(query.dtype), ASM=query.is_cuda and _mma_dtype(query.dtype) == tl.float16,
         num_warps=num_warps, **stages)
