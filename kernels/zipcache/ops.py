@@ -143,7 +143,7 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback_once(why: str) -> None:
     logging.getLogger("patchattn").warning("zipcache decode: %s; decoding with the reference (dequantise every "
                                            "block) instead of the fused kernel.", why)

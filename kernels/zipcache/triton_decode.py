@@ -12,11 +12,11 @@ key tensor's rows, so each lies in one key group. Nothing is dequantised: the qu
 small side of each product, ``q·k = (q∘step)·codes + q·zero`` per key group (channel-wise keys) and ``p·v =
 (p∘step)·codes + p·zero`` per token (CSTQuant values), so the tile-sized work is the unpacking and the products, and
 the bytes read are the packed codes plus one parameter row per key group or per token (the values' channel scale,
-a column factor, is applied once to the accumulator). It writes a
-partial ``(max, sum, accumulator)`` per query row into slot ``split0 + split`` of buffers shared by every segment of
-the step. ``_finish_kernel`` then attends the full-precision tokens (sinks + recent buffer) the same way and folds
-every slot in (logsumexp merge, several slots at a time, one program per head and channel chunk), writing the output
-(and, for probe steps, each query's logsumexp): one launch per segment, plus one.
+a column factor, is applied once to the accumulator). It writes a partial ``(max, sum, accumulator)`` per query
+row into slot ``split0 + split`` of buffers shared by every segment of the step. ``_finish_kernel`` then attends
+the full-precision tokens (sinks + recent buffer) the same way and folds every slot in (logsumexp merge, several
+slots at a time, one program per head and channel chunk), writing the output (and, for probe steps, each query's
+logsumexp): one launch per segment, plus one.
 
 Layouts (``Quantized`` in ``patchattn/variants/zipcache.py``): key codes ``[b, hk, n, d·bits/8]``, key zero/step
 ``[b, hk, G, 1, d]`` (row ``r`` of the key tensor uses group ``r // k_group``); value codes ``[b, n, C·bits/8]`` with
@@ -70,9 +70,10 @@ _UNPACK2, _UNPACK4, _UNPACK8 = (tl.constexpr(_unpack_asm(bits)) for bits in (2, 
 def _codes(words, BITS: tl.constexpr, MMA: tl.constexpr, ASM: tl.constexpr):
     """The ``16 // BITS`` codes of each 16-bit word of ``words`` (int16, any shape) as a tuple of product operands
     shaped like ``words``: element ``k`` holds code ``k`` of every word as ``OFFSET + code·scale_k``
-    (:func:`code_scales`; ``OFFSET`` 1024 for fp16 operands, exact there, else 0). Each operand has the words' layout: the compiler loads the words straight
-    into the matrix-product operand layout and unpacks them there (no shared-memory trip for the codes, no register
-    shuffles). ``ASM``: the unpacking in PTX (:func:`_unpack_asm`); else Triton operations (the interpreter)."""
+    (:func:`code_scales`; ``OFFSET`` is 1024 for fp16 operands, where it is exact, else 0). Each operand keeps the
+    words' layout: the compiler loads the words straight into the product's operand layout and unpacks them there
+    (no shared-memory trip for the codes, no register shuffles). ``ASM``: the unpacking in PTX
+    (:func:`_unpack_asm`); else Triton operations (the interpreter)."""
     if ASM:
         if BITS == 8:
             return tl.inline_asm_elementwise(_UNPACK8, "=r,=r,r", [words], (tl.float16,) * 2, True, 2)
