@@ -39,27 +39,30 @@ def _tanh(x):
 
 
 def code_scales(bits: int) -> list[int]:
-    """The factor each code of a 16-bit word carries once unpacked (:func:`_unpack_asm`): code ``k`` is masked in
-    place inside its byte, so it comes out multiplied by ``2**(k·bits mod 8)``; the products divide it back out on
-    their small side."""
+    """The factor each code of a 16-bit word carries once unpacked (:func:`_codes`): code ``k`` is masked in place
+    inside its byte, so it comes out multiplied by ``2**(k·bits mod 8)``; the products divide it back out on their
+    small side."""
     return [1 << (k * bits % 8) for k in range(16 // bits)]
 
 
 def _unpack_asm(bits: int) -> str:
     """PTX unpacking one 32-bit register (two 16-bit words of packed codes) into ``16 // bits`` registers of two
-    fp16 each: register ``k`` gets code ``k`` of both words as the fp16 ``1024 + code·scale_k``
-    (:func:`code_scales`). One ``lop3`` per register (mask the code in place, OR in the exponent of 1024:
-    ``0x6400 | x`` is the fp16 ``1024 + x`` for ``x < 1024``), one shift for the high bytes: 0.6 instructions per
-    4-bit code. No subtraction: the products' ``1024·sum`` is taken off once per tile on the small side."""
+    fp16 each: register ``k`` gets code ``k`` of both words, centred and scaled, ``(code - 2**(bits-1))·scale_k``
+    (:func:`code_scales`). Per register one ``lop3`` (mask the code in place, OR in the exponent of 1024: ``0x6400 |
+    x`` is the fp16 ``1024 + x`` for ``x < 1024``) and one ``sub.f16x2``, plus a shift for the high byte: about one
+    instruction per 4-bit code. Centred, not offset by 1024: the tensor cores' fp32 sums truncate, and an offset
+    cancelled after thousands of tokens lost the values' low bits."""
     per, mask = 16 // bits, (1 << bits) - 1
-    lines = ["{", ".reg .b32 t;"]
-    for k in range(per):
+    lines = ["{", ".reg .b32 t, m;"]
+    for k, scale in enumerate(code_scales(bits)):
         source = f"${per}"
         if k * bits >= 8:
             if (k - 1) * bits < 8:
                 lines.append(f"shr.b32 t, ${per}, 8;")
             source = "t"
         lines.append(f"lop3.b32 ${k}, {source}, {(mask << (k * bits % 8)) * 0x10001:#x}, 0x64006400, 0xEA;")
+        centre = 0x6400 + (1 << (bits - 1)) * scale  # the fp16 bits of 1024 + midpoint·scale
+        lines += [f"mov.b32 m, {centre * 0x10001:#x};", f"sub.rn.f16x2 ${k}, ${k}, m;"]
     return "\n".join(lines + ["}"])
 
 
@@ -69,11 +72,11 @@ _UNPACK2, _UNPACK4, _UNPACK8 = (tl.constexpr(_unpack_asm(bits)) for bits in (2, 
 @triton.jit
 def _codes(words, BITS: tl.constexpr, MMA: tl.constexpr, ASM: tl.constexpr):
     """The ``16 // BITS`` codes of each 16-bit word of ``words`` (int16, any shape) as a tuple of product operands
-    shaped like ``words``: element ``k`` holds code ``k`` of every word as ``OFFSET + code·scale_k``
-    (:func:`code_scales`; ``OFFSET`` is 1024 for fp16 operands, where it is exact, else 0). Each operand keeps the
-    words' layout: the compiler loads the words straight into the product's operand layout and unpacks them there
-    (no shared-memory trip for the codes, no register shuffles). ``ASM``: the unpacking in PTX
-    (:func:`_unpack_asm`); else Triton operations (the interpreter)."""
+    shaped like ``words``: element ``k`` holds code ``k`` of every word, centred and scaled, ``(code -
+    2**(BITS-1))·scale_k`` (:func:`code_scales`; exact in fp16). Each operand keeps the words' layout: the compiler
+    loads the words straight into the product's operand layout and unpacks them there (no shared-memory trip for the
+    codes, no register shuffles). ``ASM``: the unpacking in PTX (:func:`_unpack_asm`); else Triton operations (the
+    interpreter)."""
     if ASM:
         if BITS == 8:
             return tl.inline_asm_elementwise(_UNPACK8, "=r,=r,r", [words], (tl.float16,) * 2, True, 2)
@@ -85,16 +88,13 @@ def _codes(words, BITS: tl.constexpr, MMA: tl.constexpr, ASM: tl.constexpr):
     out = ()
     for k in tl.static_range(16 // BITS):
         code = (words >> (k * BITS // 8 * 8)) & (((1 << BITS) - 1) << (k * BITS % 8))
-        if MMA == tl.float16:
-            out = out + ((code | 0x6400).to(tl.float16, bitcast=True),)
-        else:  # fp32 products: no offset to cancel (it would cost fp32 ten bits)
-            out = out + (code.to(MMA),)
+        out = out + ((code.to(tl.float32) - (1 << (BITS - 1)) * (1 << (k * BITS % 8))).to(MMA),)
     return out
 
 
 @triton.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
@@ -120,7 +120,6 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     split = tl.program_id(1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
     kv = pid % hk
-    OFFSET: tl.constexpr = 1024.0 if MMA == tl.float16 else 0.0  # what _codes adds to every code
     K_PER: tl.constexpr = 16 // K_BITS
     V_PER: tl.constexpr = 16 // V_BITS
     K_WORDS: tl.constexpr = BLOCK_D // K_PER
@@ -152,14 +151,12 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = _zeros_tuple((BLOCK_G, V_WORDS), V_PER)  # per code position: channels k, k + PER, ...
-    pw_sum = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p∘step and of p·zero, folded in at the end
-    pz_sum = tl.zeros((BLOCK_G,), tl.float32)
+    pz_sum = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p·(zero + midpoint·step), added at the end
     for n0 in range(start, end, BLOCK_N):
         r = n0 + tl.arange(0, BLOCK_N)
         r_mask = (r >= lead) & (r < end)
         # keys, never dequantised: k = zero + step·code per channel of the tile's group, and the operand holds
-        # OFFSET + code·scale, so q·k = sum_k (q∘step/scale)·operand + q·zero - OFFSET·sum(q∘step/scale), the last
-        # two once per tile (with the rounded operand, so the offsets cancel exactly)
+        # (code - mid)·scale, so q·k = sum_k (q∘step/scale)·operand + q·(zero + mid·step), the last once per tile
         k_words = tl.load(kc_base + (k_row0 - lead + r)[:, None] * (stride_kcn // 2) + offs_kw[None, :],
                           mask=r_mask[:, None] & (offs_kw < D // K_PER)[None, :], other=0)
         k_codes = _codes(k_words, K_BITS, MMA, ASM)
@@ -170,11 +167,8 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
             chan = offs_kw * K_PER + k
             k_step = tl.load(KS + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
             k_zero = tl.load(KZ + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
-            q_step_exact = qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))
-            q_step = q_step_exact.to(MMA)
-            # + the rounding of q∘step times the codes' midpoint: the error left is that of centred codes
-            bias += (qs[k] * k_zero - OFFSET * q_step.to(tl.float32) + (q_step_exact - q_step.to(tl.float32))
-                     * ((1 << (K_BITS - 1)) * (1 << (k * K_BITS % 8))))
+            q_step = (qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))).to(MMA)
+            bias += qs[k] * (k_zero + (1 << (K_BITS - 1)) * k_step)
             s = tl.dot(q_step, tl.trans(k_codes[k]), s, input_precision=PREC)
         s = s + tl.sum(bias, axis=1)[:, None]  # [BLOCK_G, BLOCK_N], log2 units
         if SOFTCAP:
@@ -189,24 +183,21 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                           mask=r_mask[:, None] & (offs_vw < D // V_PER)[None, :], other=0)
         v_codes = _codes(v_words, V_BITS, MMA, ASM)
         new_acc = ()
-        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + ...
+        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + p·v_mid
             vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
             v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-            # the zero of centred codes: sum p·zero + (sum p∘step - sum of its rounding)·midpoint, so the rounding
-            # of p∘step errs as with centred codes (as for the keys)
             v_mid = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
             p_step = (p * v_step[None, :]).to(MMA)
             for k in tl.static_range(V_PER):
                 new_acc = new_acc + (tl.dot(p_step, v_codes[k], acc[k] * alpha[:, None], input_precision=PREC),)
-            l_tile, pw_tile, pz_tile = tl.reduce((p, p_step.to(tl.float32), p * v_mid[None, :]), 1, _add3)
-            pw_sum = pw_sum * alpha + pw_tile
+            l_tile, pz_tile = tl.reduce((p, p * v_mid[None, :]), 1, _add2)
             pz_sum = pz_sum * alpha + pz_tile
         else:  # groups of channels within a head: dequantise the tile
             for k in tl.static_range(V_PER):
                 chan = offs_vw * V_PER + k
                 tile = r_mask[:, None] & (chan < D)[None, :]
                 vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + chan) // v_group)[None, :]
-                code = (v_codes[k].to(tl.float32) - OFFSET) * (1.0 / (1 << (k * V_BITS % 8)))
+                code = v_codes[k].to(tl.float32) * (1.0 / (1 << (k * V_BITS % 8))) + (1 << (V_BITS - 1))
                 v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
                      + code * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
                 new_acc = new_acc + (tl.dot(p.to(MMA), v.to(MMA), acc[k] * alpha[:, None], input_precision=PREC),)
@@ -222,7 +213,7 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         scale = 1.0 / (1 << (k * V_BITS % 8))
         out = acc[k]
         if V_ROWWISE:
-            out = (out - OFFSET * pw_sum[:, None]) * scale + pz_sum[:, None] - (1 << (V_BITS - 1)) * pw_sum[:, None]
+            out = out * scale + pz_sum[:, None]
         # the values' channel scale is a column factor: applied once, here
         channel_scale = tl.load(VSCALE + seq * stride_vsb + kv * D + chan, mask=chan < D, other=0.0).to(tl.float32)
         tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + chan[None, :], out * channel_scale[None, :],
