@@ -114,15 +114,16 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcn, stride_kzb, stride_kzh, stride_kzg,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
                     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                    MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, K_WORDS: tl.constexpr,
+                    SOFTCAP: tl.constexpr, MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr):
+    """``K_WORDS``: the key words per row the score product runs over, ``BLOCK_D·K_BITS/16`` padded to the 16 a
+    compiled product needs at least (masked: the padding's queries are zero)."""
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
     kv = pid % hk
     K_PER: tl.constexpr = 16 // K_BITS
     V_PER: tl.constexpr = 16 // V_BITS
-    K_WORDS: tl.constexpr = BLOCK_D // K_PER
     V_WORDS: tl.constexpr = BLOCK_D // V_PER
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < g
@@ -194,9 +195,9 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
             pz_sum = pz_sum * alpha + pz_tile
         else:  # groups of channels within a head: dequantise the tile
             for k in tl.static_range(V_PER):
-                chan = offs_vw * V_PER + k
-                tile = r_mask[:, None] & (chan < D)[None, :]
-                vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + chan) // v_group)[None, :]
+                v_chan = offs_vw * V_PER + k
+                tile = r_mask[:, None] & (v_chan < D)[None, :]
+                vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + v_chan) // v_group)[None, :]
                 code = v_codes[k].to(tl.float32) * (1.0 / (1 << (k * V_BITS % 8))) + (1 << (V_BITS - 1))
                 v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
                      + code * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
@@ -332,6 +333,7 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
         kz.stride(0), kz.stride(1), kz.stride(2), vc.stride(0), vc.stride(1),
         vz.stride(0), vz.stride(1), value_scale.stride(0),
         D=d, K_BITS=key.bits, V_BITS=value.bits, V_ROWWISE=value.group % d == 0, BLOCK_D=block_d,
-        BLOCK_G=block_g, BLOCK_N=block_n, SOFTCAP=softcap is not None, MMA=_mma_dtype(query.dtype),
+        BLOCK_G=block_g, BLOCK_N=block_n, K_WORDS=max(16, block_d * key.bits // 16), SOFTCAP=softcap is not None,
+        MMA=_mma_dtype(query.dtype),
         PREC=_prec(query.dtype), ASM=query.is_cuda and _mma_dtype(query.dtype) == tl.float16,
         num_warps=num_warps, **stages)
