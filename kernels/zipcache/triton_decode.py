@@ -105,6 +105,81 @@ def _zeros_tuple(SHAPE: tl.constexpr, COUNT: tl.constexpr):
     return out
 
 
+@triton.jit
+def _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base,
+          D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
+          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, K_WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
+          MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of ``BLOCK_N`` rows from row ``n0`` into the online-softmax ``state`` ``(max, sum, accumulators,
+    value zero sum)``. ``rows``: the first tile row's key words, key row, value words, value row; ``sizes``: key
+    group, key words per row, key group stride, value group, value words per row, value parameter stride, KV head,
+    scaling, softcap. ``MASKED``: rows outside ``[lead, end)`` are dropped (a segment's first and last tiles)."""
+    m_i, l_i, acc, pz_sum = state
+    k_words_ptr, k_row, v_words_ptr, v_row = rows
+    k_group, k_row_words, stride_kzg, v_group, v_row_words, stride_vzn, kv, scaling, softcap = sizes
+    K_PER: tl.constexpr = 16 // K_BITS
+    V_PER: tl.constexpr = 16 // V_BITS
+    offs_kw = tl.arange(0, K_WORDS)
+    offs_vw = tl.arange(0, acc[0].shape[1])
+    r = n0 + tl.arange(0, BLOCK_N)
+    r_mask = (r >= lead) & (r < end)
+    k_mask = offs_kw < D // K_PER  # padding words (past the row)
+    v_mask = offs_vw < D // V_PER
+    if MASKED:
+        k_mask = r_mask[:, None] & k_mask[None, :]
+        v_mask = r_mask[:, None] & v_mask[None, :]
+    else:
+        k_mask = k_mask[None, :]
+        v_mask = v_mask[None, :]
+    # keys, never dequantised: k = zero + step·code per channel of the tile's group, and the operand holds
+    # (code - mid)·scale, so q·k = sum_k (q∘step/scale)·operand + q·(zero + mid·step), the last once per tile
+    k_words = tl.load(k_words_ptr + r[:, None] * k_row_words + offs_kw[None, :], mask=k_mask, other=0)
+    k_codes = _codes(k_words, K_BITS, MMA, ASM)
+    kz_ptrs = kz_base + ((k_row + n0) // k_group) * stride_kzg
+    s = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+    bias = tl.zeros((BLOCK_G, K_WORDS), tl.float32)
+    for k in tl.static_range(K_PER):
+        chan = offs_kw * K_PER + k
+        k_step = tl.load(KS + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
+        k_zero = tl.load(KZ + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
+        q_step = (qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))).to(MMA)
+        bias += qs[k] * (k_zero + (1 << (K_BITS - 1)) * k_step)
+        s = tl.dot(q_step, tl.trans(k_codes[k]), s, input_precision=PREC)
+    s = s + tl.sum(bias, axis=1)[:, None]  # [BLOCK_G, BLOCK_N], log2 units
+    if SOFTCAP:
+        s = (softcap * 1.4426950408889634) * _tanh(s * (scaling / (softcap * 1.4426950408889634)))
+    if MASKED:
+        s = tl.where(r_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+
+    v_rows = v_row + r
+    v_words = tl.load(v_words_ptr + r[:, None] * v_row_words + offs_vw[None, :], mask=v_mask, other=0)
+    v_codes = _codes(v_words, V_BITS, MMA, ASM)
+    new_acc = ()
+    if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + p·v_mid
+        vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
+        v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
+        v_mid = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
+        p_step = (p * v_step[None, :]).to(MMA)
+        for k in tl.static_range(V_PER):
+            new_acc = new_acc + (tl.dot(p_step, v_codes[k], acc[k] * alpha[:, None], input_precision=PREC),)
+        l_tile, pz_tile = tl.reduce((p, p * v_mid[None, :]), 1, _add2)
+        pz_sum = pz_sum * alpha + pz_tile
+    else:  # groups of channels within a head: dequantise the tile
+        for k in tl.static_range(V_PER):
+            v_chan = offs_vw * V_PER + k
+            tile = r_mask[:, None] & (v_chan < D)[None, :]
+            vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + v_chan) // v_group)[None, :]
+            code = v_codes[k].to(tl.float32) * (1.0 / (1 << (k * V_BITS % 8))) + (1 << (V_BITS - 1))
+            v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
+                 + code * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
+            new_acc = new_acc + (tl.dot(p.to(MMA), v.to(MMA), acc[k] * alpha[:, None], input_precision=PREC),)
+        l_tile = tl.sum(p, axis=1)
+    return m_new, l_i * alpha + l_tile, new_acc, pz_sum
+
+
 #: row counts and offsets differ from block to block and step to step: specialising on them (``% 16 == 0``) compiles
 #: another kernel (seconds) in the middle of a decode whenever one first turns (in)divisible; strides stay specialised
 @triton.jit(do_not_specialize=["seg_len", "k_row0", "v_row0", "lead", "split_len", "split0", "n_slots"])
@@ -145,67 +220,30 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     vz_base = seq * stride_vzb
 
     # tiles are aligned to the key tensor's rows (tile t holds key rows t·BLOCK_N ...): the host keeps BLOCK_N a
-    # divisor of the key group, so a tile lies in one group. ``r`` counts rows from the segment's first tile, whose
-    # first ``lead`` rows belong to the previous segment (masked).
+    # divisor of the key group, so a tile lies in one group. Rows count from the segment's first tile, whose first
+    # ``lead`` rows belong to the previous segment; a split's tiles are whole but the segment's first (when ``lead``)
+    # and its last: those two are masked, the pipelined loop over the others is not.
     start = split * split_len
     end = tl.minimum(start + split_len, lead + seg_len)
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = _zeros_tuple((BLOCK_G, V_WORDS), V_PER)  # per code position: channels k, k + PER, ...
-    pz_sum = tl.zeros((BLOCK_G,), tl.float32)  # rowwise values: sum of p·(zero + midpoint·step), added at the end
-    for n0 in range(start, end, BLOCK_N):
-        r = n0 + tl.arange(0, BLOCK_N)
-        r_mask = (r >= lead) & (r < end)
-        # keys, never dequantised: k = zero + step·code per channel of the tile's group, and the operand holds
-        # (code - mid)·scale, so q·k = sum_k (q∘step/scale)·operand + q·(zero + mid·step), the last once per tile
-        k_words = tl.load(kc_base + (k_row0 - lead + r)[:, None] * (stride_kcn // 2) + offs_kw[None, :],
-                          mask=r_mask[:, None] & (offs_kw < D // K_PER)[None, :], other=0)
-        k_codes = _codes(k_words, K_BITS, MMA, ASM)
-        kz_ptrs = kz_base + ((k_row0 - lead + n0) // k_group) * stride_kzg
-        s = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
-        bias = tl.zeros((BLOCK_G, K_WORDS), tl.float32)
-        for k in tl.static_range(K_PER):
-            chan = offs_kw * K_PER + k
-            k_step = tl.load(KS + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
-            k_zero = tl.load(KZ + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
-            q_step = (qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))).to(MMA)
-            bias += qs[k] * (k_zero + (1 << (K_BITS - 1)) * k_step)
-            s = tl.dot(q_step, tl.trans(k_codes[k]), s, input_precision=PREC)
-        s = s + tl.sum(bias, axis=1)[:, None]  # [BLOCK_G, BLOCK_N], log2 units
-        if SOFTCAP:
-            s = (softcap * 1.4426950408889634) * _tanh(s * (scaling / (softcap * 1.4426950408889634)))
-        s = tl.where(r_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-
-        v_rows = v_row0 - lead + r
-        v_words = tl.load(vc_base + v_rows[:, None] * (stride_vcn // 2) + offs_vw[None, :],
-                          mask=r_mask[:, None] & (offs_vw < D // V_PER)[None, :], other=0)
-        v_codes = _codes(v_words, V_BITS, MMA, ASM)
-        new_acc = ()
-        if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + p·v_mid
-            vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
-            v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-            v_mid = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
-            p_step = (p * v_step[None, :]).to(MMA)
-            for k in tl.static_range(V_PER):
-                new_acc = new_acc + (tl.dot(p_step, v_codes[k], acc[k] * alpha[:, None], input_precision=PREC),)
-            l_tile, pz_tile = tl.reduce((p, p * v_mid[None, :]), 1, _add2)
-            pz_sum = pz_sum * alpha + pz_tile
-        else:  # groups of channels within a head: dequantise the tile
-            for k in tl.static_range(V_PER):
-                v_chan = offs_vw * V_PER + k
-                tile = r_mask[:, None] & (v_chan < D)[None, :]
-                vz_ptrs = vz_base + v_rows[:, None] * stride_vzn + ((kv * D + v_chan) // v_group)[None, :]
-                code = v_codes[k].to(tl.float32) * (1.0 / (1 << (k * V_BITS % 8))) + (1 << (V_BITS - 1))
-                v = (tl.load(VZ + vz_ptrs, mask=tile, other=0.0).to(tl.float32)
-                     + code * tl.load(VS + vz_ptrs, mask=tile, other=0.0).to(tl.float32))
-                new_acc = new_acc + (tl.dot(p.to(MMA), v.to(MMA), acc[k] * alpha[:, None], input_precision=PREC),)
-            l_tile = tl.sum(p, axis=1)
-        acc = new_acc
-        l_i = l_i * alpha + l_tile
-        m_i = m_new
+    state = (tl.full((BLOCK_G,), float("-inf"), tl.float32),  # running max (log2 units), sum
+             tl.zeros((BLOCK_G,), tl.float32),
+             _zeros_tuple((BLOCK_G, V_WORDS), V_PER),  # accumulators per code position: channels k, k + PER, ...
+             tl.zeros((BLOCK_G,), tl.float32))  # rowwise values: sum of p·(zero + midpoint·step), added at the end
+    rows = (kc_base + (k_row0 - lead) * (stride_kcn // 2), k_row0 - lead, vc_base + (v_row0 - lead) * (stride_vcn // 2),
+            v_row0 - lead)
+    sizes = (k_group, stride_kcn // 2, stride_kzg, v_group, stride_vcn // 2, stride_vzn, kv, scaling, softcap)
+    head = (start == 0) & (lead > 0)
+    whole_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(tl.where(head, start + BLOCK_N, start), whole_end, BLOCK_N):
+        state = _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_BITS,
+                      V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, False)
+    if head:
+        state = _tile(state, 0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_BITS,
+                      V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
+    if (whole_end < end) & (whole_end >= tl.where(head, BLOCK_N, 0)):
+        state = _tile(state, whole_end, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS,
+                      V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
+    m_i, l_i, acc, pz_sum = state
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i * 0.6931471805599453)  # natural log units for the merge
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
