@@ -19,10 +19,11 @@ from .naive import causal_probe_counts, probe_scores_reference, quantized_decode
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TARGET_PROGRAMS = 1056  # about eight per H200 multiprocessor: 264 left the GPU a third empty (ncu, 131k, b=1)
-#: rows per program on CUDA: fewer, longer splits than _TARGET_PROGRAMS gives at 32k b = 1 (0.061 -> 0.054 ms),
-#: shorter ones at b = 8 (131k: 0.61 -> 0.53 ms); within 2 % of the best split measured in every case
-_SPLIT_ROWS = (512, 1024)
+#: segment-kernel programs resident on one multiprocessor at once (127 registers x 128 threads: 4 of 16 warp slots)
+_PROGRAMS_PER_SM = 4
+#: rows per program on CUDA: splits for about one wave of programs, within these bounds (H200, d = 128, one segment,
+#: --tiles at 850014b: 512 rows at 32k b = 1, 2,048 at 131k b = 1 and b = 8, the best of 512 / 1,024 / 2,048)
+_SPLIT_ROWS = (512, 2048)
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
@@ -115,10 +116,10 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     # (scale, key, k_row0, value, v_row0, rows, lead): tiles are aligned to key rows, a segment's first one starts
     # ``lead`` rows before it
     segments = [(*seg, seg[2] % block_n) for seg in segments]
-    if split_len is None:  # even splits over all segments, ~_TARGET_PROGRAMS programs in all
+    if split_len is None:  # even splits over all segments, about one wave of programs
         rows = sum(seg[-2] + seg[-1] for seg in segments)
-        per_split = -(-rows // max(1, _TARGET_PROGRAMS // (b * hk)))
-        if query.is_cuda:  # but 512-1024 rows a program: H200, d = 128, 32k-131k, b = 1 and 8 (--tiles at efc0c8d)
+        per_split = -(-rows // max(1, _resident_programs(query.device) // (b * hk)))
+        if query.is_cuda:
             per_split = min(max(per_split, _SPLIT_ROWS[0]), _SPLIT_ROWS[1])
         split_len = max(1, -(-per_split // block_n)) * block_n
     elif split_len % block_n:
@@ -132,9 +133,7 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
-    num_warps = num_warps or (4 if d <= 128 else 8)
-    if num_stages is None and query.is_cuda and d <= 128:
-        num_stages = 4  # H200, d = 128: 3-5 % faster than Triton's 3 at 32k-131k, b = 1 and 8 (--tiles)
+    num_warps = num_warps or (4 if d <= 128 else 8)  # stages: Triton's 3 (H200: 1-3 % faster than 4 at 850014b)
     split0 = 0
     for scale, key, k_row0, value, v_row0, seg_len, lead in segments:
         launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0, lead=lead,
@@ -146,6 +145,13 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     launch_finish(query, keys, values, partials, out, lse, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
                   num_warps=num_warps)
     return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _resident_programs(device: torch.device) -> int:
+    """Segment-kernel programs the device runs at once (CPU, the interpreter: an H200's 132 multiprocessors)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _PROGRAMS_PER_SM * sms
 
 
 @functools.cache
