@@ -156,9 +156,10 @@ def render_zipcache_kernel(data: dict) -> str:
             lines.append(f"| {r['batch']} | {r['context']:,} | {r['setting']} | {r['error'][:60]} |"
                          + " |" * 5)
             continue
+        heads = f" (h={r['heads']})" if r.get("heads", 32) != 32 else ""  # the 3B shape at 1M
         sdpa = f"{r['sdpa_graph_ms']:.3f} ms ({r['sdpa_bytes'] / 2**20:.0f} MiB)"
         fused = f"{r['fused_graph_ms']:.3f} ms ({r['fused_bytes'] / 2**20:.0f} MiB)"
-        lines.append(f"| {r['batch']} | {r['context']:,} | {r['setting']} | {sdpa} | {fused} | "
+        lines.append(f"| {r['batch']} | {r['context']:,}{heads} | {r['setting']} | {sdpa} | {fused} | "
                      f"**{r['fused_graph_speedup']:.2f}×** | {r['fused_graph_gbs']:.0f} | {r['fused_ms']:.3f} ms | "
                      f"{r['fused_kernel_error']:.1e} |")
     return "\n".join(lines) + "\n"
