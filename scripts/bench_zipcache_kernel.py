@@ -21,7 +21,8 @@ Times are ``triton.testing.do_bench`` medians (CPU: wall-clock medians of the re
 method must read at least: the bf16 KV; the packed block (+ the bf16 copy dequantise writes and SDPA reads back, a
 lower bound for ``torch``); the packed block for ``fused``; all plus the full-precision tokens. Errors are
 max |out − float32 attention over the unquantised KV| (quantisation error included) and, for ``fused``, max |out −
-float32 attention over the dequantised block| (the kernel's own error). Writes ``zipcache_kernel.json`` and
+float32 attention over the dequantised block| (the kernel's own error). On CUDA, ``fused_kernels_us``: GPU µs per
+call of each kernel of the fused path (the segments, the merge; torch profiler). Writes ``zipcache_kernel.json`` and
 ``zipcache_kernel.png`` into ``--out``; the table is printed last.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 import types
 from pathlib import Path
@@ -73,6 +75,20 @@ def graph_ms(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def kernel_us(fn, steps: int = 20) -> dict[str, float]:
+    """GPU microseconds per call of each kernel ``fn`` launches (torch profiler), by kernel name: where a decode
+    attention's time goes (the segment kernel, the merge)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: round(e.device_time_total / steps, 2) for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def nbytes(tensors) -> int:
@@ -155,6 +171,7 @@ def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed, tiles=(
         row["fused_graph_ms"] = graph_ms(fused)
         row["fused_graph_speedup"] = row["sdpa_graph_ms"] / row["fused_graph_ms"]
         row["fused_graph_gbs"] = row["fused_bytes"] / row["fused_graph_ms"] / 1e6
+        row["fused_kernels_us"] = kernel_us(fused)
     time_gpu = graph_ms if device == "cuda" else functools.partial(bench_ms, device=device)
     row["fused_tiles_ms"] = {  # the same kernel at other tile / split / warp / stage counts (--tiles), for tuning
         "x".join(map(str, tile)): time_gpu(functools.partial(
@@ -168,7 +185,7 @@ def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed, tiles=(
 
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
@@ -182,12 +199,14 @@ def main() -> None:
                                                "BLOCK_NxSPLIT_LEN[xWARPS[xSTAGES]], e.g. 16x512,32x2048,64x0x8x2 "
                                                "(split a multiple of the block; 0 = the default)")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test (the reference path, no kernel)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --device cpu for a smoke test)")
     dtype = torch.bfloat16
-    meta = {**environment(args.device == "cuda", date="seconds"), "dtype": "bf16", "recent": args.recent,
+    argv = sys.argv[1:] if argv is None else argv
+    meta = {**environment(args.device == "cuda", date="seconds", argv=["scripts/bench_zipcache_kernel.py", *argv]),
+            "dtype": "bf16", "recent": args.recent,
             "settings": {name: SETTINGS[name] for name in args.settings.split(",")}}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +242,9 @@ def main() -> None:
                   f"bytes (H200 peak 4800)")
         if r["fused_tiles_ms"]:
             print("    fused at other tiles (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["fused_tiles_ms"].items()))
+        if r.get("fused_kernels_us"):
+            print("    fused per kernel (us): " + ", ".join(f"{k} {v:.1f}" for k, v in r["fused_kernels_us"].items()))
+    return rows
 
 
 def plot(rows, path: Path, meta: dict, args) -> None:
