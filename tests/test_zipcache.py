@@ -115,23 +115,6 @@ def test_block_keeps_salient_tokens_at_high_bits_and_restores_order():
     assert block.bitmap.shape == (1, 2, 5)
 
 
-def test_block_stores_values_as_one_tensor_when_both_subsets_get_the_same_bits():
-    """Value ranges are per stored row, so one tensor holds the same codes and ranges as two split at n_high
-    (the decode kernel then streams a block in one launch instead of two)."""
-    params = ZipCacheParams(high_bits=4, low_bits=4)
-    k, v = randn(1, 2, 40, 16, seed=7), randn(1, 2, 40, 16, seed=8)
-    salient = torch.rand(1, 2, 40, generator=torch.Generator().manual_seed(9)).argsort(-1) < 12
-    block = QuantizedBlock(k, v, salient, 12, params, torch.float16)
-    assert len(block.values) == 1 and len(block.keys) == 1
-    stored = v.gather(2, block.stored_positions().unsqueeze(-1).expand(1, 2, 40, 16))
-    parts = [quantize_values(x, 4, 0, torch.float16, block.value_scale) for x in (stored[:, :, :12], stored[:, :, 12:])]
-    assert torch.equal(block.values[0].codes, torch.cat([p.codes for p in parts], dim=1))
-    assert torch.equal(block.values[0].step, torch.cat([p.step for p in parts], dim=1))
-    assert torch.equal(block.values[0].zero, torch.cat([p.zero for p in parts], dim=1))
-    kd, vd = block.dequantize(torch.float32)
-    assert (vd - v).abs().max() < 0.25 * v.abs().max()  # in token order again, at 4 bits
-
-
 # ------------------------------------------------------------------------------------------------ saliency
 
 

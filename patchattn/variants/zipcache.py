@@ -233,8 +233,7 @@ class QuantizedBlock:
     """``n`` consecutive tokens of one layer: per KV head the ``n_high`` salient ones at ``high_bits`` and the rest
     at ``low_bits`` (keys: ``key_low_bits``), each subset with its own ranges, stored salient first; a
     1-bit-per-token bitmap gives the positions back. Keys are quantised as one tensor (one range, half the
-    parameters) when both subsets would get the same key bits, values (ranges per token) when they would get the
-    same value bits; the values' channel scale is shared by the block."""
+    parameters) when both subsets would get the same key bits; the values' channel scale is shared by the block."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, salient: torch.Tensor | None, n_high: int,
                  params: ZipCacheParams, param_dtype: torch.dtype):
@@ -254,11 +253,8 @@ class QuantizedBlock:
         order = torch.argsort((~salient).to(torch.int8), dim=-1, stable=True)  # salient first, in order
         index = order.unsqueeze(-1).expand(b, hk, n, d)
         values = values.gather(2, index)
-        if params.low_bits == params.high_bits:  # ranges are per stored row: one tensor, the same codes and ranges
-            self.values = [quantize_v(values, params.high_bits)]  # (and one decode kernel launch, not two)
-        else:
-            self.values = [quantize_v(values[:, :, :n_high], params.high_bits),
-                           quantize_v(values[:, :, n_high:], params.low_bits)]
+        self.values = [quantize_v(values[:, :, :n_high], params.high_bits),
+                       quantize_v(values[:, :, n_high:], params.low_bits)]
         keys = keys.gather(2, index)
         if key_low == params.high_bits:
             self.keys = [quantize_k(keys, key_low)]
