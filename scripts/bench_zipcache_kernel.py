@@ -8,8 +8,8 @@
 Per shape (``--batches`` × 32 query / 8 KV heads × head dim 128 by default), context and ZipCache setting (the
 paper's and ``PAPER_SETTING``) it builds a realistic layer state: random bf16 keys/values of ``context``
 tokens (a few outlier key channels), the first ``sink_tokens`` kept full precision, the rest quantised as one
-prefill block (random salient tokens at ``salient_ratio``), plus a ``--recent``-token full-precision buffer. Then
-it times one decode attention:
+prefill block (random salient tokens at ``salient_ratio`` where they get more bits, as the cache does), plus a
+``--recent``-token full-precision buffer. Then it times one decode attention:
 
 * ``sdpa``: the DynamicCache baseline, SDPA over the unquantised bf16 KV; the fastest of ``enable_gqa=True``, the
   GQA group packed into the query rows (transformers' decode path without enable_gqa) and KV repeated beforehand
@@ -101,9 +101,13 @@ def layer_state(b, hk, d, context, recent, p: ZipCacheParams, device, dtype, gen
     keys = (torch.randn(b, hk, context + recent, d, device=device, generator=gen) * outliers).to(dtype)
     values = torch.randn(b, hk, context + recent, d, device=device, generator=gen).to(dtype)
     sinks, n = p.sink_tokens, context - p.sink_tokens
-    n_high = round(p.salient_ratio * n)
-    top = torch.rand(b, hk, n, device=device, generator=gen).topk(n_high, dim=-1).indices
-    salient = torch.zeros(b, hk, n, dtype=torch.bool, device=device).scatter_(-1, top, True)
+    # as ZipCacheLayer stores a block: salient tokens first only where they get more bits (else token order, one
+    # key and one value tensor: one kernel segment)
+    n_high = 0 if p.high_bits == p.low_bits else round(p.salient_ratio * n)
+    salient = None
+    if 0 < n_high < n:
+        top = torch.rand(b, hk, n, device=device, generator=gen).topk(n_high, dim=-1).indices
+        salient = torch.zeros(b, hk, n, dtype=torch.bool, device=device).scatter_(-1, top, True)
     block = QuantizedBlock(keys[:, :, sinks:context], values[:, :, sinks:context], salient, n_high, p,
                            torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
     fp_keys = torch.cat([keys[:, :, :sinks], keys[:, :, context:]], dim=2)

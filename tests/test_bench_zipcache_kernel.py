@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from script_helpers import SCRIPTS, load_script
+
+from patchattn.variants.zipcache import ZipCacheParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,3 +30,14 @@ def test_cpu_run_writes_a_row_per_case(tmp_path):
         assert abs(r["fused_error"] - r["torch_error"]) < 0.1 * r["torch_error"] + 1e-2
         assert r["sdpa_error"] < 0.05 < r["torch_error"] * 20  # bf16 rounding vs quantisation error
         assert "fused_kernels_us" not in r  # CUDA only
+
+
+@pytest.mark.parametrize("setting, parts", [("default", 1), ("paper", 2)])
+def test_layer_state_stores_blocks_as_the_cache_does(setting, parts):
+    """Salient tokens first only where they get more bits (the paper's 4/2): at the default's equal bits the cache
+    keeps token order, one value tensor, so the kernel streams one segment, not two."""
+    params = ZipCacheParams(**bench.SETTINGS[setting])
+    gen = torch.Generator().manual_seed(0)
+    *_, block, fp_keys, _ = bench.layer_state(1, 2, 64, 300, 8, params, "cpu", torch.float32, gen)
+    assert len(block.values) == parts and (block.bitmap is None) == (parts == 1)
+    assert block.n == 300 - params.sink_tokens and fp_keys.shape[2] == params.sink_tokens + 8
