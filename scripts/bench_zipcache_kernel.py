@@ -101,15 +101,9 @@ def layer_state(b, hk, d, context, recent, p: ZipCacheParams, device, dtype, gen
     keys = (torch.randn(b, hk, context + recent, d, device=device, generator=gen) * outliers).to(dtype)
     values = torch.randn(b, hk, context + recent, d, device=device, generator=gen).to(dtype)
     sinks, n = p.sink_tokens, context - p.sink_tokens
-    # as ZipCacheLayer stores a block: salient tokens first only where they get more bits (else token order, one
-    # key and one value tensor: one kernel segment)
-    n_high = 0 if p.high_bits == p.low_bits else round(p.salient_ratio * n)
-    salient = None
-    if 0 < n_high < n:
-        top = torch.rand(b, hk, n, device=device, generator=gen).topk(n_high, dim=-1).indices
-        salient = torch.zeros(b, hk, n, dtype=torch.bool, device=device).scatter_(-1, top, True)
-    block = QuantizedBlock(keys[:, :, sinks:context], values[:, :, sinks:context], salient, n_high, p,
-                           torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    scores = torch.rand(b, hk, n, device=device, generator=gen)  # random saliency, stored as the cache stores it
+    block = QuantizedBlock.from_scores(keys[:, :, sinks:context], values[:, :, sinks:context], scores, p,
+                                       torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
     fp_keys = torch.cat([keys[:, :, :sinks], keys[:, :, context:]], dim=2)
     fp_values = torch.cat([values[:, :, :sinks], values[:, :, context:]], dim=2)
     return keys, values, block, fp_keys, fp_values

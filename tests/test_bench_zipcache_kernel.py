@@ -16,8 +16,8 @@ bench = load_script(SCRIPTS / "bench_zipcache_kernel.py", "bench_zipcache_kernel
 
 
 def test_cpu_run_writes_a_row_per_case(tmp_path):
-    argv = ["--out", str(tmp_path), "--device", "cpu", "--contexts", "1024,2048", "--recent", "16", "--heads", "4", "--kv-heads", "2",
-            "--head-dim", "64", "--batches", "1"]
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--contexts", "1024,2048", "--recent", "16", "--heads", "4",
+            "--kv-heads", "2", "--head-dim", "64", "--batches", "1"]
     rows = bench.main(argv)
     data = json.loads((tmp_path / "zipcache_kernel.json").read_text())
     assert data["rows"] == json.loads(json.dumps(rows))

@@ -262,6 +262,19 @@ class QuantizedBlock:
             self.keys = [quantize_k(keys[:, :, :n_high], params.high_bits), quantize_k(keys[:, :, n_high:], key_low)]
         self.bitmap = pack_codes(torch.nn.functional.pad(salient, (0, -n % 8)).to(torch.uint8), 1)
 
+    @classmethod
+    def from_scores(cls, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, params: ZipCacheParams,
+                    param_dtype: torch.dtype) -> QuantizedBlock:
+        """The block the cache stores for these tokens: the top ``salient_ratio`` by saliency ``scores [b, hk, n]``
+        salient, first, where they get more bits than the rest; else token order at one precision."""
+        n = keys.shape[2]
+        n_high = 0 if params.high_bits == params.low_bits else round(params.salient_ratio * n)
+        salient = None
+        if 0 < n_high < n:
+            top = scores.topk(n_high, dim=-1).indices
+            salient = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        return cls(keys, values, salient, n_high, params, param_dtype)
+
     def dequantize(self, dtype: torch.dtype, in_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[b, hk, n, d]``, in token order or (``in_order=False``, cheaper) as stored."""
         keys = [k.dequantize(dtype) for k in self.keys]
@@ -622,12 +635,7 @@ class ZipCacheLayer(TensorMapLayerMixin, CacheLayerMixin):
         for n in pieces:
             keys, values, sums, counts = (t[:, :, start : start + n] for t in buffers)
             start += n
-            n_high = 0 if p.high_bits == p.low_bits else round(p.salient_ratio * n)
-            salient = None
-            if 0 < n_high < n:
-                top = (sums / counts.clamp_min(1.0)).topk(n_high, dim=-1).indices
-                salient = torch.zeros_like(sums, dtype=torch.bool).scatter_(-1, top, True)
-            self.blocks.append(QuantizedBlock(keys, values, salient, n_high, p, param_dtype))
+            self.blocks.append(QuantizedBlock.from_scores(keys, values, sums / counts.clamp_min(1.0), p, param_dtype))
             self.blocks_made += 1
         # fresh empty tensors: a zero-length view would keep the whole full-precision buffer alive
         self.recent_keys, self.recent_values, self.score_sums, self.score_counts = (
