@@ -168,6 +168,24 @@ def bench_attention_ms(fn, q, k, v, mode: str, dout=None, rep: int = 100) -> flo
                     return_mode="median")
 
 
+def kernel_times(fn, steps: int = 20, warmup: int = 1) -> list[tuple[str, float, int]]:
+    """``(kernel, µs per call, launches per call)`` of every CUDA kernel ``fn()`` runs, most time first (torch
+    profiler over ``steps`` calls after ``warmup`` untimed ones): where a call's GPU time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def rel_err(a, b) -> float:
     """``|a - b| / |b|`` (Frobenius norms, in float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench import bench_attention_ms, environment, peak_mb, pyplot, rel_err, save_figure, write_json
+from _bench import bench_attention_ms, environment, kernel_times, peak_mb, pyplot, rel_err, save_figure, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from triton.testing import do_bench
@@ -92,23 +92,10 @@ def profile(n, d, settings, cfg, log):
     q, k, v, do = inputs(n, d)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     fn = hyper_fn(settings, cfg)
-    for _ in range(2):
-        fn(qg, kg, vg).backward(do)
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprof
-    with tprof(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn(qg, kg, vg).backward(do)
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((e.key, t / 3 / 1000.0, e.count // 3))
-    rows.sort(key=lambda r: -r[1])
+    rows = kernel_times(lambda: fn(qg, kg, vg).backward(do), steps=3, warmup=2)
     print(f"\nprofile n={n} d={d} (ms per fwd+bwd, kernel, calls):")
-    for key, ms, cnt in rows[:22]:
+    for key, us, cnt in rows[:22]:
+        ms = us / 1000.0
         print(f"  {ms:8.3f}  {key[:90]}  x{cnt}")
         log.append({"profile_n": n, "d": d, "kernel": key[:120], "ms": ms, "calls": cnt})
     with torch.no_grad():

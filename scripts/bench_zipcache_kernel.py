@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _bench import environment, pyplot, save_figure, write_json
+from _bench import environment, kernel_times, pyplot, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -75,20 +75,6 @@ def graph_ms(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-
-
-def kernel_us(fn, steps: int = 20) -> dict[str, float]:
-    """GPU microseconds per call of each kernel ``fn`` launches (torch profiler), by kernel name: where a decode
-    attention's time goes (the segment kernel, the merge)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key: round(e.device_time_total / steps, 2) for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def nbytes(tensors) -> int:
@@ -169,7 +155,7 @@ def run_case(b, h, hk, d, context, recent, setting, device, dtype, seed, tiles=(
         row["fused_graph_ms"] = graph_ms(fused)
         row["fused_graph_speedup"] = row["sdpa_graph_ms"] / row["fused_graph_ms"]
         row["fused_graph_gbs"] = row["fused_bytes"] / row["fused_graph_ms"] / 1e6
-        row["fused_kernels_us"] = kernel_us(fused)
+        row["fused_kernels_us"] = {name: round(us, 2) for name, us, _ in kernel_times(fused)}
     time_gpu = graph_ms if device == "cuda" else functools.partial(bench_ms, device=device)
     row["fused_tiles_ms"] = {  # the same kernel at other tile / split / warp / stage counts (--tiles), for tuning
         "x".join(map(str, tile)): time_gpu(functools.partial(
