@@ -136,21 +136,6 @@ def test_the_logsumexp_a_probe_step_needs_matches_the_reference(kernel_on_cpu, s
     torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
 
 
-def test_the_step_merges_in_its_last_program_and_leaves_the_counters_at_zero(kernel_on_cpu):
-    """No merge launch: every program counts itself in, the last of each sequence and KV head merges. 40
-    full-precision tokens in 16-token splits (three programs of their own) and two packed blocks; the counters are
-    zero after each step, so the next step (another query) merges again and matches the reference too."""
-    gen = torch.Generator().manual_seed(21)
-    b, hk, d = 2, 2, 32
-    blocks = [make_block(gen, b, hk, 45, d, torch.float32, key_group_size=16),
-              make_block(gen, b, hk, 30, d, torch.float32, salient=False)]
-    keys, values = randn(b, hk, 40, d, gen=gen), randn(b, hk, 40, d, gen=gen)
-    for _ in range(2):
-        query = randn(b, hk * 3, 1, d, gen=gen)
-        check(query, blocks, keys, values, scaling=0.2, softcap=None, dtype=torch.float32, block_n=16, split_len=16)
-        assert not ops._arrival_counters(query.device, b * hk).any()
-
-
 def test_without_blocks_it_is_attention_over_the_full_precision_tokens(kernel_on_cpu):
     gen = torch.Generator().manual_seed(0)
     query, keys, values = randn(1, 4, 1, 16, gen=gen), randn(1, 2, 5, 16, gen=gen), randn(1, 2, 5, 16, gen=gen)
