@@ -1,6 +1,6 @@
-"""Host side of the ZipCache kernels: for the decode kernel segments, split sizes, the arrival counters and the
-launches (one per segment; the last also attends the full-precision tokens, and the step's last program merges);
-for the prefill probes the sorted probe rows, the analytic counts and the two launches.
+"""Host side of the ZipCache kernels: for the decode kernel segments, split sizes and the launches (one per
+segment, one to attend the full-precision tokens and merge); for the prefill probes the sorted probe rows, the
+analytic counts and the two launches.
 
 :func:`quantized_decode_attention` and :func:`probe_column_scores` are the entries: the fused kernel on CUDA (or
 on CPU with ``KERNEL_ON_CPU``, which only works under Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton
@@ -19,8 +19,8 @@ from .naive import causal_probe_counts, probe_scores_reference, quantized_decode
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: segment-kernel programs resident on one multiprocessor at once (~220 registers x 128 threads, triton 3.6, d = 128)
-_PROGRAMS_PER_SM = 2
+#: segment-kernel programs resident on one multiprocessor at once (127 registers x 128 threads: 4 of 16 warp slots)
+_PROGRAMS_PER_SM = 4
 #: rows per program on CUDA: splits for about one wave of programs, within these bounds (H200, d = 128, one segment,
 #: --tiles at 850014b: 512 rows at 32k b = 1, 2,048 at 131k b = 1 and b = 8, the best of 512 / 1,024 / 2,048)
 _SPLIT_ROWS = (512, 2048)
@@ -92,7 +92,7 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
     _check(query, keys, values)
     reference = functools.partial(quantized_decode_attention_reference, query, blocks, keys, values, scaling=scaling,
                                   softcap=softcap, return_lse=return_lse)
-    if not kernel_usable(query) or not blocks:  # nothing quantised yet: plain attention over a few tokens
+    if not kernel_usable(query):
         return reference()
     b, h, _, d = query.shape
     hk, g = keys.shape[1], h // keys.shape[1]
@@ -124,59 +124,27 @@ def quantized_decode_attention(query, blocks, keys, values, *, scaling: float, s
         split_len = max(1, -(-per_split // block_n)) * block_n
     elif split_len % block_n:
         raise ValueError(f"split_len ({split_len}) must be a multiple of block_n ({block_n})")
-    from .triton_decode import launch_segment
+    from .triton_decode import launch_finish, launch_segment
 
     query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
-    # the full-precision tokens: splits of about a packed split's bytes (a token's bf16 key + value is ~4 packed
-    # rows), in 16-row tiles (registers: the kernel holds one split of either kind)
-    block_fp = 16
-    fp_split_len = max(block_fp, split_len // 4 // block_fp * block_fp)
-    slots = sum(-(-(seg[-2] + seg[-1]) // split_len) for seg in segments) + -(-keys.shape[2] // fp_split_len)
+    slots = sum(-(-(seg[-2] + seg[-1]) // split_len) for seg in segments)
     block_g = 1 << (g - 1).bit_length()  # the products' rows: padded to the tensor cores' 16 by the compiler
     block_d = max(16, 1 << (d - 1).bit_length())
     partials = (torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, device=query.device, dtype=torch.float32),
                 torch.empty(b * hk, slots, block_g, block_d, device=query.device, dtype=torch.float32))
-    # the merge folds this many slots at a time: 64 registers a thread of partial sums (interpreter: few, masked
-    # slots cost time there)
-    block_s = min(max(1, 8192 // (block_g * block_d)), 16 if query.is_cuda else 4)
     num_warps = num_warps or (4 if d <= 128 else 8)  # stages: Triton's 3 (H200: 1-3 % faster than 4 at 850014b)
+    split0 = 0
+    for scale, key, k_row0, value, v_row0, seg_len, lead in segments:
+        launch_segment(query, key, value, scale, partials, seg_len=seg_len, k_row0=k_row0, v_row0=v_row0, lead=lead,
+                       split_len=split_len, split0=split0, scaling=scaling, softcap=softcap, block_n=block_n,
+                       num_warps=num_warps, num_stages=num_stages)
+        split0 += -(-(lead + seg_len) // split_len)
     out = torch.empty(b, 1, h, d, device=query.device, dtype=query.dtype)
     lse = torch.empty(b, h, device=query.device, dtype=torch.float32) if return_lse else None
-    arrived = _arrival_counters(query.device, b * hk)
-    split0 = 0
-    for i, (scale, key, k_row0, value, v_row0, seg_len, lead) in enumerate(segments):
-        launch_segment(query, key, value, scale, partials, arrived, out, lse, keys=keys, values=values,
-                       seg_len=seg_len, k_row0=k_row0, v_row0=v_row0, lead=lead, split_len=split_len, split0=split0,
-                       fp_split_len=fp_split_len if i == len(segments) - 1 else 0, scaling=scaling, softcap=softcap,
-                       block_n=block_n, block_fp=block_fp, block_s=block_s, num_warps=num_warps,
-                       num_stages=num_stages)
-        split0 += -(-(lead + seg_len) // split_len)
+    launch_finish(query, keys, values, partials, out, lse, scaling=scaling, softcap=softcap, block_n=min(block_n, 64),
+                  num_warps=num_warps)
     return (out, lse) if return_lse else out
-
-
-#: int32 zeros per (device, stream): the decode kernel's programs count themselves in, the last resets its counter
-_ARRIVALS: dict = {}
-#: buffers a larger one replaced: a captured CUDA graph may still use them, so they are never freed
-_RETIRED: list = []
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 counters, zero between steps (the kernel's last program of each sequence and KV head resets
-    its own). One buffer per device and stream: steps on two streams at once must not count into one. A buffer
-    made while a CUDA graph is being captured belongs to the graph (zeroed by each replay) and is not kept."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buffer = _ARRIVALS.get(key)
-    if buffer is not None and buffer.numel() >= n:
-        return buffer
-    fresh = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return fresh
-    if buffer is not None:
-        _RETIRED.append(buffer)
-    _ARRIVALS[key] = fresh
-    return fresh
 
 
 @functools.cache
