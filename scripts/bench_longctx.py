@@ -29,8 +29,11 @@ Per row (shape, variant, prompt length n), batch 1, under ``torch.inference_mode
   * ``prefill_paths``: ``patchattn.attention_paths`` summed over layers for the prefill, ``approx_layers`` the layers
     where the variant's approximation ran (0 for exact and zipcache alone): no row credits a variant with exact
     attention's numbers.
-Each variant first runs one untimed warm-up row at ``--warmup-len`` (default: the shortest length, at most 16384,
-past hyper's crossover) so Triton compiles are not timed. A ``torch.cuda.OutOfMemoryError`` makes the row
+Each row is first run untimed (same length, same decode), so Triton compiles are not timed: some kernels
+compile again for longer prompts (H200, 8B, hyper+zipcache: a 16,384-token warm-up left five kernels — hyper's hash
+and level kernels, zipcache's probes — to compile inside the timed 131k row, 10.1 s prefill and 23.4 tok/s in a
+fresh process vs 6.3 s and 32.8 tok/s with Triton's cache warm). ``--warmup-len N`` warms up once per variant at N
+tokens instead (cheaper; what earlier tables used). A ``torch.cuda.OutOfMemoryError`` makes the row
 ``status: "oom"`` with ``oom_phase`` (setup, prefill or decode); any other exception ``status: "error"`` with the
 message; memory is freed and the run goes on. Rows without zipcache whose weights, full bf16 KV cache and four
 [n, hidden] activations (residual, normed copy, queries, attention output) exceed the GPU's memory are not run:
@@ -391,8 +394,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="tokens per slice of the position-wise layers in the prefill (0 = unchunked; default "
                         "32768, --tiny 16)")
     p.add_argument("--param", action="append", default=[], help="VARIANT.KEY=VALUE (repeatable)")
-    p.add_argument("--warmup-len", type=int, default=None, help="untimed warm-up row length per variant (default: "
-                                                                "min(shortest --lens, 16384); 0 = none)")
+    p.add_argument("--warmup-len", type=int, default=None, help="untimed warm-up row length, once per variant "
+                                                                "(default: every row at its own length; 0 = none)")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--no-predict-oom", action="store_true", help="run rows whose full KV cache cannot fit")
     p.add_argument("--append", action="store_true", help="merge into --out's rows (same shape/variant/n replaced)")
@@ -458,14 +461,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            "prefill_s": None, "decode_tok_s": None, "kv_bytes": None, "peak_gb": None,
                            "kv_bytes_full": full_kv_bytes(config, n + args.new_tokens)}
                 else:
-                    # above hyper's exact-is-faster crossover (10240 at d=128) and min_seq_len: its kernels compile
-                    warmup_len = min(min(lens), 16384) if args.warmup_len is None else args.warmup_len
-                    if variant not in warm and warmup_len:
+                    warmup_len = n if args.warmup_len is None else args.warmup_len
+                    if (variant, warmup_len) not in warm and warmup_len:
                         wids = torch.randint(0, config.vocab_size, (1, warmup_len),
                                              generator=torch.Generator().manual_seed(1)).to(device)
-                        w = run_row(model, config, wids, variant, params, argparse.Namespace(
-                            new_tokens=2, mlp_chunk=args.mlp_chunk), cuda)
-                        warm.add(variant)
+                        w = run_row(model, config, wids, variant, params, args, cuda)
+                        warm.add((variant, warmup_len))
                         print(f"  warm-up {shape} {variant} n={warmup_len}: {w['status']}", flush=True)
                         del wids
                     row = {**base, **run_row(model, config, ids, variant, params, args, cuda), "measured": True}

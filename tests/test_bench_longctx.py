@@ -185,3 +185,20 @@ def test_a_kernel_fault_is_an_error_row_even_though_the_gpu_answers_nothing_more
         new_tokens=2, mlp_chunk=16), cuda=True)
     assert row["status"] == "error" and "illegal memory access" in row["error"] and row["peak_gb"] is None
     assert not patchattn.is_patched(model)
+
+
+@pytest.mark.parametrize("warmup, lengths", [([], [48, 48, 64, 64]), (["--warmup-len", "32"], [32, 48, 64])])
+def test_each_row_is_warmed_up_at_its_own_length_unless_told(monkeypatch, tmp_path, warmup, lengths):
+    """Triton compiles again for longer prompts (on the H200 five kernels compiled inside a 131k row warmed up at
+    16k): by default each row runs once untimed at its own length, decode included; ``--warmup-len`` warms up once
+    per variant at that length."""
+    seen, real = [], bench.run_row
+
+    def run_row(model, config, ids, variant, params, args, cuda):
+        seen.append((ids.shape[1], args.new_tokens))
+        return real(model, config, ids, variant, params, args, cuda)
+
+    monkeypatch.setattr(bench, "run_row", run_row)
+    bench.main(["--tiny", "--lens", "48,64", "--new-tokens", "3", "--variants", "exact", *warmup,
+                "--out", str(tmp_path / "w.json")])
+    assert seen == [(n, 3) for n in lengths]
