@@ -137,6 +137,11 @@ def test_triton_fp32_gqa_decay_init():
     check(triton_fn(), 2, 4, 2, 75, 16, 32, torch.float32, init=True)
 
 
+def test_triton_fp32_single_partial_chunk():
+    """n = 11 < chunk: the state kernel's two-chunk step has nothing in either chunk past the first 11 tokens."""
+    check(triton_fn(), 1, 2, 1, 11, 16, 16, torch.float32, init=True)
+
+
 def test_triton_fp32_no_decay_unnormalized():
     check(triton_fn(), 1, 2, 2, 64, 16, 16, torch.float32, decay=False, normalize=False)
 
