@@ -140,7 +140,7 @@ def gla_forward(q, k, v, a, s0, z0, normalize, eps, cfg: LinearConfig):
     rden = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if normalize else None
     kp = _p2(dk)
     bv = min(_p2(dv), cfg.out_bv)
-    _fwd_out_kernel[(triton.cdiv(dv, bv), nc, b * h)](
+    _fwd_out_kernel[(triton.cdiv(dv, bv) * g, nc, b * hk)](
         q, k, v, a if a is not None else zs, hs, zs, o, rden if rden is not None else zs,
         *_s3(q), *_s3(k), *_s3(v), *_s3(o), n, nc, h, g, dk, dv, float(eps),
         C=C, KP=kp, BV=bv, HAS_DECAY=a is not None, NORM=normalize, PREC=_prec(q.dtype),
@@ -200,7 +200,7 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
     ap = a if a is not None else dummy
     rp = rden if normalize else dummy
     dp = dden if normalize else dummy
-    _bwd_dq_kernel[(nc, b * h)](
+    _bwd_dq_kernel[(nc * g, b * hk)](
         q, k, v, do, ap, hs, zs, rp, dp, dq, dlq, *_s3(q), *_s3(k), *_s3(v), *_s3(do), n, nc, h, g, dk, dv,
         C=C, KP=kp, BV=bv, **common)
     del hs, zs

@@ -8,7 +8,7 @@ start (recomputed by the forward's state kernel) and ``(dS, dz)`` the gradient o
     ``(dS, dz)`` of every chunk and carries ``dS <- exp(B_C) dS + Σ_heads (q * exp(B) * r)ᵀ do``,
     ``dz <- exp(B_C) dz + Σ_heads Σ_t q_t exp(B_t) dden_t``; what is left at the start is d initial_state.
   * ``dP_ts = exp(B_t - B_s) [s <= t] (r_t do_t · v_s + dden_t)`` and ``P_ts = exp(B_t - B_s) [s <= t] q_t · k_s``;
-    ``_bwd_dq_kernel`` (per query head):  dq = dP k + exp(B) (r do Sᵀ + dden z)
+    ``_bwd_dq_kernel`` (per query head, a KV head's G heads adjacent): dq = dP k + exp(B) (r do Sᵀ + dden z)
     ``_bwd_dk_kernel`` (per KV head, its query heads summed): dk = Σ dPᵀ q + exp(B_C - B) (v dSᵀ + dz)
     ``_bwd_dv_kernel`` (per KV head and dv-block):           dv = Σ (P r)ᵀ do + exp(B_C - B) k dS
   * the log-decay gradient: the output depends on the global cumulative log decay L only through
@@ -140,13 +140,15 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, sqb,
 def _bwd_dq_kernel(Q, K_, V_, DO, A_, HS, ZS, RDEN, DDEN, DQ, DLQ, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                    sdb, sdh, sdn, n, NC, H, G, DK, DV, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                    HAS_DECAY: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    # grid (chunks x G, b*hk): the G query heads of a KV head are adjacent programs, so the k/v tiles and state
+    # snapshot they share are read from HBM once and from L2 after
+    i_c = tl.program_id(0) // G
+    i_bk = tl.program_id(1)
     hk = H // G
-    i_kh = i_h // G
-    i_bk = i_b * hk + i_kh
+    i_b = i_bk // hk
+    i_kh = i_bk % hk
+    i_h = i_kh * G + tl.program_id(0) % G
+    i_bh = i_b * H + i_h
     ot = tl.arange(0, C)
     rows = i_c * C + ot
     mt = rows < n

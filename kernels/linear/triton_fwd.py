@@ -7,9 +7,10 @@ start of a chunk.
      KV head, writes the state at the start of every chunk (``S`` snapshot in bf16 for bf16 inputs else fp32; ``z``
      always fp32) and carries ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise, in fp32 registers,
      two chunks per loop step.
-  2. ``_fwd_out_kernel`` (grid: dv-blocks, chunks, b*h query heads): ``A = (q kᵀ) * exp(B_t - B_s)`` masked causal,
-     ``num = A v + exp(B) q S``, ``den = rowsum(A) + exp(B) q·z`` (the normaliser is the value column of ones, as a
-     row sum), ``o = num / (den + eps)``; stores ``1 / (den + eps)`` for the backward.
+  2. ``_fwd_out_kernel`` (grid: dv-blocks x G query heads of a KV head, chunks, b*hk):
+     ``A = (q kᵀ) * exp(B_t - B_s)`` masked causal, ``num = A v + exp(B) q S``, ``den = rowsum(A) + exp(B) q·z``
+     (the normaliser is the value column of ones, as a row sum), ``o = num / (den + eps)``; stores
+     ``1 / (den + eps)`` for the backward.
   3. ``_step_kernel`` (grid: dv-blocks, b*hk): one decode token for all query heads of a KV head, fp32 state.
 Every exponent is <= 0 (later minus earlier cumulative log decay). Dots take the inputs' dtype (tensor cores for
 fp16/bf16; IEEE fp32 for fp32 inputs, as the CPU interpreter tests use) with fp32 accumulation.
@@ -114,14 +115,16 @@ def _fwd_state_kernel(K_, V_, A_, S0, Z0, HS, ZS, SF, ZF, skb, skh, skn, svb, sv
 def _fwd_out_kernel(Q, K_, V_, A_, HS, ZS, O, RDEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     n, NC, H, G, DK, DV, eps, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                     HAS_DECAY: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
-    i_v = tl.program_id(0)
+    # the G query heads of a KV head are adjacent programs: they read the same k/v tiles and state snapshot
+    # while those are in L2
+    i_v = tl.program_id(0) // G
     i_c = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    i_bk = tl.program_id(2)
     hk = H // G
-    i_kh = i_h // G
-    i_bk = i_b * hk + i_kh
+    i_b = i_bk // hk
+    i_kh = i_bk % hk
+    i_h = i_kh * G + tl.program_id(0) % G
+    i_bh = i_b * H + i_h
     ot = tl.arange(0, C)
     rows = i_c * C + ot
     mt = rows < n
