@@ -42,7 +42,8 @@ MODES = ["fwd", "fwd+bwd"]
 TUNE_N = 8192
 # tried after ops.default_config's own tiles: (bm, bn, warps, stages) and
 # (dq_bm, dq_bn, dq_warps, dkdv_bm, dkdv_bn, dkdv_warps, stages)
-FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3)]
+FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
+                  (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)]
 BWD_CANDIDATES = [(128, 32, 8, 32, 128, 8, 2), (128, 32, 8, 32, 64, 8, 2)]
 # correctness cases (name, nq, nk, key_start per sequence, head dims, impls): b=2, h=8, hk=2
 ALL3 = ("flashsigmoid", "flashsigmoid_exact", "softmax_triton")
