@@ -148,6 +148,7 @@ def main():
                     row["density"] = selection_density(sel)
                     row["rel_diff_vs_exact"] = rel_err(dhsa(st)(q, k, v), ref)
                 row["select_ms"] = bench_ms(lambda a, b: select_blocks(a, b, st), q, k)
+                row["select_torch_ms"] = bench_ms(lambda a, b: select_blocks(a, b, st, picker="torch"), q, k)
                 row["kernel_ms"] = bench_ms(lambda a, b, c: block_sparse_attention(a, b, c, sel, d**-0.5), q, k, v)
                 row["ms"] = bench_ms(dhsa(st), q, k, v)
                 row["peak_mb"] = peak_mb(dhsa(st), q, k, v)

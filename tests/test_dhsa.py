@@ -123,6 +123,52 @@ def test_selection_guarantees():
     assert selection_density(sel) == pytest.approx((keep.sum((-1, -2)).double().mean() / causal.sum()).item())
 
 
+def _lists(sel):
+    """Each block's kept chunks as a comparable tensor: entries past ``cnt`` set to -1, width trimmed to the most."""
+    width = int(sel.cnt.max())
+    idx = sel.idx[..., :width].long()
+    return torch.where(torch.arange(width, device=idx.device) < sel.cnt[..., None].long(), idx, -1)
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("max_scores", [1 << 40, 700])
+def test_triton_pick_matches_torch_pick(name, padded, max_scores):
+    """The one-kernel pick (triton_select) and the topk/sort path give the same lists, counts and nfull, also in
+    bounded slices of query blocks (``max_scores``: the kernel then fills rows from an offset)."""
+    st = SELECTIONS[name]
+    q, k, _ = qkv(2, 4, 2, 301, 16, seed=3)
+    valid = padding(2, 301, {1: (0, 37)}) if padded else None
+    ref = select_blocks(q, k, st, valid, picker="torch")
+    got = select_blocks(q, k, st, valid, picker="triton", max_scores=max_scores)
+    assert torch.equal(got.cnt, ref.cnt) and torch.equal(got.nfull, ref.nfull)
+    assert torch.equal(_lists(got), _lists(ref))
+
+
+def test_triton_pick_breaks_ties_by_lowest_chunk():
+    """Identical keys give every chunk the same score: the pick is then the lowest-index candidates, exactly
+    ``min(budget, candidates)`` of them (the K-th largest search must count ties, not skip them)."""
+    st = DhsaSettings(chunk_size=16, query_block=16, budget_tokens=48, local_window=16, sink_tokens=16)
+    n = 400
+    q, _, _ = qkv(1, 2, 1, n, 16, seed=1)
+    k = torch.ones(1, 1, n, 16, device=DEV)
+    sel = select_blocks(q, k, st, picker="triton")
+    s = structure(n, st, DEV)
+    sinks, picks = s.sinks, torch.minimum(s.budget, s.candidates)
+    for blk in range(s.start.shape[0]):
+        row = sel.idx[0, 0, blk, : int(sel.cnt[0, 0, blk])].tolist()
+        first = int(sinks[blk])
+        want = list(range(first)) + list(range(first, first + int(picks[blk])))
+        want += list(range(int(s.win_lo[blk]), int(s.win_hi[blk]) + 1))
+        assert row == want, blk
+
+
+def test_picker_is_validated():
+    q, k, _ = qkv(1, 2, 1, 64, 16)
+    with pytest.raises(ValueError, match="picker"):
+        select_blocks(q, k, DhsaSettings(chunk_size=16, query_block=16), picker="fast")
+
+
 def test_budget_fraction_grows_with_the_prefix():
     st = DhsaSettings(chunk_size=16, query_block=16, budget_tokens=0, budget_fraction=0.25, local_window=0,
                       sink_tokens=0)

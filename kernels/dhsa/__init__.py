@@ -1,6 +1,6 @@
 """DHSA ops: ``naive`` is the token-level reference (the paper's description, any device), ``select`` the cheap
-chunk-level selection, ``ops`` the Triton block-sparse attention (CUDA), ``gathered`` the same attention in
-PyTorch (gathers only the kept chunks).
+chunk-level selection (on CUDA its per-block pick is one Triton kernel, ``triton_select``), ``ops`` the Triton
+block-sparse attention (CUDA), ``gathered`` the same attention in PyTorch (gathers only the kept chunks).
 
 ``dhsa_attention`` always selects with ``select.select_blocks`` and attends with Triton on CUDA when the kernel
 covers the call (no softcap, head dim in ``SUPPORTED_HEAD_DIMS``, power-of-two chunk/query block >= 16, no gradient

@@ -118,15 +118,31 @@ def chunk_scores(q, k, settings: DhsaSettings, key_valid=None) -> torch.Tensor:
     return _scores(*_representations(q, k, settings, key_valid))
 
 
-def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: int = MAX_SCORES) -> BlockSelection:
+def _use_triton_pick(q, nc: int, picker: str) -> bool:
+    if picker not in ("auto", "torch", "triton"):
+        raise ValueError(f"picker must be 'auto', 'torch' or 'triton', got {picker!r}")
+    if picker != "auto":
+        return picker == "triton"
+    from .. import triton_available
+    from .triton_select import MAX_CHUNKS
+
+    return q.is_cuda and nc <= MAX_CHUNKS and triton_available()
+
+
+def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: int = MAX_SCORES,
+                  picker: str = "auto") -> BlockSelection:
     """The kept chunks of every query block: sinks, the best ``budget`` earlier chunks, window + own chunks. The
-    scores are built for slices of query blocks of at most ``max_scores`` entries at a time."""
+    scores are built for slices of query blocks of at most ``max_scores`` entries at a time. ``picker``: how each
+    slice becomes chunk lists, ``"triton"`` (``triton_select.pick_chunks``, one kernel), ``"torch"`` (topk and
+    sorts) or ``"auto"`` (Triton on CUDA up to ``triton_select.MAX_CHUNKS`` chunks); both give the same lists."""
     b, h, n, _ = q.shape
     if h % k.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
     dev = q.device
     st = structure(n, settings, dev)
     nc = -(-n // settings.chunk_size)
+    if _use_triton_pick(q, nc, picker):
+        return _select_triton(q, k, settings, key_valid, st, nc, max_scores)
     chunks = torch.arange(nc, device=dev)
     pieces = []
     ns = int(st.sinks.max())
@@ -159,6 +175,28 @@ def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: i
     width = max(1, int(cnt.max()))
     return BlockSelection(rows[..., :width].to(torch.int32).contiguous(), cnt.to(torch.int32).contiguous(),
                           nfull.to(torch.int32).contiguous(), n, settings.chunk_size, settings.query_block)
+
+
+def _select_triton(q, k, settings: DhsaSettings, key_valid, st: Structure, nc: int, max_scores: int):
+    """``select_blocks`` with the per-slice pick in one Triton kernel. The lists are as wide as the most chunks any
+    block may keep (the PyTorch path trims to the most any block did keep; entries past ``cnt`` are -1 in both)."""
+    from .triton_select import pick_chunks
+
+    b, h, n, _ = q.shape
+    nqb = st.start.shape[0]
+    picks = torch.minimum(st.budget, st.candidates)
+    width = max(1, int((st.sinks + picks + st.win_hi - st.win_lo + 1).max()))
+    idx = torch.full((b, h, nqb, width), -1, dtype=torch.int32, device=q.device)
+    cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
+    nfull = torch.empty_like(cnt)
+    q_rep, k_rep, kn = _representations(q, k, settings, key_valid)
+    sink_chunks = -(-settings.sink_tokens // settings.chunk_size)
+    step = max(1, max_scores // (b * h * nc))
+    for lo in range(0, nqb, step):
+        hi = min(lo + step, nqb)
+        pick_chunks(_scores(q_rep[:, :, lo:hi], k_rep, kn), st, lo, sink_chunks, settings.chunk_size, idx, cnt,
+                    nfull)
+    return BlockSelection(idx, cnt, nfull, n, settings.chunk_size, settings.query_block)
 
 
 def _prefix_pairs(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
