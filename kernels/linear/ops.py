@@ -108,8 +108,18 @@ def _state_warps(bk, bv):
     return 4 if bk * bv <= 32 * 32 else 8
 
 
-def _states(k, v, a, s0, z0, nc, cfg, store_final, snap_dtype):
-    """Run the state kernel: snapshots ``[b, hk, nc, dk, dv]`` (snap dtype) / ``[b, hk, nc, dk]`` fp32, final."""
+def _chunk_cumsum(a, nc: int, C: int):
+    """Chunk-local inclusive cumulative log decays ``[b, hk, nc * C]`` fp32 (padding: 0, so flat to the chunk's end),
+    or None without decays."""
+    if a is None:
+        return None
+    b, hk, n = a.shape
+    return torch.nn.functional.pad(a, (0, nc * C - n)).view(b, hk, nc, C).cumsum(-1).view(b, hk, nc * C)
+
+
+def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
+    """Run the state kernel: snapshots ``[b, hk, nc, dk, dv]`` (snap dtype) / ``[b, hk, nc, dk]`` fp32, final.
+    ``bcum``: ``_chunk_cumsum`` of the log decays or None."""
     b, hk, n, dk = k.shape
     dv = v.shape[-1]
     dev = k.device
@@ -118,11 +128,11 @@ def _states(k, v, a, s0, z0, nc, cfg, store_final, snap_dtype):
     sf = torch.empty(b, hk, dk, dv, dtype=torch.float32, device=dev) if store_final else None
     zf = torch.empty(b, hk, dk, dtype=torch.float32, device=dev) if store_final else None
     bk, bv = _state_blocks(cfg, dk, dv, b * hk, dev)
-    grid = (triton.cdiv(dk, bk) * triton.cdiv(dv, bv), b * hk)
+    grid = (triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1), b * hk)  # + 1: the z programs
     _fwd_state_kernel[grid](
-        k, v, a if a is not None else zs, s0 if s0 is not None else zs, z0 if z0 is not None else zs, hs, zs,
+        k, v, bcum if bcum is not None else zs, s0 if s0 is not None else zs, z0 if z0 is not None else zs, hs, zs,
         sf if sf is not None else zs, zf if zf is not None else zs, *_s3(k), *_s3(v), n, nc, hk, dk, dv,
-        C=cfg.chunk, BK=bk, BV=bv, HAS_DECAY=a is not None, HAS_INIT=s0 is not None, STORE_FINAL=store_final,
+        C=cfg.chunk, BK=bk, BV=bv, HAS_DECAY=bcum is not None, HAS_INIT=s0 is not None, STORE_FINAL=store_final,
         PREC=_prec(k.dtype), num_warps=_state_warps(bk, bv), num_stages=cfg.stages)
     return hs, zs, sf, zf
 
@@ -135,7 +145,7 @@ def gla_forward(q, k, v, a, s0, z0, normalize, eps, cfg: LinearConfig):
     g = h // hk
     C = cfg.chunk
     nc = triton.cdiv(n, C)
-    hs, zs, sf, zf = _states(k, v, a, s0, z0, nc, cfg, True, _snap_dtype(q.dtype, cfg))
+    hs, zs, sf, zf = _states(k, v, _chunk_cumsum(a, nc, C), s0, z0, nc, cfg, True, _snap_dtype(q.dtype, cfg))
     o = torch.empty(b, h, n, dv, dtype=v.dtype, device=q.device)
     rden = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if normalize else None
     kp = _p2(dk)
@@ -161,7 +171,8 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
     sdt = _snap_dtype(q.dtype, cfg)
     kp = _p2(dk)
     do = _rowmajor(do)
-    hs, zs, _, _ = _states(k, v, a, s0, z0, nc, cfg, False, sdt)
+    bcum = _chunk_cumsum(a, nc, C)
+    hs, zs, _, _ = _states(k, v, bcum, s0, z0, nc, cfg, False, sdt)
     dden = None
     if normalize:
         dden = torch.empty(b, h, n, dtype=torch.float32, device=dev)
@@ -179,9 +190,6 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
     gp = triton.next_power_of_2(g)
     bk, bvs, dwarps = _dstate_blocks(cfg, *_state_blocks(cfg, dk, dv, b * hk, dev), gp)
     dummy = dzs
-    bcum = None
-    if a is not None:  # chunk-local inclusive cumulative log decays, [b, hk, nc * C] (padding: 0 -> flat)
-        bcum = torch.nn.functional.pad(a, (0, nc * C - n)).view(b, hk, nc, C).cumsum(-1).view(b, hk, nc * C)
     _bwd_dstate_kernel[(triton.cdiv(dk, bk) * triton.cdiv(dv, bvs), b * hk)](
         q, do, bcum if a is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
         dsf if has_df else dummy, dzf if has_df else dummy, dhs, dzs, ds0 if need_dinit else dummy,

@@ -3,10 +3,10 @@
 Notation (see ``chunk.py`` for the same math in PyTorch): chunks of ``C`` tokens, ``B_t`` the inclusive in-chunk
 cumulative log decay of the token's KV head, ``B_C`` its value at the chunk's end; ``(S, z)`` the state at the
 start of a chunk.
-  1. ``_fwd_state_kernel`` (grid: dk-blocks x dv-blocks, b*hk): the only sequential part. Walks the chunks of one
-     KV head, writes the state at the start of every chunk (``S`` snapshot in bf16 for bf16 inputs else fp32; ``z``
-     always fp32) and carries ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise, in fp32 registers,
-     two chunks per loop step.
+  1. ``_fwd_state_kernel`` (grid: dk-blocks x (dv-blocks + 1 for z), b*hk): the only sequential part. Walks the
+     chunks of one KV head, writes the state at the start of every chunk (``S`` snapshot in bf16 for bf16 inputs
+     else fp32; ``z`` always fp32) and carries ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise, in
+     fp32 registers.
   2. ``_fwd_out_kernel`` (grid: dv-blocks x G query heads of a KV head, chunks, b*hk):
      ``A = (q kᵀ) * exp(B_t - B_s)`` masked causal, ``num = A v + exp(B) q S``, ``den = rowsum(A) + exp(B) q·z``
      (the normaliser is the value column of ones, as a row sum), ``o = num / (den + eps)``; stores
@@ -21,93 +21,78 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _advance_state(S, z, kt, vt, at, i_v, HAS_DECAY: tl.constexpr, PREC: tl.constexpr):
-    """The state after one chunk: ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise (only the programs of
-    the first dv block keep ``z``: the others never store it). A chunk past the end (all zeros) leaves both as is."""
-    if HAS_DECAY:
-        bcum = tl.cumsum(at, 0)
-        bend = tl.sum(at, 0)
-        kdec = tl.exp(bend - bcum)
-        S = S * tl.exp(bend)
-        if i_v == 0:
-            z = z * tl.exp(bend) + tl.sum(kt.to(tl.float32) * kdec[None, :], 1)
-        vt = (vt.to(tl.float32) * kdec[:, None]).to(kt.dtype)
-    elif i_v == 0:
-        z = z + tl.sum(kt.to(tl.float32), 1)
-    S += tl.dot(kt, vt, input_precision=PREC)
-    return S, z
-
-
 @triton.jit(do_not_specialize=["n", "NC"])
-def _fwd_state_kernel(K_, V_, A_, S0, Z0, HS, ZS, SF, ZF, skb, skh, skn, svb, svh, svn, n, NC, HK, DK, DV,
+def _fwd_state_kernel(K_, V_, BC, S0, Z0, HS, ZS, SF, ZF, skb, skh, skn, svb, svh, svn, n, NC, HK, DK, DV,
                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
                       HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
-    """Sequential over chunks, two chunks per step. The next step's k/v/decay tiles are loaded one step ahead
-    (register double buffering: Triton's pipeliner does not stage these tiles, whose values are rescaled and summed
-    in registers), so their memory latency overlaps the current step. The loop is latency-bound: on the H200 a step
-    costs about as much for 128 tokens as for 64, so two chunks per step nearly halve the kernel (131k tokens:
-    1.5 vs 2.4 ms at 32x32 tiles) while the output kernel keeps its 64-token chunks."""
+    """Sequential over chunks; latency-bound, so the loop carries as little as possible: ``BC`` holds the
+    chunk-local cumulative log decays (host side: no scan in the loop), and ``z`` has programs of its own (the
+    extra dv-block index ``nvb``, whose v columns are all masked), so no ``S`` program waits on a row reduction.
+    The next chunk's k/v/decay tiles are loaded one iteration ahead (register double buffering: Triton's pipeliner
+    does not stage these tiles, whose values are rescaled and summed in registers)."""
     i_kv = tl.program_id(0)
     i_bh = tl.program_id(1)
     nvb = tl.cdiv(DV, BV)
-    i_k = i_kv // nvb
-    i_v = i_kv % nvb
+    i_k = i_kv // (nvb + 1)
+    i_v = i_kv % (nvb + 1)
+    is_z = i_v == nvb
     i_b = i_bh // HK
     i_h = i_bh % HK
     ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
+    ov = i_v * BV + tl.arange(0, BV)  # all >= DV in the z program
     ot = tl.arange(0, C)
     mk = ok < DK
     mv = ov < DV
     mkv = mk[:, None] & mv[None, :]
     kb = K_ + i_b.to(tl.int64) * skb + i_h.to(tl.int64) * skh + ok[:, None]  # kᵀ tile [BK, C]
     vb = V_ + i_b.to(tl.int64) * svb + i_h.to(tl.int64) * svh + ov[None, :]
-    ab = A_ + i_bh.to(tl.int64) * n
+    bb = BC + i_bh.to(tl.int64) * NC * C
     sidx = ok[:, None] * DV + ov[None, :]
     if HAS_INIT:
         S = tl.load(S0 + i_bh.to(tl.int64) * DK * DV + sidx, mask=mkv, other=0.0)
-        z = tl.load(Z0 + i_bh.to(tl.int64) * DK + ok, mask=mk, other=0.0)
+        z = tl.load(Z0 + i_bh.to(tl.int64) * DK + ok, mask=mk & (ok * 0 + i_v == nvb), other=0.0)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
         z = tl.zeros([BK], dtype=tl.float32)
     hb = HS + i_bh.to(tl.int64) * NC * DK * DV
     zb = ZS + i_bh.to(tl.int64) * NC * DK
-    # tiles of the first step (chunks 0 and 1); past the end every load is masked: zeros, no memory traffic
-    r0 = ot
-    r1 = C + ot
-    k0n = tl.load(kb + r0.to(tl.int64)[None, :] * skn, mask=mk[:, None] & (r0 < n)[None, :], other=0.0)
-    v0n = tl.load(vb + r0.to(tl.int64)[:, None] * svn, mask=(r0 < n)[:, None] & mv[None, :], other=0.0)
-    k1n = tl.load(kb + r1.to(tl.int64)[None, :] * skn, mask=mk[:, None] & (r1 < n)[None, :], other=0.0)
-    v1n = tl.load(vb + r1.to(tl.int64)[:, None] * svn, mask=(r1 < n)[:, None] & mv[None, :], other=0.0)
-    a0n = tl.zeros([C], dtype=tl.float32)
-    a1n = tl.zeros([C], dtype=tl.float32)
+    mt = ot < n
+    r64 = ot.to(tl.int64)
+    ktn = tl.load(kb + r64[None, :] * skn, mask=mk[:, None] & mt[None, :], other=0.0)
+    vtn = tl.load(vb + r64[:, None] * svn, mask=mt[:, None] & mv[None, :], other=0.0)
+    btn = tl.zeros([C], dtype=tl.float32)
+    endn = 0.0
     if HAS_DECAY:
-        a0n = tl.load(ab + r0, mask=r0 < n, other=0.0)
-        a1n = tl.load(ab + r1, mask=r1 < n, other=0.0)
-    for c in range(0, NC, 2):
-        k0, v0, a0, k1, v1, a1 = k0n, v0n, a0n, k1n, v1n, a1n
-        r0 = (c + 2) * C + ot
-        r1 = (c + 3) * C + ot
-        k0n = tl.load(kb + r0.to(tl.int64)[None, :] * skn, mask=mk[:, None] & (r0 < n)[None, :], other=0.0)
-        v0n = tl.load(vb + r0.to(tl.int64)[:, None] * svn, mask=(r0 < n)[:, None] & mv[None, :], other=0.0)
-        k1n = tl.load(kb + r1.to(tl.int64)[None, :] * skn, mask=mk[:, None] & (r1 < n)[None, :], other=0.0)
-        v1n = tl.load(vb + r1.to(tl.int64)[:, None] * svn, mask=(r1 < n)[:, None] & mv[None, :], other=0.0)
+        btn = tl.load(bb + ot)
+        endn = tl.load(bb + C - 1)
+    for c in range(NC):
+        ktt = ktn
+        vt = vtn
+        bcum = btn
+        bend = endn
+        rows = (c + 1) * C + ot  # prefetch the next chunk (all masked past the end: no memory traffic)
+        mt = rows < n
+        r64 = rows.to(tl.int64)
+        ktn = tl.load(kb + r64[None, :] * skn, mask=mk[:, None] & mt[None, :], other=0.0)
+        vtn = tl.load(vb + r64[:, None] * svn, mask=mt[:, None] & mv[None, :], other=0.0)
         if HAS_DECAY:
-            a0n = tl.load(ab + r0, mask=r0 < n, other=0.0)
-            a1n = tl.load(ab + r1, mask=r1 < n, other=0.0)
+            btn = tl.load(bb + rows, mask=rows < NC * C, other=0.0)
+            endn = tl.load(bb + tl.minimum(c + 2, NC) * C - 1)
         tl.store(hb + c * DK * DV + sidx, S.to(HS.dtype.element_ty), mask=mkv)
-        if i_v == 0:
+        if HAS_DECAY:
+            kdec = tl.exp(bend - bcum)
+            S = S * tl.exp(bend)
+            if is_z:
+                tl.store(zb + c * DK + ok, z, mask=mk)
+                z = z * tl.exp(bend) + tl.sum(ktt.to(tl.float32) * kdec[None, :], 1)
+            vt = (vt.to(tl.float32) * kdec[:, None]).to(ktt.dtype)
+        elif is_z:
             tl.store(zb + c * DK + ok, z, mask=mk)
-        S, z = _advance_state(S, z, k0, v0, a0, i_v, HAS_DECAY, PREC)
-        mk1 = mk & (c + 1 + ok * 0 < NC)  # the step's second chunk may be past the end
-        tl.store(hb + (c + 1) * DK * DV + sidx, S.to(HS.dtype.element_ty), mask=mk1[:, None] & mv[None, :])
-        if i_v == 0:
-            tl.store(zb + (c + 1) * DK + ok, z, mask=mk1)
-        S, z = _advance_state(S, z, k1, v1, a1, i_v, HAS_DECAY, PREC)
+            z = z + tl.sum(ktt.to(tl.float32), 1)
+        S += tl.dot(ktt, vt, input_precision=PREC)
     if STORE_FINAL:
         tl.store(SF + i_bh.to(tl.int64) * DK * DV + sidx, S, mask=mkv)
-        if i_v == 0:
+        if is_z:
             tl.store(ZF + i_bh.to(tl.int64) * DK + ok, z, mask=mk)
 
 
