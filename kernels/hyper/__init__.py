@@ -19,9 +19,11 @@ from .plan import SUPPORTED_HEAD_DIMS
 # scripts/bench_hyper.py (benchmarks/results/hyper_attention*.json); speedup vs cuDNN as fwd / fwd+bwd:
 #   d=128:  8192: 1.18 / 0.90   10240: 1.27 / 1.14   12288: 1.46 / 1.24   16384: 1.82 / 1.48
 #   d=64:   8192: 1.08 / 0.87   10240: 0.87 / 1.09   12288: 1.01 / 1.17   16384: 1.65 / 1.42
-#   d=256: not measured (Triton leaves; kept at the conservative 16384).
+#   d=256 (2026-12-03, benchmarks/results/hyper_attention_crossover_d256.json):
+#           8192: 1.01 / 0.39   12288: 1.14 / 0.59   16384: 1.40 / 0.68   20480: 1.47 / 0.90
+#           24576: 1.73 / 0.98   32768: 2.15 / 1.17  (the forward alone wins from ~12k; training only past 24k)
 # At or below min_seq_len the estimator *is* exact causal attention, so SDPA is always the right call there.
-CROSSOVER_N = {64: 16384, 128: 10240, 256: 16384}
+CROSSOVER_N = {64: 16384, 128: 10240, 256: 32768}
 
 
 def exact_is_faster(n: int, head_dim: int, device=None) -> bool:
