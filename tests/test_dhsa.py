@@ -145,6 +145,18 @@ def test_triton_pick_matches_torch_pick(name, padded, max_scores):
     assert torch.equal(_lists(got), _lists(ref))
 
 
+def test_triton_pick_widest_rows():
+    """8192 chunks per row (the most the kernel holds: 512k tokens at 64-token chunks), one row per program."""
+    from patchattn.kernels.dhsa.triton_select import MAX_CHUNKS
+
+    st = DhsaSettings(chunk_size=16, query_block=4096, budget_tokens=2048, local_window=256, sink_tokens=64)
+    q, k, _ = qkv(1, 2, 1, MAX_CHUNKS * 16, 16, seed=2)
+    ref = select_blocks(q, k, st, picker="torch")
+    got = select_blocks(q, k, st, picker="triton")
+    assert torch.equal(got.cnt, ref.cnt) and torch.equal(got.nfull, ref.nfull)
+    assert torch.equal(_lists(got), _lists(ref))
+
+
 def test_triton_pick_breaks_ties_by_lowest_chunk():
     """Identical keys give every chunk the same score: the pick is then the lowest-index candidates, exactly
     ``min(budget, candidates)`` of them (the K-th largest search must count ties, not skip them)."""
