@@ -271,9 +271,12 @@ def prefill_fns(impl, q, k, v, ld, fla):
 
 
 def run_prefill(impl, d, lengths, fla, modes=("fwd", "fwd+bwd")):
+    """Time ``impl`` at every length and mode. fla's backward refuses some Triton/GPU pairs (a RuntimeError from its
+    own guard): after the first refusal only its forward is timed, so the budget goes to the comparable rows."""
     h, hk = H, HK
+    modes = list(modes)
     for n in lengths:
-        for mode in modes:
+        for mode in list(modes):
             key = f"prefill {impl} d={d} n={n} {mode}"
             if time.time() - T0 > BUDGET:
                 RES["skipped"].append({"case": key, "why": "time budget"})
@@ -298,6 +301,10 @@ def run_prefill(impl, d, lengths, fla, modes=("fwd", "fwd+bwd")):
                 record_error(key, e)
                 if "fla" in impl and isinstance(e, (ImportError, KeyError)):
                     return
+                if "fla" in impl and mode == "fwd+bwd" and isinstance(e, RuntimeError):
+                    modes.remove(mode)
+                    RES["skipped"].append({"case": f"prefill {impl} d={d} fwd+bwd beyond n={n}",
+                                           "why": "fla refused its backward here (see errors)"})
             finally:
                 q = k = v = ld = fwd = fb = None
                 free()
@@ -580,10 +587,10 @@ def main():
                             2e-2, 5e-2, init=False)),
         ("check decode chain", 0, lambda: check_decode_chain(cd, bf16)),
         ("prefill ours d=128", 0, lambda: run_prefill("ours", cd, lengths, None)),
+        ("prefill fla simple_gla d=128", 45,  # right after ours: the goal's comparison, in the same lease
+         with_fla(lambda fla: run_prefill("fla_chunk_simple_gla", cd, lengths, fla))),
         ("prefill cuDNN d=128", 10, lambda: run_prefill("sdpa_cudnn", cd, lengths, None)),
         ("decode d=128", 10, lambda: run_decode(cd, contexts, 20 if args.smoke else 200)),
-        ("prefill fla simple_gla d=128", 45,
-         with_fla(lambda fla: run_prefill("fla_chunk_simple_gla", cd, lengths, fla))),
         ("prefill ours unnormalised d=128", 20, lambda: run_prefill("ours_unnorm", cd, lengths, None)),
         ("prefill ours d=64", 20, lambda: run_prefill("ours", cd // 2, lengths, None)),
         ("prefill cuDNN d=64", 10, lambda: run_prefill("sdpa_cudnn", cd // 2, lengths, None)),
