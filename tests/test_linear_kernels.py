@@ -138,7 +138,7 @@ def test_triton_fp32_gqa_decay_init():
 
 
 def test_triton_fp32_single_partial_chunk():
-    """n = 11 < chunk: the state kernel's two-chunk step has nothing in either chunk past the first 11 tokens."""
+    """n = 11 < chunk: one partial chunk, and the state kernel's prefetch of the next chunk is masked entirely."""
     check(triton_fn(), 1, 2, 1, 11, 16, 16, torch.float32, init=True)
 
 
