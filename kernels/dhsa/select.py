@@ -53,7 +53,8 @@ class Structure:
     win_hi: torch.Tensor
     sinks: torch.Tensor  # sink chunks [0, sinks) kept besides the window
     budget: torch.Tensor  # chunks to pick
-    candidates: torch.Tensor  # chunks that may be picked: [sink_chunks, win_lo)
+    candidates: torch.Tensor  # how many chunks may be picked: those in [sink_chunks, win_lo)
+    sink_chunks: int  # chunks holding a sink token: never candidates
 
 
 def structure(n: int, settings: DhsaSettings, device=None) -> Structure:
@@ -69,7 +70,7 @@ def structure(n: int, settings: DhsaSettings, device=None) -> Structure:
     else:
         budget = torch.full_like(start, settings.budget_tokens // C)
     candidates = (win_lo - sink_chunks).clamp_min(0)
-    return Structure(start, end, win_lo, win_hi, sinks, budget, candidates)
+    return Structure(start, end, win_lo, win_hi, sinks, budget, candidates, sink_chunks)
 
 
 def _block_sums(x: torch.Tensor, size: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +113,17 @@ def _scores(q_rep, k_rep, kn) -> torch.Tensor:
     return scores.masked_fill_((kn == 0)[:, None, None, :], NEG_INF)
 
 
+def _score_slices(q, k, settings: DhsaSettings, key_valid, nc: int, max_scores: int):
+    """``(lo, hi, scores)``: the ``[b, h, hi - lo, nc]`` chunk scores of query blocks ``lo .. hi``, slices of at
+    most ``max_scores`` scores (at least one block) in order."""
+    q_rep, k_rep, kn = _representations(q, k, settings, key_valid)
+    b, h, nqb, _ = q_rep.shape
+    step = max(1, max_scores // (b * h * nc))
+    for lo in range(0, nqb, step):
+        hi = min(lo + step, nqb)
+        yield lo, hi, _scores(q_rep[:, :, lo:hi], k_rep, kn)
+
+
 def chunk_scores(q, k, settings: DhsaSettings, key_valid=None) -> torch.Tensor:
     """``[b, h, nqb, nc]`` fp32 similarity of query-block and key-chunk representations (sum / sqrt(len), i.e.
     mean * sqrt(len)); chunks without a valid key score -inf."""
@@ -133,7 +145,7 @@ def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: i
                   picker: str = "auto") -> BlockSelection:
     """The kept chunks of every query block: sinks, the best ``budget`` earlier chunks, window + own chunks. The
     scores are built for slices of query blocks of at most ``max_scores`` entries at a time. ``picker``: how each
-    slice becomes chunk lists, ``"triton"`` (``triton_select.pick_chunks``, one kernel), ``"torch"`` (topk and
+    slice becomes chunk lists, ``"triton"`` (``triton_select.ChunkPicker``, one kernel), ``"torch"`` (topk and
     sorts) or ``"auto"`` (Triton on CUDA up to ``triton_select.MAX_CHUNKS`` chunks); both give the same lists."""
     b, h, n, _ = q.shape
     if h % k.shape[1]:
@@ -151,15 +163,10 @@ def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: i
         pieces.append(torch.where(ar < st.sinks[:, None], ar, -1).expand(b, h, -1, -1))
     kmax = int(torch.minimum(st.budget, st.candidates).max())
     if kmax > 0:
-        sink_chunks = -(-settings.sink_tokens // settings.chunk_size)
-        q_rep, k_rep, kn = _representations(q, k, settings, key_valid)
-        nqb = q_rep.shape[2]
-        step = max(1, max_scores // (b * h * nc))
         picks = []
-        for lo in range(0, nqb, step):
-            hi = min(lo + step, nqb)
-            cand = (chunks >= sink_chunks) & (chunks[None, :] < st.win_lo[lo:hi, None])  # [blocks, nc]
-            top, pick = _scores(q_rep[:, :, lo:hi], k_rep, kn).masked_fill_(~cand, NEG_INF).topk(kmax, dim=-1)
+        for lo, hi, scores in _score_slices(q, k, settings, key_valid, nc, max_scores):
+            cand = (chunks >= st.sink_chunks) & (chunks[None, :] < st.win_lo[lo:hi, None])  # [blocks, nc]
+            top, pick = scores.masked_fill_(~cand, NEG_INF).topk(kmax, dim=-1)
             ok = torch.isfinite(top) & (torch.arange(kmax, device=dev) < st.budget[lo:hi, None])  # best first
             picks.append(torch.where(ok, pick, -1).sort(-1).values)
         pieces.append(torch.cat(picks, 2))
@@ -180,23 +187,13 @@ def select_blocks(q, k, settings: DhsaSettings, key_valid=None, *, max_scores: i
 def _select_triton(q, k, settings: DhsaSettings, key_valid, st: Structure, nc: int, max_scores: int):
     """``select_blocks`` with the per-slice pick in one Triton kernel. The lists are as wide as the most chunks any
     block may keep (the PyTorch path trims to the most any block did keep; entries past ``cnt`` are -1 in both)."""
-    from .triton_select import pick_chunks
+    from .triton_select import ChunkPicker
 
     b, h, n, _ = q.shape
-    nqb = st.start.shape[0]
-    picks = torch.minimum(st.budget, st.candidates)
-    width = max(1, int((st.sinks + picks + st.win_hi - st.win_lo + 1).max()))
-    idx = torch.full((b, h, nqb, width), -1, dtype=torch.int32, device=q.device)
-    cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
-    nfull = torch.empty_like(cnt)
-    q_rep, k_rep, kn = _representations(q, k, settings, key_valid)
-    sink_chunks = -(-settings.sink_tokens // settings.chunk_size)
-    step = max(1, max_scores // (b * h * nc))
-    for lo in range(0, nqb, step):
-        hi = min(lo + step, nqb)
-        pick_chunks(_scores(q_rep[:, :, lo:hi], k_rep, kn), st, lo, sink_chunks, settings.chunk_size, idx, cnt,
-                    nfull)
-    return BlockSelection(idx, cnt, nfull, n, settings.chunk_size, settings.query_block)
+    picker = ChunkPicker(st, settings.chunk_size, (b, h))
+    for lo, _, scores in _score_slices(q, k, settings, key_valid, nc, max_scores):
+        picker(scores, lo)
+    return BlockSelection(picker.idx, picker.cnt, picker.nfull, n, settings.chunk_size, settings.query_block)
 
 
 def _prefix_pairs(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:

@@ -71,23 +71,39 @@ def _pick_kernel(SCORES, WIN_LO, WIN_HI, SINKS, BUDGET, START, IDX, CNT, NFULL,
     tl.store(NFULL + flat, sinks + k + full_win, mask=row_ok)
 
 
-def pick_chunks(scores: torch.Tensor, st, lo: int, sink_chunks: int, chunk_size: int, idx: torch.Tensor,
-                cnt: torch.Tensor, nfull: torch.Tensor) -> None:
-    """Fill ``idx [b, h, nqb, width]`` (preset to -1), ``cnt`` and ``nfull [b, h, nqb]`` for the query blocks
-    ``lo .. lo + scores.shape[2]`` from their ``scores [b, h, blocks, nc]`` (fp32, -inf = empty chunk)."""
-    b, h, blocks, nc = scores.shape
-    if nc > MAX_CHUNKS:
-        raise ValueError(f"{nc} chunks per row: the Triton pick holds at most {MAX_CHUNKS}")
-    scores = scores.contiguous()
-    ncp = max(16, triton.next_power_of_2(nc))
-    r = max(1, 2048 // ncp)
-    sp = max(2, triton.next_power_of_2(int(st.sinks.max())))
-    wp = max(2, triton.next_power_of_2(int((st.win_hi - st.win_lo).max()) + 1))
-    i32 = [x.to(torch.int32).contiguous() for x in (st.win_lo, st.win_hi, st.sinks, st.budget, st.start)]
-    n_rows = b * h * blocks
-    _pick_kernel[(triton.cdiv(n_rows, r),)](
-        scores, *i32, idx, cnt, nfull, n_rows, blocks, lo, idx.shape[2], nc, idx.shape[3], sink_chunks,
-        CHUNK=chunk_size, R=r, NCP=ncp, SP=sp, WP=wp, num_warps=8 if ncp >= 2048 else 4)
+class ChunkPicker:
+    """The chunk lists of one selection, filled slice by slice of scores: ``idx [b, h, nqb, width]`` (-1 past
+    ``cnt``), ``cnt`` and ``nfull [b, h, nqb]``, all int32. The lists are as wide as the most chunks any block may
+    keep. What the kernel needs of the structure (int32 copies, sink and window widths) is set up once here."""
+
+    def __init__(self, st, chunk_size: int, batch_heads: tuple[int, int]):
+        nqb = st.start.shape[0]
+        self.sink_chunks, self.chunk_size = st.sink_chunks, chunk_size
+        self.structure = [x.to(torch.int32).contiguous() for x in (st.win_lo, st.win_hi, st.sinks, st.budget,
+                                                                     st.start)]
+        picks = torch.minimum(st.budget, st.candidates)
+        width = max(1, int((st.sinks + picks + st.win_hi - st.win_lo + 1).max()))
+        self.sp = max(2, triton.next_power_of_2(int(st.sinks.max())))
+        self.wp = max(2, triton.next_power_of_2(int((st.win_hi - st.win_lo).max()) + 1))
+        device = st.start.device
+        self.idx = torch.full((*batch_heads, nqb, width), -1, dtype=torch.int32, device=device)
+        self.cnt = torch.empty(*batch_heads, nqb, dtype=torch.int32, device=device)
+        self.nfull = torch.empty_like(self.cnt)
+
+    def __call__(self, scores: torch.Tensor, lo: int) -> None:
+        """The lists of query blocks ``lo .. lo + scores.shape[2]`` from their ``scores [b, h, blocks, nc]`` (fp32,
+        -inf = empty chunk)."""
+        b, h, blocks, nc = scores.shape
+        if nc > MAX_CHUNKS:
+            raise ValueError(f"{nc} chunks per row: the Triton pick holds at most {MAX_CHUNKS}")
+        scores = scores.contiguous()
+        ncp = max(16, triton.next_power_of_2(nc))
+        r = max(1, 2048 // ncp)
+        n_rows = b * h * blocks
+        _pick_kernel[(triton.cdiv(n_rows, r),)](
+            scores, *self.structure, self.idx, self.cnt, self.nfull, n_rows, blocks, lo, self.idx.shape[2], nc,
+            self.idx.shape[3], self.sink_chunks, CHUNK=self.chunk_size, R=r, NCP=ncp, SP=self.sp, WP=self.wp,
+            num_warps=8 if ncp >= 2048 else 4)
 
 
-__all__ = ["MAX_CHUNKS", "pick_chunks"]
+__all__ = ["MAX_CHUNKS", "ChunkPicker"]
