@@ -190,9 +190,14 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
                     stride_vcb, stride_vcn, stride_vzb, stride_vzn, stride_vsb,
                     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, K_WORDS: tl.constexpr,
-                    SOFTCAP: tl.constexpr, MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr):
+                    SOFTCAP: tl.constexpr, MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr,
+                    PDL: tl.constexpr):
     """``K_WORDS``: the key words per row the score product runs over, ``BLOCK_D·K_BITS/16`` padded to the 16 a
-    compiled product needs at least (masked: the padding's queries are zero)."""
+    compiled product needs at least (masked: the padding's queries are zero). ``PDL``: programmatic dependent
+    launch (Hopper on): the step's next launch may start once every program of this one runs, and this one, if
+    itself launched early, completes only after the launch before it (so the finish kernel's wait covers all)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)  # = sequence * hk + KV head
     split = tl.program_id(1)
     seq = (pid // hk).to(tl.int64)  # a sequence's packed codes pass 2**31 bytes from 4 sequences of 1M tokens
@@ -244,6 +249,8 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         state = _tile(state, whole_end, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS,
                       V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
     m_i, l_i, acc, pz_sum = state
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i * 0.6931471805599453)  # natural log units for the merge
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
@@ -265,10 +272,12 @@ def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slo
                    stride_ob, stride_oh,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_LSE: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, PDL: tl.constexpr):
     """Grid ``(sequence × KV head, channel chunk)``: each program scores the full-precision tokens (all channels)
     and merges the partials of its ``BLOCK_C`` output channels, ``BLOCK_S`` slots at a time (a merge one slot at a
-    time is a chain of dependent loads: ~130 slots per head at b = 1 took about as long as the segments)."""
+    time is a chain of dependent loads: ~130 slots per head at b = 1 took about as long as the segments). ``PDL``:
+    launched while the segment kernels still run, it attends the full-precision tokens meanwhile and waits for
+    them only before the merge."""
     pid = tl.program_id(0)  # = sequence * hk + KV head
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     seq = pid // hk
@@ -301,6 +310,8 @@ def _finish_kernel(Q, K, V, M, L, ACC, OUT, LSE, scaling, softcap, fp_len, n_slo
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
+    if PDL:  # the partials are complete from here on
+        tl.extra.cuda.gdc_wait()
     for s0 in range(0, n_slots, BLOCK_S):  # the quantised segments' splits, BLOCK_S at a time
         slot = s0 + tl.arange(0, BLOCK_S)
         row = (pid * n_slots + slot)[:, None] * BLOCK_G + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
@@ -332,7 +343,7 @@ def _prec(dtype: torch.dtype):
 
 
 def launch_finish(query, keys, values, partials, out, lse, *, scaling: float, softcap: float | None, block_n: int,
-                  num_warps: int, block_c: int = 16, block_s: int | None = None) -> None:
+                  num_warps: int, block_c: int = 16, block_s: int | None = None, pdl: bool = False) -> None:
     """``out [b, 1, h, d]`` from the full-precision ``keys``/``values`` and every slot of ``partials``; each query
     head's logsumexp into ``lse [b, h]`` (float32) unless it is None. ``block_c`` output channels per program,
     ``block_s`` slots merged at once (default: 128 on CUDA: the merge is a chain of dependent loads, and 16 rounds of
@@ -350,12 +361,13 @@ def launch_finish(query, keys, values, partials, out, lse, *, scaling: float, so
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(2),
         D=d, BLOCK_D=block_d, BLOCK_C=block_c, BLOCK_G=m.shape[2], BLOCK_N=block_n, BLOCK_S=block_s,
-        SOFTCAP=softcap is not None, WRITE_LSE=lse is not None, PREC=_prec(query.dtype), num_warps=num_warps)
+        SOFTCAP=softcap is not None, WRITE_LSE=lse is not None, PREC=_prec(query.dtype), PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl)
 
 
 def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_row0: int, v_row0: int, lead: int,
                    split_len: int, split0: int, scaling: float, softcap: float | None, block_n: int,
-                   num_warps: int, num_stages: int | None = None) -> None:
+                   num_warps: int, num_stages: int | None = None, pdl: bool = False) -> None:
     """Partials of the segment's ``cdiv(lead + seg_len, split_len)`` splits into slots ``split0 ...`` of
     ``partials`` (``(m, l, acc)``: ``[b·hk, slots, BLOCK_G]`` twice and ``[b·hk, slots, BLOCK_G, BLOCK_D]``,
     float32). ``lead = k_row0 % block_n``: the rows of the segment's first key-aligned tile that precede it."""
@@ -377,4 +389,4 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
         BLOCK_G=block_g, BLOCK_N=block_n, K_WORDS=max(16, block_d * key.bits // 16), SOFTCAP=softcap is not None,
         MMA=_mma_dtype(query.dtype),
         PREC=_prec(query.dtype), ASM=query.is_cuda and _mma_dtype(query.dtype) == tl.float16,
-        num_warps=num_warps, **stages)
+        PDL=pdl, num_warps=num_warps, launch_pdl=pdl and split0 > 0, **stages)  # a step's first launch: as usual
