@@ -37,7 +37,7 @@ def tiny(monkeypatch):
 
 def test_prefill_variant_gives_four_rows_with_hyper_really_approximating(tmp_path, monkeypatch):
     # on CUDA, hyper sends prompts below its measured crossover (thousands of tokens) to SDPA: not these 64
-    monkeypatch.setattr(hyper_variant, "exact_is_faster", lambda *args: False)
+    monkeypatch.setattr(hyper_variant, "exact_is_faster", lambda *args, **kwargs: False)
     argv = ["--model", "tiny", "--prefill-variant", "hyper", *(f"--prefill-param={p}" for p in HYPER), *WINDOWS,
             "--out", str(tmp_path)]
     result = zipcache_eval.main(argv)

@@ -24,14 +24,19 @@ from .plan import SUPPORTED_HEAD_DIMS
 #           24576: 1.73 / 0.98   32768: 2.15 / 1.17  (the forward alone wins from ~12k; training only past 24k)
 # At or below min_seq_len the estimator *is* exact causal attention, so SDPA is always the right call there.
 CROSSOVER_N = {64: 16384, 128: 10240, 256: 32768}
+# The same for the forward alone (inference: no graph kept), from the same measurements: the shortest length from
+# which every measured forward wins (d=64 dips to 0.87 at 10240; d=128 was not measured below 8192).
+FORWARD_CROSSOVER_N = {64: 12288, 128: 8192, 256: 12288}
 
 
-def exact_is_faster(n: int, head_dim: int, device=None) -> bool:
-    """True where exact attention (SDPA) is at least as fast as HyperAttention for a causal prefill of ``n``."""
+def exact_is_faster(n: int, head_dim: int, device=None, *, backward: bool = True) -> bool:
+    """True where exact attention (SDPA) is at least as fast as HyperAttention for a causal prefill of ``n``;
+    ``backward``: whether a backward pass follows (training), else the forward alone is compared."""
     if device is not None and torch.device(device).type != "cuda":
         return False  # the question is only asked of the GPU path; the reference is never about speed
-    key = min((d for d in CROSSOVER_N if d >= head_dim), default=max(CROSSOVER_N))
-    return n < CROSSOVER_N[key]
+    table = CROSSOVER_N if backward else FORWARD_CROSSOVER_N
+    key = min((d for d in table if d >= head_dim), default=max(table))
+    return n < table[key]
 
 
 def triton_supported(q, k, v, settings: HyperSettings, softcap=None) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from patchattn.kernels.hyper import HyperSettings, exact_is_faster, hyper_attention
 
 from ..attention import exact_attention, exact_tail, long_causal_prefill
@@ -60,7 +62,9 @@ class HyperAttention(PrefillVariant):
                                               dropout=dropout, training=module.training,
                                               output_attentions=output_attentions, layer_idx=self.layer_idx)
         path = self.path_with_exact_heads(path, key.shape[1])
-        if path == "approximate" and query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device):
+        backward = module.training or (torch.is_grad_enabled() and query.requires_grad)
+        if path == "approximate" and query.is_cuda and exact_is_faster(q_len, query.shape[-1], query.device,
+                                                                       backward=backward):
             path = "exact_crossover"  # below the measured crossover, fused SDPA is faster than the estimator
         self.record_path(path)
         if path != "approximate":
