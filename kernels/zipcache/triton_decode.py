@@ -195,7 +195,8 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     """``K_WORDS``: the key words per row the score product runs over, ``BLOCK_D·K_BITS/16`` padded to the 16 a
     compiled product needs at least (masked: the padding's queries are zero). ``PDL``: programmatic dependent
     launch (Hopper on): the step's next launch may start once every program of this one runs, and this one, if
-    itself launched early, completes only after the launch before it (so the finish kernel's wait covers all)."""
+    itself launched early, completes only after the launch before it (so the finish kernel's wait covers all;
+    its own slots are its own, so it streams and stores meanwhile)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)  # = sequence * hk + KV head
@@ -249,8 +250,6 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         state = _tile(state, whole_end, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS,
                       V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
     m_i, l_i, acc, pz_sum = state
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i * 0.6931471805599453)  # natural log units for the merge
     tl.store(L + slot * BLOCK_G + offs_g, l_i)
@@ -264,6 +263,8 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         channel_scale = tl.load(VSCALE + seq * stride_vsb + kv * D + chan, mask=chan < D, other=0.0).to(tl.float32)
         tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + chan[None, :], out * channel_scale[None, :],
                  mask=(chan < D)[None, :])
+    if PDL:  # last: a wait before the stores kept their operands live (136 registers, not 127: 3 programs a
+        tl.extra.cuda.gdc_wait()  # multiprocessor, no room left for the next segment's)
 
 
 @triton.jit(do_not_specialize=["fp_len", "n_slots"])
