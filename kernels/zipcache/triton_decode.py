@@ -263,8 +263,8 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
         channel_scale = tl.load(VSCALE + seq * stride_vsb + kv * D + chan, mask=chan < D, other=0.0).to(tl.float32)
         tl.store(ACC + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_D + chan[None, :], out * channel_scale[None, :],
                  mask=(chan < D)[None, :])
-    if PDL:  # last: a wait before the stores kept their operands live (136 registers, not 127: 3 programs a
-        tl.extra.cuda.gdc_wait()  # multiprocessor, no room left for the next segment's)
+    if PDL:  # last: nothing of this program depends on the launch before it, only its completion does
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit(do_not_specialize=["fp_len", "n_slots"])
