@@ -159,7 +159,8 @@ def _resident_programs(device: torch.device) -> int:
 def _programmatic_launch(device: torch.device) -> bool:
     """Whether a step's launches overlap (programmatic dependent launch, Hopper on): each segment launch streams
     while the one before finishes, and the finish kernel attends the full-precision tokens meanwhile. H200, 131k
-    tokens, b = 1 (bench_zipcache_kernel): two-segment blocks 0.106 -> 0.075 ms, one segment ~2-5 % faster."""
+    tokens, b = 1: a one-segment block 0.0785 -> 0.0768 ms; a two-segment block's launches do not overlap yet
+    (0.109 -> 0.108 ms; benchmarks/README.md, ZipCache decode)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
