@@ -6,6 +6,8 @@ broken) at small sizes; with CUDA the same cases run compiled, plus the ``gpu`` 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_helpers import CUDA, DEV, gpu, needs_cuda, rel_err
@@ -130,6 +132,27 @@ def _small_blocks():
     from patchattn.kernels.linear.ops import LinearConfig
 
     return LinearConfig(chunk=16, state_bk=16, state_bv=16, out_bv=16, bwd_bv=16, stages=1)
+
+
+def _segments(count):
+    """The state walk cut into ``count`` segments (two passes: each segment's own state, then the snapshots)."""
+    from patchattn.kernels.linear.ops import CONFIG
+
+    return dataclasses.replace(CONFIG, chunk=16, state_segments=count)
+
+
+@pytest.mark.parametrize("segments,n,decay,init,normalize", [(3, 75, True, True, True), (4, 64, False, False, True),
+                                                            (5, 45, True, False, False), (3, 33, False, True, False)])
+def test_triton_segmented_state_walk(segments, n, decay, init, normalize):
+    """Segments of 1-2 chunks, the last partial or short (n = 33: 3 chunks of 16 for 3 segments; 45: 3 chunks
+    for 5 segments, so only 3 run): the snapshots, outputs, final state and every gradient as the recurrence."""
+    check(triton_fn(_segments(segments)), 2, 4, 2, n, 16, 32, torch.float32, decay=decay, init=init,
+          normalize=normalize)
+
+
+def test_triton_segmented_state_strong_decay():
+    """Segment decays that underflow (log γ down to -30 per token): the fold of earlier segments stays finite."""
+    check(triton_fn(_segments(4)), 1, 2, 1, 70, 16, 16, torch.float32, decay_scale=30.0, init=True)
 
 
 def test_triton_fp32_gqa_decay_init():

@@ -37,6 +37,7 @@ class LinearConfig:
     out_warps: int = 4  # output kernel: 2.15 vs 3.46 ms with 8 (H200, 131k tokens, d=128, 32 query heads)
     stages: int = 2
     snap_fp32: bool = False  # per-chunk S / dS snapshots in fp32 also for bf16 inputs (tf32 dots against them)
+    state_segments: int = 0  # segments of the forward state walk (0: picked per call, ``_state_segments``)
 
 
 def default_config() -> LinearConfig:
@@ -72,6 +73,11 @@ def _sms(device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: the forward state walk's segments: at least this many chunks each, about this many programs a multiprocessor
+_MIN_SEGMENT_CHUNKS = 32
+_STATE_PROGRAMS_PER_SM = 4
 
 
 def _state_blocks(cfg: LinearConfig, dk, dv, bhk, device):
@@ -117,6 +123,19 @@ def _chunk_cumsum(a, nc: int, C: int):
     return torch.nn.functional.pad(a, (0, nc * C - n)).view(b, hk, nc, C).cumsum(-1).view(b, hk, nc * C)
 
 
+def _state_segments(cfg: LinearConfig, nc: int, programs: int, device) -> int:
+    """Segments the state kernel walks in parallel (two passes, ``triton_fwd._fwd_state_kernel``): its loop is
+    latency-bound, so with few programs (a small batch, few KV heads) a long sequence is cut into segments until
+    about ``_STATE_PROGRAMS_PER_SM`` programs a multiprocessor run; fewer than three segments would not shorten the
+    walk (each pass walks one segment)."""
+    if cfg.state_segments:
+        return min(cfg.state_segments, nc)
+    if device.type != "cuda":
+        return 1
+    n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _STATE_PROGRAMS_PER_SM * _sms(device) // programs)
+    return n_seg if n_seg >= 3 else 1
+
+
 def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
     """Run the state kernel: snapshots ``[b, hk, nc, dk, dv]`` (snap dtype) / ``[b, hk, nc, dk]`` fp32, final.
     ``bcum``: ``_chunk_cumsum`` of the log decays or None."""
@@ -128,12 +147,20 @@ def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
     sf = torch.empty(b, hk, dk, dv, dtype=torch.float32, device=dev) if store_final else None
     zf = torch.empty(b, hk, dk, dtype=torch.float32, device=dev) if store_final else None
     bk, bv = _state_blocks(cfg, dk, dv, b * hk, dev)
-    grid = (triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1), b * hk)  # + 1: the z programs
-    _fwd_state_kernel[grid](
-        k, v, bcum if bcum is not None else zs, s0 if s0 is not None else zs, z0 if z0 is not None else zs, hs, zs,
-        sf if sf is not None else zs, zf if zf is not None else zs, *_s3(k), *_s3(v), n, nc, hk, dk, dv,
-        C=cfg.chunk, BK=bk, BV=bv, HAS_DECAY=bcum is not None, HAS_INIT=s0 is not None, STORE_FINAL=store_final,
-        PREC=_prec(k.dtype), num_warps=_state_warps(bk, bv), num_stages=cfg.stages)
+    tiles = triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1)  # + 1: the z programs
+    seg = triton.cdiv(nc, _state_segments(cfg, nc, tiles * b * hk, dev))
+    n_seg = triton.cdiv(nc, seg)
+    # each segment's own end state and total log decay (the first pass), folded in by the second
+    ls = torch.empty(b, hk, n_seg, dk, dv, dtype=torch.float32, device=dev) if n_seg > 1 else zs
+    lz = torch.empty(b, hk, n_seg, dk, dtype=torch.float32, device=dev) if n_seg > 1 else zs
+    ld = torch.empty(b, hk, n_seg, dtype=torch.float32, device=dev) if n_seg > 1 else zs
+    for local in (True, False) if n_seg > 1 else (False,):
+        _fwd_state_kernel[(tiles, n_seg, b * hk)](
+            k, v, bcum if bcum is not None else zs, s0 if s0 is not None else zs, z0 if z0 is not None else zs, hs,
+            zs, sf if sf is not None else zs, zf if zf is not None else zs, ls, lz, ld, *_s3(k), *_s3(v), n, nc,
+            seg, hk, dk, dv, C=cfg.chunk, BK=bk, BV=bv, HAS_DECAY=bcum is not None, HAS_INIT=s0 is not None,
+            LOCAL=local, STORE_FINAL=store_final, PREC=_prec(k.dtype), num_warps=_state_warps(bk, bv),
+            num_stages=cfg.stages)
     return hs, zs, sf, zf
 
 
@@ -191,7 +218,7 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
     bk, bvs, dwarps = _dstate_blocks(cfg, *_state_blocks(cfg, dk, dv, b * hk, dev), gp)
     dummy = dzs
     _bwd_dstate_kernel[(triton.cdiv(dk, bk) * triton.cdiv(dv, bvs), b * hk)](
-        q, do, bcum if a is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
+        q, do, bcum if bcum is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
         dsf if has_df else dummy, dzf if has_df else dummy, dhs, dzs, ds0 if need_dinit else dummy,
         dz0 if need_dinit else dummy, *_s3(q), *_s3(do), n, nc, hk, g, dk, dv,
         C=C, GP=gp, BK=bk, BV=bvs, HAS_DECAY=a is not None, NORM=normalize,

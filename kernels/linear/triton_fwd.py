@@ -3,10 +3,10 @@
 Notation (see ``chunk.py`` for the same math in PyTorch): chunks of ``C`` tokens, ``B_t`` the inclusive in-chunk
 cumulative log decay of the token's KV head, ``B_C`` its value at the chunk's end; ``(S, z)`` the state at the
 start of a chunk.
-  1. ``_fwd_state_kernel`` (grid: dk-blocks x (dv-blocks + 1 for z), b*hk): the only sequential part. Walks the
-     chunks of one KV head, writes the state at the start of every chunk (``S`` snapshot in bf16 for bf16 inputs
-     else fp32; ``z`` always fp32) and carries ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise, in
-     fp32 registers.
+  1. ``_fwd_state_kernel`` (grid: dk-blocks x (dv-blocks + 1 for z), segments, b*hk): the only sequential part.
+     Walks the chunks of one KV head (long sequences: in segments, two passes), writes the state at the start of
+     every chunk (``S`` snapshot in bf16 for bf16 inputs else fp32; ``z`` always fp32) and carries
+     ``S <- exp(B_C) S + (k * exp(B_C - B))ᵀ v``, ``z`` likewise, in fp32 registers.
   2. ``_fwd_out_kernel`` (grid: dv-blocks x G query heads of a KV head, chunks, b*hk):
      ``A = (q kᵀ) * exp(B_t - B_s)`` masked causal, ``num = A v + exp(B) q S``, ``den = rowsum(A) + exp(B) q·z``
      (the normaliser is the value column of ones, as a row sum), ``o = num / (den + eps)``; stores
@@ -21,17 +21,25 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["n", "NC"])
-def _fwd_state_kernel(K_, V_, BC, S0, Z0, HS, ZS, SF, ZF, skb, skh, skn, svb, svh, svn, n, NC, HK, DK, DV,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
-                      HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
-    """Sequential over chunks; latency-bound, so the loop carries as little as possible: ``BC`` holds the
-    chunk-local cumulative log decays (host side: no scan in the loop), and ``z`` has programs of its own (the
-    extra dv-block index ``nvb``, whose v columns are all masked), so no ``S`` program waits on a row reduction.
-    The next chunk's k/v/decay tiles are loaded one iteration ahead (register double buffering: Triton's pipeliner
-    does not stage these tiles, whose values are rescaled and summed in registers)."""
+@triton.jit(do_not_specialize=["n", "NC", "SEG"])
+def _fwd_state_kernel(K_, V_, BC, S0, Z0, HS, ZS, SF, ZF, LS, LZ, LD, skb, skh, skn, svb, svh, svn, n, NC, SEG, HK,
+                      DK, DV, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+                      HAS_INIT: tl.constexpr, LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """Sequential over the ``SEG`` chunks of one segment of the sequence (grid axis 1; one segment: the whole
+    sequence); latency-bound, so the loop carries as little as possible: ``BC`` holds the chunk-local cumulative
+    log decays (host side: no scan in the loop), and ``z`` has programs of its own (the extra dv-block index
+    ``nvb``, whose v columns are all masked), so no ``S`` program waits on a row reduction. The next chunk's
+    k/v/decay tiles are loaded one iteration ahead (register double buffering: Triton's pipeliner does not stage
+    these tiles, whose values are rescaled and summed in registers).
+
+    Two passes when there are several segments (the sequential walk shortens to two segments' worth):
+    ``LOCAL`` walks each segment from a zero state and writes only its end state ``LS``/``LZ`` and its total log
+    decay ``LD``; the snapshot pass starts each segment from the initial state folded through the earlier
+    segments' ``(LD, LS, LZ)`` (``S <- exp(D_j) S + L_j``) and writes the per-chunk snapshots."""
     i_kv = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_seg = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    n_seg = tl.num_programs(1)
     nvb = tl.cdiv(DV, BV)
     i_k = i_kv // (nvb + 1)
     i_v = i_kv % (nvb + 1)
@@ -48,52 +56,76 @@ def _fwd_state_kernel(K_, V_, BC, S0, Z0, HS, ZS, SF, ZF, skb, skh, skn, svb, sv
     vb = V_ + i_b.to(tl.int64) * svb + i_h.to(tl.int64) * svh + ov[None, :]
     bb = BC + i_bh.to(tl.int64) * NC * C
     sidx = ok[:, None] * DV + ov[None, :]
-    if HAS_INIT:
-        S = tl.load(S0 + i_bh.to(tl.int64) * DK * DV + sidx, mask=mkv, other=0.0)
-        z = tl.load(Z0 + i_bh.to(tl.int64) * DK + ok, mask=mk & (ok * 0 + i_v == nvb), other=0.0)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    if not LOCAL:
+        if HAS_INIT:
+            S = tl.load(S0 + i_bh.to(tl.int64) * DK * DV + sidx, mask=mkv, other=0.0)
+            if is_z:
+                z = tl.load(Z0 + i_bh.to(tl.int64) * DK + ok, mask=mk, other=0.0)
+        for j in range(i_seg):  # fold the earlier segments in
+            seg = i_bh.to(tl.int64) * n_seg + j
+            if HAS_DECAY:
+                S = S * tl.exp(tl.load(LD + seg))
+                z = z * tl.exp(tl.load(LD + seg))
+            S += tl.load(LS + seg * DK * DV + sidx, mask=mkv, other=0.0)
+            if is_z:
+                z += tl.load(LZ + seg * DK + ok, mask=mk, other=0.0)
     hb = HS + i_bh.to(tl.int64) * NC * DK * DV
     zb = ZS + i_bh.to(tl.int64) * NC * DK
-    mt = ot < n
-    r64 = ot.to(tl.int64)
+    c0 = i_seg * SEG
+    c1 = tl.minimum(c0 + SEG, NC)
+    lim = tl.minimum(c1 * C, n)  # rows of this segment: prefetches past it are masked (no memory traffic)
+    rows = c0 * C + ot
+    mt = rows < lim
+    r64 = rows.to(tl.int64)
     ktn = tl.load(kb + r64[None, :] * skn, mask=mk[:, None] & mt[None, :], other=0.0)
     vtn = tl.load(vb + r64[:, None] * svn, mask=mt[:, None] & mv[None, :], other=0.0)
     btn = tl.zeros([C], dtype=tl.float32)
     endn = 0.0
+    total = 0.0
     if HAS_DECAY:
-        btn = tl.load(bb + ot)
-        endn = tl.load(bb + C - 1)
-    for c in range(NC):
+        btn = tl.load(bb + rows)
+        endn = tl.load(bb + (c0 + 1) * C - 1)
+    for c in range(c0, c1):
         ktt = ktn
         vt = vtn
         bcum = btn
         bend = endn
-        rows = (c + 1) * C + ot  # prefetch the next chunk (all masked past the end: no memory traffic)
-        mt = rows < n
+        rows = (c + 1) * C + ot  # prefetch the next chunk
+        mt = rows < lim
         r64 = rows.to(tl.int64)
         ktn = tl.load(kb + r64[None, :] * skn, mask=mk[:, None] & mt[None, :], other=0.0)
         vtn = tl.load(vb + r64[:, None] * svn, mask=mt[:, None] & mv[None, :], other=0.0)
         if HAS_DECAY:
-            btn = tl.load(bb + rows, mask=rows < NC * C, other=0.0)
-            endn = tl.load(bb + tl.minimum(c + 2, NC) * C - 1)
-        tl.store(hb + c * DK * DV + sidx, S.to(HS.dtype.element_ty), mask=mkv)
+            btn = tl.load(bb + rows, mask=rows < c1 * C, other=0.0)
+            endn = tl.load(bb + tl.minimum(c + 2, c1) * C - 1)
+        if not LOCAL:
+            tl.store(hb + c * DK * DV + sidx, S.to(HS.dtype.element_ty), mask=mkv)
+            if is_z:
+                tl.store(zb + c * DK + ok, z, mask=mk)
         if HAS_DECAY:
+            total += bend
             kdec = tl.exp(bend - bcum)
             S = S * tl.exp(bend)
             if is_z:
-                tl.store(zb + c * DK + ok, z, mask=mk)
                 z = z * tl.exp(bend) + tl.sum(ktt.to(tl.float32) * kdec[None, :], 1)
             vt = (vt.to(tl.float32) * kdec[:, None]).to(ktt.dtype)
         elif is_z:
-            tl.store(zb + c * DK + ok, z, mask=mk)
             z = z + tl.sum(ktt.to(tl.float32), 1)
         S += tl.dot(ktt, vt, input_precision=PREC)
-    if STORE_FINAL:
-        tl.store(SF + i_bh.to(tl.int64) * DK * DV + sidx, S, mask=mkv)
+    if LOCAL:
+        seg = i_bh.to(tl.int64) * n_seg + i_seg
+        tl.store(LS + seg * DK * DV + sidx, S, mask=mkv)
         if is_z:
-            tl.store(ZF + i_bh.to(tl.int64) * DK + ok, z, mask=mk)
+            tl.store(LZ + seg * DK + ok, z, mask=mk)
+            if HAS_DECAY:
+                tl.store(LD + seg, total)
+    elif STORE_FINAL:
+        if i_seg == n_seg - 1:
+            tl.store(SF + i_bh.to(tl.int64) * DK * DV + sidx, S, mask=mkv)
+            if is_z:
+                tl.store(ZF + i_bh.to(tl.int64) * DK + ok, z, mask=mk)
 
 
 @triton.jit(do_not_specialize=["n", "NC"])
