@@ -22,8 +22,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Chunk length, tile widths and warps. ``state_bk/bv = 0``: picked per call (``_state_blocks``) for the
-    sequential state kernels (one program per (dk-block, dv-block, batch, KV head)).
+    """Chunk length, tile widths and warps. ``state_bk/bv = 0``: picked per call (``_fwd_state_plan``,
+    ``_dstate_blocks``) for the sequential state kernels (one program per (dk-block, dv-block, batch, KV head)).
 
     Warps: picked from ptxas register reports for sm_90 (bf16, C=64): at d=128 four warps spill 0.6-2.6 KB per
     thread in the backward kernels, eight warps spill <= 0.2 KB (dk); the state kernels spill at 64x64 tiles with
@@ -37,7 +37,7 @@ class LinearConfig:
     out_warps: int = 4  # output kernel: 2.15 vs 3.46 ms with 8 (H200, 131k tokens, d=128, 32 query heads)
     stages: int = 2
     snap_fp32: bool = False  # per-chunk S / dS snapshots in fp32 also for bf16 inputs (tf32 dots against them)
-    state_segments: int = 0  # segments of the forward state walk (0: picked per call, ``_state_segments``)
+    state_segments: int = 0  # segments of the forward state walk (0: picked per call, ``_fwd_state_plan``)
 
 
 def default_config() -> LinearConfig:
@@ -76,14 +76,15 @@ def _sms(device) -> int:
 
 
 #: the forward state walk's segments: at least this many chunks each, about this many programs a multiprocessor
-_MIN_SEGMENT_CHUNKS = 32
-_STATE_PROGRAMS_PER_SM = 4
+_MIN_SEGMENT_CHUNKS = 16
+_STATE_PROGRAMS_PER_SM = 6
 
 
-def _state_blocks(cfg: LinearConfig, dk, dv, bhk, device):
-    """Tiles of the sequential state kernels. Their loop is latency-bound, so more, smaller programs do not help:
-    on the H200 (b=1, 8 KV heads, d=128, 131k tokens) 32x32 tiles (128 programs) take 2.4 ms where 16x16 (512
-    programs) take 3.7 and 64x64 4.0. Halved (dv first) only while the grid is under half the multiprocessors."""
+def _dstate_blocks(cfg: LinearConfig, dk, dv, bhk, gp, device):
+    """Tiles and warps of the backward state kernel (a reverse walk, not segmented). On the H200 (b=1, 8 KV heads,
+    d=128, 131k tokens) the forward kernel's single walk took 2.4 ms at 32x32 tiles (128 programs), 3.7 at 16x16
+    (512 programs) and 4.0 at 64x64 (48 programs); halved (dv first) only while the grid is under half the
+    multiprocessors."""
     kp, vp = _p2(dk), _p2(dv)
     bk = min(kp, cfg.state_bk or 32)
     bv = min(vp, cfg.state_bv or 32)
@@ -93,12 +94,8 @@ def _state_blocks(cfg: LinearConfig, dk, dv, bhk, device):
                 bv //= 2
             else:
                 bk //= 2
-    return bk, bv
-
-
-def _dstate_blocks(cfg: LinearConfig, bk, bv, gp):
-    """Tiles of the backward state kernel, whose rows are all ``gp`` query heads of a KV head at once: capped
-    (ptxas, sm_90, bf16: no spills at 32x32 for gp <= 4 and 16x32 for gp = 8), unless the config fixes them."""
+    # its rows are all ``gp`` query heads of a KV head at once: capped (ptxas, sm_90, bf16: no spills at 32x32 for
+    # gp <= 4 and 16x32 for gp = 8), unless the config fixes them
     if cfg.state_bk or cfg.state_bv:
         return bk, bv, 4
     bk = min(bk, 32 if gp <= 4 else 16)
@@ -123,17 +120,20 @@ def _chunk_cumsum(a, nc: int, C: int):
     return torch.nn.functional.pad(a, (0, nc * C - n)).view(b, hk, nc, C).cumsum(-1).view(b, hk, nc * C)
 
 
-def _state_segments(cfg: LinearConfig, nc: int, programs: int, device) -> int:
-    """Segments the state kernel walks in parallel (two passes, ``triton_fwd._fwd_state_kernel``): its loop is
-    latency-bound, so with few programs (a small batch, few KV heads) a long sequence is cut into segments until
-    about ``_STATE_PROGRAMS_PER_SM`` programs a multiprocessor run; fewer than three segments would not shorten the
-    walk (each pass walks one segment)."""
+def _fwd_state_plan(cfg: LinearConfig, dk, dv, bhk, nc, device) -> tuple[int, int, int]:
+    """``(bk, bv, segments)`` of the forward state kernel. It streams k and v once per tile of the state, so wide
+    tiles read less; a small grid of wide tiles is filled by cutting the walk into segments (two passes,
+    ``triton_fwd._fwd_state_kernel``) up to about ``_STATE_PROGRAMS_PER_SM`` programs a multiprocessor (fewer than
+    three segments do not pay for the second pass). H200, d = 128, 8 KV heads, state kernel at 131k tokens, b = 1:
+    64x64 tiles in 16 segments 1.45 ms, 32x32 in one walk 1.89 (64x64 in one walk 3.12); b = 8 at 32k: 64x64 in one
+    walk 1.97 ms, in 4 segments 2.51 (benchmarks/README.md, linear attention)."""
+    bk = min(_p2(dk), cfg.state_bk or 64)
+    bv = min(_p2(dv), cfg.state_bv or 64)
     if cfg.state_segments:
-        return min(cfg.state_segments, nc)
-    if device.type != "cuda":
-        return 1
+        return bk, bv, min(cfg.state_segments, nc)
+    programs = triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1) * bhk  # + 1: the z programs
     n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _STATE_PROGRAMS_PER_SM * _sms(device) // programs)
-    return n_seg if n_seg >= 3 else 1
+    return bk, bv, n_seg if device.type == "cuda" and n_seg >= 3 else 1
 
 
 def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
@@ -146,16 +146,15 @@ def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
     zs = torch.empty(b, hk, nc, dk, dtype=torch.float32, device=dev)
     sf = torch.empty(b, hk, dk, dv, dtype=torch.float32, device=dev) if store_final else None
     zf = torch.empty(b, hk, dk, dtype=torch.float32, device=dev) if store_final else None
-    bk, bv = _state_blocks(cfg, dk, dv, b * hk, dev)
-    tiles = triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1)  # + 1: the z programs
-    seg = triton.cdiv(nc, _state_segments(cfg, nc, tiles * b * hk, dev))
+    bk, bv, n_seg = _fwd_state_plan(cfg, dk, dv, b * hk, nc, dev)
+    seg = triton.cdiv(nc, n_seg)
     n_seg = triton.cdiv(nc, seg)
     # each segment's own end state and total log decay (the first pass), folded in by the second
     ls = torch.empty(b, hk, n_seg, dk, dv, dtype=torch.float32, device=dev) if n_seg > 1 else zs
     lz = torch.empty(b, hk, n_seg, dk, dtype=torch.float32, device=dev) if n_seg > 1 else zs
     ld = torch.empty(b, hk, n_seg, dtype=torch.float32, device=dev) if n_seg > 1 else zs
     for local in (True, False) if n_seg > 1 else (False,):
-        _fwd_state_kernel[(tiles, n_seg, b * hk)](
+        _fwd_state_kernel[(triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1), n_seg, b * hk)](
             k, v, bcum if bcum is not None else zs, s0 if s0 is not None else zs, z0 if z0 is not None else zs, hs,
             zs, sf if sf is not None else zs, zf if zf is not None else zs, ls, lz, ld, *_s3(k), *_s3(v), n, nc,
             seg, hk, dk, dv, C=cfg.chunk, BK=bk, BV=bv, HAS_DECAY=bcum is not None, HAS_INIT=s0 is not None,
@@ -215,7 +214,7 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
         dsf = dsf.float().contiguous()
         dzf = dzf.float().contiguous()
     gp = triton.next_power_of_2(g)
-    bk, bvs, dwarps = _dstate_blocks(cfg, *_state_blocks(cfg, dk, dv, b * hk, dev), gp)
+    bk, bvs, dwarps = _dstate_blocks(cfg, dk, dv, b * hk, gp, dev)
     dummy = dzs
     _bwd_dstate_kernel[(triton.cdiv(dk, bk) * triton.cdiv(dv, bvs), b * hk)](
         q, do, bcum if bcum is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
