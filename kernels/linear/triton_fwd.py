@@ -26,13 +26,14 @@ def _fwd_state_kernel(K_, V_, BC, S0, Z0, HS, ZS, SF, ZF, LS, LZ, LD, skb, skh, 
                       DK, DV, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
                       HAS_INIT: tl.constexpr, LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     """Sequential over the ``SEG`` chunks of one segment of the sequence (grid axis 1; one segment: the whole
-    sequence); latency-bound, so the loop carries as little as possible: ``BC`` holds the chunk-local cumulative
-    log decays (host side: no scan in the loop), and ``z`` has programs of its own (the extra dv-block index
-    ``nvb``, whose v columns are all masked), so no ``S`` program waits on a row reduction. The next chunk's
+    sequence). The loop carries as little as possible: ``BC`` holds the chunk-local cumulative log decays (host
+    side: no scan in the loop), and ``z`` has programs of its own (the extra dv-block index ``nvb``, whose v columns
+    are all masked), so no ``S`` program waits on a row reduction. The next chunk's
     k/v/decay tiles are loaded one iteration ahead (register double buffering: Triton's pipeliner does not stage
     these tiles, whose values are rescaled and summed in registers).
 
-    Two passes when there are several segments (the sequential walk shortens to two segments' worth):
+    Two passes when there are several segments (a small grid of one walk leaves most of the GPU idle; segments
+    fill it, and the sequential walk shortens to two segments' worth):
     ``LOCAL`` walks each segment from a zero state and writes only its end state ``LS``/``LZ`` and its total log
     decay ``LD``; the snapshot pass starts each segment from the initial state folded through the earlier
     segments' ``(LD, LS, LZ)`` (``S <- exp(D_j) S + L_j``) and writes the per-chunk snapshots."""
