@@ -96,13 +96,19 @@ def run(shapes, plans, with_fla: bool) -> list[dict]:
     return rows
 
 
+def _state_ms(row: dict) -> float | None:
+    return next((ms for key, ms in row.get("kernels", {}).items() if key.startswith(STATE_KERNELS)), None)
+
+
 def plot(rows: list[dict], path) -> None:
     """State-kernel ms against segments, a line per tile width, a panel per shape; fla's state kernel dashed."""
-    def state_ms(row):
-        return next((ms for key, ms in row.get("kernels", {}).items() if key.startswith(STATE_KERNELS)), None)
-
+    points = []  # (shape, tile or None for fla, segments, state ms) of every row with a state-kernel time
+    for row in rows:
+        match = re.fullmatch(r"ours_(\d+x\d+)_seg(\d+)", row["name"])
+        if (match or row["name"] == "fla") and (ms := _state_ms(row)) is not None:
+            points.append(((row["b"], row["n"]), match and match[1], match and int(match[2]), ms))
     shapes = sorted({(row["b"], row["n"]) for row in rows})
-    tiles = sorted({m[1] for row in rows if (m := re.fullmatch(r"ours_(\d+x\d+)_seg\d+", row["name"]))})
+    tiles = sorted({tile for _, tile, _, _ in points if tile})
     colors = {tile: f"C{i}" for i, tile in enumerate(tiles)}  # one colour a tile width in every panel
     plt = pyplot()
     cols = min(4, len(shapes))
@@ -112,16 +118,16 @@ def plot(rows: list[dict], path) -> None:
         ax.set_visible(False)
     for ax, (b, n) in zip(axes.flat, shapes):
         lines: dict[str, list[tuple[int, float]]] = {}
-        for row in rows:
-            match = re.fullmatch(r"ours_(\d+x\d+)_seg(\d+)", row["name"])
-            if (row["b"], row["n"]) == (b, n) and match and state_ms(row) is not None:
-                lines.setdefault(match[1], []).append((int(match[2]), state_ms(row)))
-            elif (row["b"], row["n"]) == (b, n) and row["name"] == "fla" and state_ms(row) is not None:
-                ax.axhline(state_ms(row), color="k", linestyle="--", label="fla chunk_fwd_kernel_h")
-        for tile, points in sorted(lines.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[tile],
-                    label=f"{tile} tiles")
+        for shape, tile, segments, ms in points:
+            if shape != (b, n):
+                continue
+            if tile:
+                lines.setdefault(tile, []).append((segments, ms))
+            else:
+                ax.axhline(ms, color="k", linestyle="--", label="fla chunk_fwd_kernel_h")
+        for tile, line in sorted(lines.items()):
+            line.sort()
+            ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", color=colors[tile], label=f"{tile} tiles")
         ax.set_title(f"b={b}, n={n // 1024}k")
         ax.set_xlabel("segments of the walk (0 = default pick)")
         ax.set_ylabel("state kernel, ms")
