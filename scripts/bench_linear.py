@@ -192,15 +192,21 @@ def check_decode_chain(d=128, dtype=torch.bfloat16):
     log(f"check {row['case']}: {'PASS' if row['passed'] else 'FAIL'} {errs}")
 
 
+def fla_layout(q, k, v, ld):
+    """q/k/v and per-head log decays in fla's layout: ``[b, n, h, ·]`` with every query head explicit (fla has no
+    GQA, so the KV heads and their decays are repeated for their query heads)."""
+    g = q.shape[1] // k.shape[1]
+    tk, tv, tg = (x.repeat_interleave(g, 1).transpose(1, 2).contiguous() for x in (k, v, ld))
+    return q.transpose(1, 2).contiguous(), tk, tv, tg
+
+
 def check_vs_fla(fla, d=128, n=4096):
     """Same unnormalised problem through ours (GQA) and fla's chunk_simple_gla (K/V/decays expanded)."""
     h, hk = H, HK
     q, k, v, ld, _ = make_inputs(1, h, hk, n, d, torch.bfloat16)
     o, (S, _) = L.normalized_gla(q, k, v, ld, normalize=False, output_final_state=True)
     g = h // hk
-    tq = q.transpose(1, 2).contiguous()
-    tk, tv = (x.repeat_interleave(g, 1).transpose(1, 2).contiguous() for x in (k, v))
-    tg = ld.repeat_interleave(g, 1).transpose(1, 2).contiguous()
+    tq, tk, tv, tg = fla_layout(q, k, v, ld)
     fo, fS = fla["chunk_simple_gla"](tq, tk, tv, g=tg, scale=1.0, output_final_state=True)
     ref, (rS, _) = L.chunk.normalized_gla_chunked(q.double(), k.double(), v.double(), ld.double(), normalize=False)
     errs = {"ours_vs_fla": rel(o, fo.transpose(1, 2)), "ours_vs_fp64": rel(o, ref),
@@ -249,13 +255,11 @@ def prefill_fns(impl, q, k, v, ld, fla):
             return torch.autograd.grad(o, leaves, do)
         return fwd, fb
     # fla: [b, n, h, d], all heads explicit
-    tq = q.transpose(1, 2).contiguous()
-    tk, tv = (x.repeat_interleave(g, 1).transpose(1, 2).contiguous() for x in (k, v))
+    tq, tk, tv, tg = fla_layout(q, k, v, ld)
     if impl == "fla_chunk_simple_gla":
-        tg = ld.repeat_interleave(g, 1).transpose(1, 2).contiguous()
         op = fla["chunk_simple_gla"]
     else:  # chunk_gla: per-channel gates (the more general op), same per-head decay on every channel
-        tg = ld.repeat_interleave(g, 1).transpose(1, 2)[..., None].expand(*tq.shape[:3], tq.shape[-1]).contiguous()
+        tg = tg[..., None].expand(*tq.shape[:3], tq.shape[-1]).contiguous()
         op = fla["chunk_gla"]
     leaves = [x.detach().requires_grad_() for x in (tq, tk, tv, tg)]
     do = torch.randn_like(tq)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
 
 import torch
 from _bench import commit, environment, kernel_times, pyplot, save_figure, write_json
+from bench_linear import L, fla_layout, make_inputs
+
+ops = importlib.import_module(f"{L.__name__}.ops")  # this checkout's kernels, as bench_linear resolves them
 
 STATE_KERNELS = ("_fwd_state_kernel", "chunk_fwd_kernel_h")
 
@@ -59,7 +63,7 @@ def timed_row(name: str, fn, b: int, n: int, **extra) -> dict:
     return row
 
 
-def shape_rows(ops, make_inputs, b: int, n: int, plans, with_fla: bool) -> list[dict]:
+def shape_rows(b: int, n: int, plans, with_fla: bool) -> list[dict]:
     q, k, v, ld, _ = make_inputs(b, 32, 8, n, 128, torch.bfloat16)
     rows, first = [], None
     for bk, bv, segments in plans:
@@ -75,23 +79,16 @@ def shape_rows(ops, make_inputs, b: int, n: int, plans, with_fla: bool) -> list[
     if with_fla and b == 1:
         from fla.ops.simple_gla import chunk_simple_gla
 
-        fq = q.transpose(1, 2).contiguous()
-        fk, fv = (x.repeat_interleave(4, 1).transpose(1, 2).contiguous() for x in (k, v))
-        fg = ld.repeat_interleave(4, 1).transpose(1, 2).contiguous()
+        fq, fk, fv, fg = fla_layout(q, k, v, ld)
         with torch.no_grad():
             rows.append(timed_row("fla", lambda: chunk_simple_gla(fq, fk, fv, g=fg, scale=1.0), b, n))
     return rows
 
 
 def run(shapes, plans, with_fla: bool) -> list[dict]:
-    import importlib
-
-    from bench_linear import L, make_inputs
-
-    ops = importlib.import_module(f"{L.__name__}.ops")  # this checkout's kernels, as bench_linear resolves them
     rows = []
     for b, n in shapes:
-        rows += shape_rows(ops, make_inputs, b, n, plans, with_fla)
+        rows += shape_rows(b, n, plans, with_fla)
         torch.cuda.empty_cache()
     return rows
 
