@@ -75,9 +75,11 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-#: the forward state walk's segments: at least this many chunks each, about this many programs a multiprocessor
+#: the forward state walk is cut into this many segments (at least this many chunks each) while one walk would run
+#: fewer than this many programs a multiprocessor
+_SEGMENTS = 16
 _MIN_SEGMENT_CHUNKS = 16
-_STATE_PROGRAMS_PER_SM = 6
+_SEGMENT_BELOW_PROGRAMS_PER_SM = 2
 
 
 def _dstate_blocks(cfg: LinearConfig, dk, dv, bhk, gp, device):
@@ -122,18 +124,20 @@ def _chunk_cumsum(a, nc: int, C: int):
 
 def _fwd_state_plan(cfg: LinearConfig, dk, dv, bhk, nc, device) -> tuple[int, int, int]:
     """``(bk, bv, segments)`` of the forward state kernel. It streams k and v once per tile of the state, so wide
-    tiles read less; a small grid of wide tiles is filled by cutting the walk into segments (two passes,
-    ``triton_fwd._fwd_state_kernel``) up to about ``_STATE_PROGRAMS_PER_SM`` programs a multiprocessor (fewer than
-    three segments do not pay for the second pass). H200, d = 128, 8 KV heads, state kernel at 131k tokens, b = 1:
-    64x64 tiles in 16 segments 1.45 ms, 32x32 in one walk 1.89 (64x64 in one walk 3.12); b = 8 at 32k: 64x64 in one
-    walk 1.97 ms, in 4 segments 2.51 (benchmarks/README.md, linear attention)."""
+    tiles read less; a small grid of wide tiles is filled by cutting the walk into 16 segments (two passes,
+    ``triton_fwd._fwd_state_kernel``; fewer than three segments do not pay for the second pass). H200, d = 128, 8 KV
+    heads, 64x64 tiles, state kernel ms at 32k / 131k (``results/linear_state_segments.json``): b = 1 one walk 0.77 /
+    3.12, 16 segments 0.38 / 1.45; b = 2 0.75 / 3.02 vs 0.66 / 2.51; b = 4 1.27 / 5.12 vs 1.22 / 4.71; b = 8 (2.9
+    programs a multiprocessor in one walk) 1.97 vs 2.33 at 32k, so one walk from 2 programs a multiprocessor on."""
     bk = min(_p2(dk), cfg.state_bk or 64)
     bv = min(_p2(dv), cfg.state_bv or 64)
     if cfg.state_segments:
         return bk, bv, min(cfg.state_segments, nc)
     programs = triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1) * bhk  # + 1: the z programs
-    n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _STATE_PROGRAMS_PER_SM * _sms(device) // programs)
-    return bk, bv, n_seg if device.type == "cuda" and n_seg >= 3 else 1
+    if device.type != "cuda" or programs >= _SEGMENT_BELOW_PROGRAMS_PER_SM * _sms(device):
+        return bk, bv, 1
+    n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _SEGMENTS)
+    return bk, bv, n_seg if n_seg >= 3 else 1
 
 
 def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
