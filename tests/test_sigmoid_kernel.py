@@ -87,6 +87,20 @@ def test_tile_shapes_do_not_change_the_result():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_views_the_descriptors_cannot_take_directly():
+    """The forward loads by tensor descriptor: a [b, n, h, d] layout seen as [b, h, n, d] goes as is, and a view at
+    an odd element offset (a base TMA cannot take) is copied; both give the contiguous inputs' numbers."""
+    q, k, v, kw = _case("causal_gqa_row_bias", torch.float32)
+    q, k, v = (x.detach() for x in (q, k, v))
+    base = sigmoid_attention(q, k, v, **kw)
+    q_bnhd = q.transpose(1, 2).contiguous().transpose(1, 2)
+    odd = torch.empty(q.numel() + 1, device=DEV)
+    q_odd = odd[1:].view_as(q).copy_(q)
+    assert q_odd.data_ptr() % 16
+    for qq in (q_bnhd, q_odd):
+        torch.testing.assert_close(sigmoid_attention(qq, k, v, **kw), base, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype, fwd_tol, bwd_tol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 5e-3)])
 def test_softmax_kernel_matches_sdpa(dtype, fwd_tol, bwd_tol):
     """The like-for-like softmax baseline: chunked prefill over a cache (bottom-right causal), GQA, left padding."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .triton_bwd import _delta_kernel, _dkdv_kernel, _dq_kernel
@@ -64,6 +65,15 @@ def _strides(x):
 
 def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _descriptor(x, rows: int) -> TensorDescriptor:
+    """Tensor descriptor of a ``[b, h, n, d]`` tensor loading ``rows`` rows of one head at a time. TMA wants a
+    16-byte-aligned base and 16-byte-multiple strides; a view that has neither (a slice at an odd offset) is copied."""
+    size = x.element_size()
+    if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation (contiguous() may return x)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
 def check_inputs(q, k, v, causal: bool) -> None:
@@ -136,9 +146,10 @@ def flash_forward(q, k, v, scale, bias, bias_const, key_start, causal, sigmoid, 
     lse = None if sigmoid else torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     dummy = out
     _fwd_kernel[(triton.cdiv(nq, cfg.fwd_bm), b * h)](
-        q, k, v, out, lse if lse is not None else dummy, bias if bias is not None else dummy,
-        key_start if key_start is not None else dummy, zscale, bias_const * bias_mul, bias_mul,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), nq, nk, h, h // hk,
+        _descriptor(q, cfg.fwd_bm), _descriptor(k, cfg.fwd_bn), _descriptor(v, cfg.fwd_bn), out,
+        lse if lse is not None else dummy, bias if bias is not None else dummy,
+        key_start if key_start is not None else dummy, zscale, bias_const * bias_mul, bias_mul, *_strides(out),
+        nq, nk, h, h // hk,
         SIGMOID=sigmoid, CAUSAL=causal, HAS_BIAS=bias is not None, HAS_START=key_start is not None, FAST=fast,
         BM=cfg.fwd_bm, BN=cfg.fwd_bn, D=d, PREC=_prec(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, lse

@@ -3,7 +3,9 @@
 Both tile like FlashAttention-2: a program owns ``BM`` query rows of one head, keeps them in registers and walks
 the key/value blocks its rows may see (GQA: query head ``h`` reads key/value head ``h // G``; K/V are never
 expanded), accumulating ``P·V`` in fp32. Blocks every row sees in full go through an unmasked loop; only the blocks
-that cross the causal diagonal (or the end of the keys) are masked.
+that cross the causal diagonal (or the end of the keys) are masked. Q, K and V arrive as 4-D tensor descriptors
+(``[b, h, n, d]``, one ``[1, 1, rows, d]`` block a load): on Hopper the tiles come by TMA, which took the d=128
+forward from 538 to 570 TFLOP/s at 16k (H200, causal, b=1, h=16), and rows past the end read as zeros unmasked.
 
 Sigmoid (``SIGMOID=True``): ``P = σ(S·scale + bias_row)`` is final the moment it is computed, so there is no running
 row max, no row sum, no rescaling of the accumulator and no log-sum-exp to store (the backward does not need one
@@ -102,27 +104,22 @@ def _fwd_step(acc, m_i, l_i, s, v, zb, ok, zscale, SIGMOID: tl.constexpr, FAST: 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, BIAS, KSTART, zscale, bias_const, bias_mul,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                NQ, NK, H, G,
+def _fwd_kernel(QD, KD, VD, O, LSE, BIAS, KSTART, zscale, bias_const, bias_mul, sob, soh, son, NQ, NK, H, G,
                 SIGMOID: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
                 FAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     if CAUSAL:
         pid = tl.num_programs(0) - 1 - pid  # the longest rows start first (less tail imbalance)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
-    kvh = hh // G
+    b32, h32 = bh // H, bh % H  # descriptor coordinates are 32-bit
+    kvh = h32 // G
+    b, hh = b32.to(tl.int64), h32.to(tl.int64)
     off = NK - NQ
     row0 = pid * BM
     rows = row0 + tl.arange(0, BM)
     row_ok = rows < NQ
     dcol = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + hh * sqh + rows[:, None].to(tl.int64) * sqn + dcol[None, :], mask=row_ok[:, None],
-                other=0.0)
-    kb = K + b * skb + kvh * skh
-    vb = V + b * svb + kvh * svh
+    q = QD.load([b32, h32, row0, 0]).reshape(BM, D)  # rows past NQ read as 0
     kstart = 0
     if HAS_START:
         kstart = tl.load(KSTART + b)
@@ -134,17 +131,16 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, KSTART, zscale, bias_const, bias_mul,
     for start in range(lo, mid, BN):  # every row sees these keys (except left padding)
         start = tl.multiple_of(start, BN)
         cols = start + tl.arange(0, BN)
-        k = tl.load(kb + cols[:, None].to(tl.int64) * skn + dcol[None, :])
-        v = tl.load(vb + cols[:, None].to(tl.int64) * svn + dcol[None, :])
+        k = KD.load([b32, kvh, start, 0]).reshape(BN, D)
+        v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         ok = cols[None, :] >= kstart
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, s, v, zb, ok, zscale, SIGMOID, FAST, HAS_START, PREC)
     for start in range(mid, hi, BN):  # blocks on the diagonal / at the end of the keys
         start = tl.multiple_of(start, BN)
         cols = start + tl.arange(0, BN)
-        col_ok = cols < NK
-        k = tl.load(kb + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(vb + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        k = KD.load([b32, kvh, start, 0]).reshape(BN, D)  # keys past NK read as 0
+        v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         ok = _visible(rows, cols, off, NK, kstart, CAUSAL, HAS_START)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, s, v, zb, ok, zscale, SIGMOID, FAST, True, PREC)
