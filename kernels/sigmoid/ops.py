@@ -172,14 +172,15 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
               bias if bias is not None else dummy, key_start if key_start is not None else dummy)
     flags = dict(SIGMOID=sigmoid, CAUSAL=causal, HAS_BIAS=bias is not None, HAS_START=key_start is not None,
                  FAST=fast, D=d, PREC=_prec(q.dtype), num_stages=cfg.bwd_stages)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    consts = (zscale, bias_const * bias_mul, bias_mul, scale)
     _dkdv_kernel[(triton.cdiv(nk, cfg.dkdv_bn), b * hk)](
-        q, k, v, dout, *common, dk, dv, zscale, bias_const * bias_mul, bias_mul, scale, *strides,
-        *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
+        _descriptor(q, cfg.dkdv_bm), _descriptor(k, cfg.dkdv_bn), _descriptor(v, cfg.dkdv_bn),
+        _descriptor(dout, cfg.dkdv_bm), *common, dk, dv, *consts, *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
         BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, num_warps=cfg.dkdv_warps, **flags)
     _dq_kernel[(triton.cdiv(nq, cfg.dq_bm), b * h)](
-        q, k, v, dout, *common, dq, zscale, bias_const * bias_mul, bias_mul, scale, *strides, *_strides(dq),
-        nq, nk, h, h // hk, BM=cfg.dq_bm, BN=cfg.dq_bn, num_warps=cfg.dq_warps, **flags)
+        _descriptor(q, cfg.dq_bm), _descriptor(k, cfg.dq_bn), _descriptor(v, cfg.dq_bn), _descriptor(dout, cfg.dq_bm),
+        *common, dq, *consts, *_strides(dq), nq, nk, h, h // hk,
+        BM=cfg.dq_bm, BN=cfg.dq_bn, num_warps=cfg.dq_warps, **flags)
     return dq, dk, dv
 
 

@@ -11,8 +11,9 @@ Two kernels, FlashAttention-2 style, so neither needs atomics:
   * ``_dkdv_kernel``: a program owns ``BN`` keys of one key/value head and walks the query tiles of every query
     head of its GQA group that can see them (diagonal tiles masked, later tiles not);
   * ``_dq_kernel``: a program owns ``BM`` query rows, walks the keys like the forward.
-Rows past the end (loaded as zero) contribute nothing: for sigmoid their dO is 0, for softmax their lse is −inf.
-Keys hidden by left padding get dK = dV = 0 (their column of dX/P is dropped as a whole).
+Q, K, V and dO are read by tensor descriptors, as in the forward. Rows past the end (read as zero) contribute
+nothing: for sigmoid their dO is 0, for softmax their lse is −inf. Keys hidden by left padding get dK = dV = 0
+(their column of dX/P is dropped as a whole).
 """
 from __future__ import annotations
 
@@ -50,16 +51,15 @@ def _row_stats(LSE, DELTA, off, mask):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, qb, db, LSE, DELTA, BIAS, start, b, bh, cols, off, NQ, sqn, sdn,
-               zscale, bias_const, bias_mul, SIGMOID: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               FAST: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b, hh, bh, cols, off, NQ, zscale, bias_const, bias_mul,
+               SIGMOID: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+               BM: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     """Add one query tile's contribution to the block's dK, dV (scores transposed: ``[BN keys, BM rows]``)."""
     start = tl.multiple_of(start, BM)
     r = start + tl.arange(0, BM)
     rok = r < NQ
-    dcol = tl.arange(0, D)
-    q = tl.load(qb + r[:, None].to(tl.int64) * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
-    do = tl.load(db + r[:, None].to(tl.int64) * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+    q = QD.load([b, hh, start, 0]).reshape(BM, D)  # rows past NQ read as 0
+    do = DOD.load([b, hh, start, 0]).reshape(BM, D)
     sT = tl.dot(k, tl.trans(q), input_precision=PREC)
     if SIGMOID:
         zb = _row_bias(BIAS, b, r, rok, NQ, bias_const, bias_mul, HAS_BIAS, True)
@@ -80,16 +80,15 @@ def _dkdv_tile(dk, dv, k, v, qb, db, LSE, DELTA, BIAS, start, b, bh, cols, off, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias_const, bias_mul, sm_scale,
-                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+def _dkdv_kernel(QD, KD, VD, DOD, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias_const, bias_mul, sm_scale,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  NQ, NK, H, HK, G,
                  SIGMOID: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
                  FAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     bkv = tl.program_id(1)
-    b = (bkv // HK).to(tl.int64)
-    kvh = (bkv % HK).to(tl.int64)
+    b32, kvh32 = bkv // HK, bkv % HK  # descriptor coordinates are 32-bit
+    b, kvh = b32.to(tl.int64), kvh32.to(tl.int64)
     off = NK - NQ
     col0 = pid * BN
     cols = col0 + tl.arange(0, BN)
@@ -99,10 +98,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias_con
         kstart = tl.load(KSTART + b)
         col_ok = col_ok & (cols >= kstart)
     dcol = tl.arange(0, D)
-    k = tl.load(K + b * skb + kvh * skh + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None],
-                other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None],
-                other=0.0)
+    k = KD.load([b32, kvh32, col0, 0]).reshape(BN, D)  # keys past NK read as 0; padding keys' dK, dV are dropped
+    v = VD.load([b32, kvh32, col0, 0]).reshape(BN, D)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     # Query rows that see a key of this block start at the first visible key's position; rows whose position is
@@ -119,16 +116,14 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias_con
         r_end = tl.where(first < col0 + BN, r_end, 0)  # a block of padding only: nothing to do
     r_mask_end = tl.minimum(r_mid, r_end)
     for gi in range(G):
-        hh = kvh * G + gi
+        hh = kvh32 * G + gi
         bh = b * H + hh
-        qb = Q + b * sqb + hh * sqh
-        db = DO + b * sdb + hh * sdh
         for start in range(r_lo, r_mask_end, BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, qb, db, LSE, DELTA, BIAS, start, b, bh, cols, off, NQ, sqn, sdn,
-                                zscale, bias_const, bias_mul, SIGMOID, CAUSAL, HAS_BIAS, FAST, BM, D, PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b32, hh, bh, cols, off, NQ, zscale,
+                                bias_const, bias_mul, SIGMOID, CAUSAL, HAS_BIAS, FAST, BM, D, PREC)
         for start in range(r_mid, r_end, BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, qb, db, LSE, DELTA, BIAS, start, b, bh, cols, off, NQ, sqn, sdn,
-                                zscale, bias_const, bias_mul, SIGMOID, False, HAS_BIAS, FAST, BM, D, PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b32, hh, bh, cols, off, NQ, zscale,
+                                bias_const, bias_mul, SIGMOID, False, HAS_BIAS, FAST, BM, D, PREC)
     dk = dk * sm_scale
     if HAS_START:  # keys hidden by padding: their whole column of P is dropped
         dk = tl.where(col_ok[:, None], dk, 0.0)
@@ -161,8 +156,7 @@ def _dq_step(dq, q, do, k, v, ra, rb, ok, zscale, SIGMOID: tl.constexpr, FAST: t
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DQ, zscale, bias_const, bias_mul, sm_scale,
-               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sdqb, sdqh, sdqn,
+def _dq_kernel(QD, KD, VD, DOD, LSE, DELTA, BIAS, KSTART, DQ, zscale, bias_const, bias_mul, sm_scale, sdqb, sdqh, sdqn,
                NQ, NK, H, G,
                SIGMOID: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
                FAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
@@ -170,18 +164,16 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DQ, zscale, bias_const, bi
     if CAUSAL:
         pid = tl.num_programs(0) - 1 - pid
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
-    kvh = hh // G
+    b32, h32 = bh // H, bh % H  # descriptor coordinates are 32-bit
+    kvh = h32 // G
+    b, hh = b32.to(tl.int64), h32.to(tl.int64)
     off = NK - NQ
     row0 = pid * BM
     rows = row0 + tl.arange(0, BM)
     row_ok = rows < NQ
     dcol = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + hh * sqh + rows[:, None].to(tl.int64) * sqn + dcol[None, :], mask=row_ok[:, None],
-                other=0.0)
-    do = tl.load(DO + b * sdb + hh * sdh + rows[:, None].to(tl.int64) * sdn + dcol[None, :], mask=row_ok[:, None],
-                 other=0.0)
+    q = QD.load([b32, h32, row0, 0]).reshape(BM, D)  # rows past NQ read as 0
+    do = DOD.load([b32, h32, row0, 0]).reshape(BM, D)
     kstart = 0
     if HAS_START:
         kstart = tl.load(KSTART + b)
@@ -190,23 +182,20 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, KSTART, DQ, zscale, bias_const, bi
         rb = ra
     else:  # ... or the lse and Delta (softmax)
         ra, rb = _row_stats(LSE, DELTA, bh.to(tl.int64) * NQ + rows, row_ok)
-    kb = K + b * skb + kvh * skh
-    vb = V + b * svb + kvh * svh
     dq = tl.zeros([BM, D], tl.float32)
     lo, mid, hi = _key_range(row0, off, NK, kstart, CAUSAL, BM, BN)
     for start in range(lo, mid, BN):
         start = tl.multiple_of(start, BN)
         cols = start + tl.arange(0, BN)
-        k = tl.load(kb + cols[:, None].to(tl.int64) * skn + dcol[None, :])
-        v = tl.load(vb + cols[:, None].to(tl.int64) * svn + dcol[None, :])
+        k = KD.load([b32, kvh, start, 0]).reshape(BN, D)
+        v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
         ok = cols[None, :] >= kstart
         dq = _dq_step(dq, q, do, k, v, ra, rb, ok, zscale, SIGMOID, FAST, HAS_START, PREC)
     for start in range(mid, hi, BN):
         start = tl.multiple_of(start, BN)
         cols = start + tl.arange(0, BN)
-        col_ok = cols < NK
-        k = tl.load(kb + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(vb + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        k = KD.load([b32, kvh, start, 0]).reshape(BN, D)  # keys past NK read as 0
+        v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
         ok = _visible(rows, cols, off, NK, kstart, CAUSAL, HAS_START)
         dq = _dq_step(dq, q, do, k, v, ra, rb, ok, zscale, SIGMOID, FAST, True, PREC)
     dq = dq * sm_scale
