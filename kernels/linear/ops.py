@@ -37,7 +37,7 @@ class LinearConfig:
     out_warps: int = 4  # output kernel: 2.15 vs 3.46 ms with 8 (H200, 131k tokens, d=128, 32 query heads)
     stages: int = 2
     snap_fp32: bool = False  # per-chunk S / dS snapshots in fp32 also for bf16 inputs (tf32 dots against them)
-    state_segments: int = 0  # segments of the forward and backward state walks (0: per call, ``_walk_segments``)
+    state_segments: int = 0  # segments of the forward state walk (0: picked per call, ``_fwd_state_plan``)
 
 
 def default_config() -> LinearConfig:
@@ -75,15 +75,15 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-#: a state walk (forward or backward) is cut into this many segments (at least this many chunks each) while one
-#: walk would run fewer than this many programs a multiprocessor
+#: the forward state walk is cut into this many segments (at least this many chunks each) while one walk would run
+#: fewer than this many programs a multiprocessor
 _SEGMENTS = 16
 _MIN_SEGMENT_CHUNKS = 16
 _SEGMENT_BELOW_PROGRAMS_PER_SM = 2
 
 
 def _dstate_blocks(cfg: LinearConfig, dk, dv, bhk, gp, device):
-    """Tiles and warps of the backward state kernel (a reverse walk). On the H200 (b=1, 8 KV heads,
+    """Tiles and warps of the backward state kernel (a reverse walk, not segmented). On the H200 (b=1, 8 KV heads,
     d=128, 131k tokens) the forward kernel's single walk took 2.4 ms at 32x32 tiles (128 programs), 3.7 at 16x16
     (512 programs) and 4.0 at 64x64 (48 programs); halved (dv first) only while the grid is under half the
     multiprocessors."""
@@ -122,29 +122,22 @@ def _chunk_cumsum(a, nc: int, C: int):
     return torch.nn.functional.pad(a, (0, nc * C - n)).view(b, hk, nc, C).cumsum(-1).view(b, hk, nc * C)
 
 
-def _walk_segments(cfg: LinearConfig, nc: int, programs: int, device) -> int:
-    """Segments a sequential state walk (forward or backward) is cut into, two passes: ``_SEGMENTS`` while
-    ``programs`` (one walk's grid) are under ``_SEGMENT_BELOW_PROGRAMS_PER_SM`` a multiprocessor, at least
-    ``_MIN_SEGMENT_CHUNKS`` chunks each, else one walk; fewer than three segments do not pay for the second pass."""
-    if cfg.state_segments:
-        return min(cfg.state_segments, nc)
-    if device.type != "cuda" or programs >= _SEGMENT_BELOW_PROGRAMS_PER_SM * _sms(device):
-        return 1
-    n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _SEGMENTS)
-    return n_seg if n_seg >= 3 else 1
-
-
 def _fwd_state_plan(cfg: LinearConfig, dk, dv, bhk, nc, device) -> tuple[int, int, int]:
     """``(bk, bv, segments)`` of the forward state kernel. It streams k and v once per tile of the state, so wide
-    tiles read less; a small grid of wide tiles is filled by cutting the walk into segments (``_walk_segments``).
-    H200, d = 128, 8 KV heads, 64x64 tiles, state kernel ms at 32k / 131k (``results/linear_state_segments.json``):
-    b = 1 one walk 0.77 / 3.12, 16 segments 0.38 / 1.45; b = 2 0.75 / 3.02 vs 0.66 / 2.51; b = 4 1.27 / 5.12 vs 1.22 /
-    4.71; b = 8 (2.9 programs a multiprocessor in one walk) 1.97 vs 2.33 at 32k, so one walk from 2 programs a
-    multiprocessor on."""
+    tiles read less; a small grid of wide tiles is filled by cutting the walk into 16 segments (two passes,
+    ``triton_fwd._fwd_state_kernel``; fewer than three segments do not pay for the second pass). H200, d = 128, 8 KV
+    heads, 64x64 tiles, state kernel ms at 32k / 131k (``results/linear_state_segments.json``): b = 1 one walk 0.77 /
+    3.12, 16 segments 0.38 / 1.45; b = 2 0.75 / 3.02 vs 0.66 / 2.51; b = 4 1.27 / 5.12 vs 1.22 / 4.71; b = 8 (2.9
+    programs a multiprocessor in one walk) 1.97 vs 2.33 at 32k, so one walk from 2 programs a multiprocessor on."""
     bk = min(_p2(dk), cfg.state_bk or 64)
     bv = min(_p2(dv), cfg.state_bv or 64)
+    if cfg.state_segments:
+        return bk, bv, min(cfg.state_segments, nc)
     programs = triton.cdiv(dk, bk) * (triton.cdiv(dv, bv) + 1) * bhk  # + 1: the z programs
-    return bk, bv, _walk_segments(cfg, nc, programs, device)
+    if device.type != "cuda" or programs >= _SEGMENT_BELOW_PROGRAMS_PER_SM * _sms(device):
+        return bk, bv, 1
+    n_seg = min(nc // _MIN_SEGMENT_CHUNKS, _SEGMENTS)
+    return bk, bv, n_seg if n_seg >= 3 else 1
 
 
 def _states(k, v, bcum, s0, z0, nc, cfg, store_final, snap_dtype):
@@ -226,22 +219,13 @@ def gla_backward(q, k, v, a, s0, z0, o, rden, do, dsf, dzf, normalize, cfg: Line
         dzf = dzf.float().contiguous()
     gp = triton.next_power_of_2(g)
     bk, bvs, dwarps = _dstate_blocks(cfg, dk, dv, b * hk, gp, dev)
-    tiles = triton.cdiv(dk, bk) * triton.cdiv(dv, bvs)
-    seg = triton.cdiv(nc, _walk_segments(cfg, nc, tiles * b * hk, dev))
-    n_seg = triton.cdiv(nc, seg)
     dummy = dzs
-    # each segment's own contribution at its start and total log decay (the first pass), folded in by the second
-    ls = torch.empty(b, hk, n_seg, dk, dv, dtype=torch.float32, device=dev) if n_seg > 1 else dummy
-    lz = torch.empty(b, hk, n_seg, dk, dtype=torch.float32, device=dev) if n_seg > 1 else dummy
-    ld = torch.empty(b, hk, n_seg, dtype=torch.float32, device=dev) if n_seg > 1 else dummy
-    for local in (True, False) if n_seg > 1 else (False,):
-        _bwd_dstate_kernel[(tiles, n_seg, b * hk)](
-            q, do, bcum if bcum is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
-            dsf if has_df else dummy, dzf if has_df else dummy, dhs, dzs, ds0 if need_dinit else dummy,
-            dz0 if need_dinit else dummy, ls, lz, ld, *_s3(q), *_s3(do), n, nc, seg, hk, g, dk, dv,
-            C=C, GP=gp, BK=bk, BV=bvs, HAS_DECAY=a is not None, NORM=normalize, HAS_DFINAL=has_df,
-            STORE_DINIT=need_dinit, LOCAL=local, PREC=prec, num_warps=dwarps, num_stages=cfg.stages)
-    del ls, lz, ld
+    _bwd_dstate_kernel[(triton.cdiv(dk, bk) * triton.cdiv(dv, bvs), b * hk)](
+        q, do, bcum if bcum is not None else dummy, rden if normalize else dummy, dden if normalize else dummy,
+        dsf if has_df else dummy, dzf if has_df else dummy, dhs, dzs, ds0 if need_dinit else dummy,
+        dz0 if need_dinit else dummy, *_s3(q), *_s3(do), n, nc, hk, g, dk, dv,
+        C=C, GP=gp, BK=bk, BV=bvs, HAS_DECAY=a is not None, NORM=normalize,
+        HAS_DFINAL=has_df, STORE_DINIT=need_dinit, PREC=prec, num_warps=dwarps, num_stages=cfg.stages)
     del bcum
     dq = torch.empty(b, h, n, dk, dtype=q.dtype, device=dev)
     dkk = torch.empty(b, hk, n, dk, dtype=k.dtype, device=dev)

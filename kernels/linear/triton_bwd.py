@@ -4,8 +4,8 @@ With ``r = 1 / (den + eps)`` (saved by the forward) the normalised output is an 
 "extended" value ``[v, 1]`` and the extended output gradient ``[do * r, dden]``, ``dden = -(do · o) r``
 (``_bwd_pre_kernel``; without normalisation ``r = 1``, ``dden = 0``). Per chunk, with ``(S, z)`` the state at its
 start (recomputed by the forward's state kernel) and ``(dS, dz)`` the gradient of the state at its END:
-  * ``_bwd_dstate_kernel`` (grid: dk-blocks x dv-blocks, segments, b*hk; sequential over chunks, last to first)
-    writes ``(dS, dz)`` of every chunk and carries ``dS <- exp(B_C) dS + Σ_heads (q * exp(B) * r)ᵀ do``,
+  * ``_bwd_dstate_kernel`` (grid: dk-blocks x dv-blocks, b*hk; sequential over chunks, last to first) writes
+    ``(dS, dz)`` of every chunk and carries ``dS <- exp(B_C) dS + Σ_heads (q * exp(B) * r)ᵀ do``,
     ``dz <- exp(B_C) dz + Σ_heads Σ_t q_t exp(B_t) dden_t``; what is left at the start is d initial_state.
   * ``dP_ts = exp(B_t - B_s) [s <= t] (r_t do_t · v_s + dden_t)`` and ``P_ts = exp(B_t - B_s) [s <= t] q_t · k_s``;
     ``_bwd_dq_kernel`` (per query head, a KV head's G heads adjacent): dq = dP k + exp(B) (r do Sᵀ + dden z)
@@ -42,22 +42,17 @@ def _bwd_pre_kernel(O, DO, RDEN, DDEN, sob, soh, son, sdb, sdh, sdn, n, H, DV,
     tl.store(DDEN + i_bh.to(tl.int64) * n + rows, dd, mask=mt)
 
 
-@triton.jit(do_not_specialize=["n", "NC", "SEG"])
-def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, LZ, LD, sqb, sqh, sqn, sdb, sdh,
-                       sdn, n, NC, SEG, HK, G, DK, DV, C: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "NC"])
+def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, sqb, sqh, sqn, sdb, sdh, sdn,
+                       n, NC, HK, G, DK, DV, C: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, HAS_DECAY: tl.constexpr, NORM: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                       STORE_DINIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr):
-    """Sequential over the ``SEG`` chunks of one segment (grid axis 1), last to first. All G query heads of the KV
-    head are one ``[GP * C]`` row axis (row ``j * C + t`` = head j, token t; heads past G masked), so each chunk is
-    one ``[BK, GP*C] x [GP*C, BV]`` dot; ``BC`` holds the chunk-local cumulative log decays (host side), gathered
-    per row. The previous chunk's tiles are loaded one iteration ahead (register double buffering). Several
-    segments: two passes as in the forward (``triton_fwd._fwd_state_kernel``), mirrored — ``LOCAL`` walks each
-    segment from zero and writes what it adds at its start (``LS``/``LZ``) and its total log decay ``LD``; the
-    snapshot pass starts each segment from the final-state gradient folded through the later segments'."""
+                       STORE_DINIT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential over chunks, last to first. All G query heads of the KV head are one ``[GP * C]`` row axis
+    (row ``j * C + t`` = head j, token t; heads past G masked), so each chunk is one ``[BK, GP*C] x [GP*C, BV]``
+    dot; ``BC`` holds the chunk-local cumulative log decays (host side), gathered per row. The next chunk's tiles
+    are loaded one iteration ahead (register double buffering)."""
     i_kv = tl.program_id(0)
-    i_seg = tl.program_id(1)
-    i_bk = tl.program_id(2)
-    n_seg = tl.num_programs(1)
+    i_bk = tl.program_id(1)
     nvb = tl.cdiv(DV, BV)
     i_k = i_kv // nvb
     i_v = i_kv % nvb
@@ -79,24 +74,15 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, 
     db = DO + i_b.to(tl.int64) * sdb + (i_kh * G + jj).to(tl.int64)[:, None] * sdh + ov[None, :]  # [GP*C, BV]
     rb = hq.to(tl.int64) * n
     bb = BC + i_bk.to(tl.int64) * NC * C
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    dz = tl.zeros([BK], dtype=tl.float32)
-    if not LOCAL:
-        if HAS_DFINAL:
-            dS = tl.load(DSF + i_bk.to(tl.int64) * DK * DV + sidx, mask=mkv, other=0.0)
-            dz = tl.load(DZF + i_bk.to(tl.int64) * DK + ok, mask=mk, other=0.0)
-        for jr in range(n_seg - 1 - i_seg):  # fold the later segments in, last first
-            seg = i_bk.to(tl.int64) * n_seg + (n_seg - 1 - jr)
-            if HAS_DECAY:
-                dS = dS * tl.exp(tl.load(LD + seg))
-                dz = dz * tl.exp(tl.load(LD + seg))
-            dS += tl.load(LS + seg * DK * DV + sidx, mask=mkv, other=0.0)
-            dz += tl.load(LZ + seg * DK + ok, mask=mk, other=0.0)
+    if HAS_DFINAL:
+        dS = tl.load(DSF + i_bk.to(tl.int64) * DK * DV + sidx, mask=mkv, other=0.0)
+        dz = tl.load(DZF + i_bk.to(tl.int64) * DK + ok, mask=mk, other=0.0)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dz = tl.zeros([BK], dtype=tl.float32)
     hb = DHS + i_bk.to(tl.int64) * NC * DK * DV
     zb = DZS + i_bk.to(tl.int64) * NC * DK
-    c0 = i_seg * SEG
-    c1 = tl.minimum(c0 + SEG, NC)
-    rows = (c1 - 1) * C + tt
+    rows = (NC - 1) * C + tt
     mt = (rows < n) & mj
     r64 = rows.to(tl.int64)
     qn = tl.load(qb + r64[None, :] * sqn, mask=mk[:, None] & mt[None, :], other=0.0)
@@ -106,9 +92,8 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, 
     if NORM:
         rn = tl.load(RDEN + rb + rows, mask=mt, other=0.0)
         ddn = tl.load(DDEN + rb + rows, mask=mt, other=0.0)
-    total = 0.0
-    for ci in range(c1 - c0):
-        c = c1 - 1 - ci
+    for ci in range(NC):
+        c = NC - 1 - ci
         qtt = qn
         dot_ = don
         if HAS_DECAY:
@@ -117,8 +102,8 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, 
         if NORM:
             r = rn
             dd = ddn
-        rows = (c - 1) * C + tt  # prefetch the previous chunk (all masked before the segment's start)
-        mt = (rows >= c0 * C) & (rows < n) & mj
+        rows = (c - 1) * C + tt  # prefetch the previous chunk (all masked before the start)
+        mt = (rows >= 0) & (rows < n) & mj
         r64 = rows.to(tl.int64)
         qn = tl.load(qb + r64[None, :] * sqn, mask=mk[:, None] & mt[None, :], other=0.0)
         don = tl.load(db + r64[:, None] * sdn, mask=mt[:, None] & mv[None, :], other=0.0)
@@ -127,10 +112,9 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, 
         if NORM:
             rn = tl.load(RDEN + rb + rows, mask=mt, other=0.0)
             ddn = tl.load(DDEN + rb + rows, mask=mt, other=0.0)
-        if not LOCAL:
-            tl.store(hb + c * DK * DV + sidx, dS.to(DHS.dtype.element_ty), mask=mkv)
-            if i_v == 0:
-                tl.store(zb + c * DK + ok, dz, mask=mk)
+        tl.store(hb + c * DK * DV + sidx, dS.to(DHS.dtype.element_ty), mask=mkv)
+        if i_v == 0:
+            tl.store(zb + c * DK + ok, dz, mask=mk)
         if HAS_DECAY:
             w0 = tl.exp(bcum)
         else:
@@ -141,24 +125,15 @@ def _bwd_dstate_kernel(Q, DO, BC, RDEN, DDEN, DSF, DZF, DHS, DZS, DS0, DZ0, LS, 
             dz_t = tl.sum(qtt.to(tl.float32) * (w0 * dd)[None, :], 1)
         acc = tl.dot(qtt, (dot_.to(tl.float32) * w[:, None]).to(qtt.dtype), input_precision=PREC)
         if HAS_DECAY:
-            total += bend
             dS = dS * tl.exp(bend)
             dz = dz * tl.exp(bend)
         dS += acc
         if NORM:
             dz += dz_t
-    if LOCAL:
-        seg = i_bk.to(tl.int64) * n_seg + i_seg
-        tl.store(LS + seg * DK * DV + sidx, dS, mask=mkv)
+    if STORE_DINIT:
+        tl.store(DS0 + i_bk.to(tl.int64) * DK * DV + sidx, dS, mask=mkv)
         if i_v == 0:
-            tl.store(LZ + seg * DK + ok, dz, mask=mk)
-            if HAS_DECAY:
-                tl.store(LD + seg, total)
-    elif STORE_DINIT:
-        if i_seg == 0:
-            tl.store(DS0 + i_bk.to(tl.int64) * DK * DV + sidx, dS, mask=mkv)
-            if i_v == 0:
-                tl.store(DZ0 + i_bk.to(tl.int64) * DK + ok, dz, mask=mk)
+            tl.store(DZ0 + i_bk.to(tl.int64) * DK + ok, dz, mask=mk)
 
 
 @triton.jit(do_not_specialize=["n", "NC"])
