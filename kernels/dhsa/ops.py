@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..descriptors import row_tiles
 from .limits import SUPPORTED_HEAD_DIMS
 from .select import BlockSelection
 from .triton_fwd import _dhsa_fwd_kernel
@@ -57,16 +58,14 @@ def block_sparse_attention(q, k, v, sel: BlockSelection, scaling: float, *, key_
         raise ValueError(f"selection is for {sel.n} tokens, inputs have {n}")
     cfg = config or default_config(d, B)
     bm, bn = min(cfg.bm, B), min(cfg.bn, C)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     kvalid = None if key_valid is None else key_valid.to(torch.int8).contiguous()
     idx, cnt, nfull = sel.idx, sel.cnt, sel.nfull
     num_m = triton.cdiv(n, bm)
     _dhsa_fwd_kernel[(num_m, b * h)](
-        q, k, v, out, lse, idx, cnt, nfull, kvalid if kvalid is not None else cnt, scaling * 1.4426950408889634,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        row_tiles(q, bm), row_tiles(k, bn), row_tiles(v, bn), out, lse, idx, cnt, nfull,
+        kvalid if kvalid is not None else cnt, scaling * 1.4426950408889634, *out.stride()[:3],
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         n, h, h // hk, num_m,
         QBLOCK=B, CHUNK=C, HAS_VALID=kvalid is not None, BM=bm, BN=bn, D=d, PREC=_prec(q.dtype),

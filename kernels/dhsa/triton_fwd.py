@@ -1,7 +1,8 @@
 """Block-sparse causal attention forward (Triton): each program owns ``BM`` query rows of one query head and walks
 the key chunks its query block kept (``idx[:cnt]``), ``BN`` keys at a time, with an fp32 online softmax.
 
-GQA: a query head reads its KV head's rows in place (``kv_head = head // g``), so K/V are never expanded. The
+GQA: a query head reads its KV head's rows in place (``kv_head = head // g``), so K/V are never expanded. Q, K
+and V arrive as tensor descriptors (``kernels/descriptors.py``): on Hopper each tile is one TMA copy. The
 chunks that end before the query block (``nfull`` of them, first in the sorted list) are walked without the causal
 mask, the rest with it (two loops, as in FlashAttention); key padding is a per-key mask. Rows that see no key
 end with output 0 and lse -inf (never NaN, so padded rows cannot poison later layers).
@@ -13,17 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, j0, j1, offs_m, offs_d, n, skn, svn, qk_scale,
-          CHUNK: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
+def _walk(q, m_i, l_i, acc, KD, VD, bi, kvh, kvalid, list_base, j0, j1, offs_m, n, qk_scale,
+          CHUNK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
           PREC: tl.constexpr):
     """Online softmax over the BN-key tiles ``[j0, j1)`` of the kept chunks (tile j: chunk j // (CHUNK // BN))."""
     for j in range(j0, j1):
         chunk = tl.load(list_base + j // (CHUNK // BN))
-        offs_n = chunk * CHUNK + (j % (CHUNK // BN)) * BN + tl.arange(0, BN)
+        start = chunk * CHUNK + (j % (CHUNK // BN)) * BN
+        offs_n = start + tl.arange(0, BN)
         col_ok = offs_n < n
-        rows_n = offs_n.to(tl.int64)  # row offsets in int64: n * stride passes 2**31 at 1M tokens
-        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        k = KD.load([bi, kvh, start, 0]).reshape(BN, D)  # keys past n read as 0
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if CAUSAL:  # keys past n are past every row too
             s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         if HAS_VALID:
@@ -34,15 +35,14 @@ def _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, j0, j1, offs_m, o
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        v = VD.load([bi, kvh, start, 0]).reshape(BN, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+def _dhsa_fwd_kernel(QD, KD, VD, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale, sob, soh, son,
                      sib, sih, siq, scb, sch,
                      n, h, g, num_m,
                      QBLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -57,15 +57,12 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     offs_m = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n
-    # offsets in int64: at 1M tokens a row offset (n * sqn of [b, n, h, d]) and a head offset (hi * sqh of a
-    # contiguous [b, h, n, d] query: 23 heads x 1M x 128 = 3.1e9, the illegal address of a 3B-shaped 1M prefill)
-    # both pass 2**31
+    # output offsets in int64: at 1M tokens a row offset (n * son of [b, n, h, d]) and a head offset (hi * soh of
+    # [b, h, n, d]: 23 heads x 1M x 128 = 3.1e9, the illegal address of a 3B-shaped 1M prefill) both pass 2**31;
+    # the descriptors' row coordinates stay 32-bit
     rows_m = offs_m.to(tl.int64)
-    bi64, hi64, kvh64 = bi.to(tl.int64), hi.to(tl.int64), kvh.to(tl.int64)
-    q = tl.load(Q + bi64 * sqb + hi64 * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
-    k_base = K + bi64 * skb + kvh64 * skh
-    v_base = V + bi64 * svb + kvh64 * svh
+    bi64, hi64 = bi.to(tl.int64), hi.to(tl.int64)
+    q = QD.load([bi, hi, q0, 0]).reshape(BM, D)  # rows past n read as 0
     kvalid = KVALID + bi64 * n
     list_base = IDX + bi * sib + hi * sih + qb * siq
     cnt = tl.load(CNT + bi * scb + hi * sch + qb)
@@ -75,10 +72,10 @@ def _dhsa_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, KVALID, qk_scale,
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D], dtype=tl.float32)
     tiles = CHUNK // BN
-    m_i, l_i, acc = _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, 0, nfull * tiles, offs_m, offs_d,
-                          n, skn, svn, qk_scale, CHUNK, BN, False, HAS_VALID, PREC)
-    m_i, l_i, acc = _walk(q, m_i, l_i, acc, k_base, v_base, kvalid, list_base, nfull * tiles, cnt * tiles, offs_m,
-                          offs_d, n, skn, svn, qk_scale, CHUNK, BN, True, HAS_VALID, PREC)
+    m_i, l_i, acc = _walk(q, m_i, l_i, acc, KD, VD, bi, kvh, kvalid, list_base, 0, nfull * tiles, offs_m, n,
+                          qk_scale, CHUNK, BN, D, False, HAS_VALID, PREC)
+    m_i, l_i, acc = _walk(q, m_i, l_i, acc, KD, VD, bi, kvh, kvalid, list_base, nfull * tiles, cnt * tiles, offs_m,
+                          n, qk_scale, CHUNK, BN, D, True, HAS_VALID, PREC)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..descriptors import row_tiles
 from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .triton_bwd import _delta_kernel, _dkdv_kernel, _dq_kernel
 from .triton_fwd import _fwd_kernel
@@ -65,15 +65,6 @@ def _strides(x):
 
 def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _descriptor(x, rows: int) -> TensorDescriptor:
-    """Tensor descriptor of a ``[b, h, n, d]`` tensor loading ``rows`` rows of one head at a time. TMA wants a
-    16-byte-aligned base and 16-byte-multiple strides; a view that has neither (a slice at an odd offset) is copied."""
-    size = x.element_size()
-    if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
-        x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation (contiguous() may return x)
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
 def check_inputs(q, k, v, causal: bool) -> None:
@@ -146,7 +137,7 @@ def flash_forward(q, k, v, scale, bias, bias_const, key_start, causal, sigmoid, 
     lse = None if sigmoid else torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     dummy = out
     _fwd_kernel[(triton.cdiv(nq, cfg.fwd_bm), b * h)](
-        _descriptor(q, cfg.fwd_bm), _descriptor(k, cfg.fwd_bn), _descriptor(v, cfg.fwd_bn), out,
+        row_tiles(q, cfg.fwd_bm), row_tiles(k, cfg.fwd_bn), row_tiles(v, cfg.fwd_bn), out,
         lse if lse is not None else dummy, bias if bias is not None else dummy,
         key_start if key_start is not None else dummy, zscale, bias_const * bias_mul, bias_mul, *_strides(out),
         nq, nk, h, h // hk,
@@ -159,7 +150,6 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     zscale, bias_mul = _z_units(scale, sigmoid, fast)
-    dout = _rowmajor(dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = None
     if not sigmoid:
@@ -174,11 +164,11 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
                  FAST=fast, D=d, PREC=_prec(q.dtype), num_stages=cfg.bwd_stages)
     consts = (zscale, bias_const * bias_mul, bias_mul, scale)
     _dkdv_kernel[(triton.cdiv(nk, cfg.dkdv_bn), b * hk)](
-        _descriptor(q, cfg.dkdv_bm), _descriptor(k, cfg.dkdv_bn), _descriptor(v, cfg.dkdv_bn),
-        _descriptor(dout, cfg.dkdv_bm), *common, dk, dv, *consts, *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
+        row_tiles(q, cfg.dkdv_bm), row_tiles(k, cfg.dkdv_bn), row_tiles(v, cfg.dkdv_bn),
+        row_tiles(dout, cfg.dkdv_bm), *common, dk, dv, *consts, *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
         BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, num_warps=cfg.dkdv_warps, **flags)
     _dq_kernel[(triton.cdiv(nq, cfg.dq_bm), b * h)](
-        _descriptor(q, cfg.dq_bm), _descriptor(k, cfg.dq_bn), _descriptor(v, cfg.dq_bn), _descriptor(dout, cfg.dq_bm),
+        row_tiles(q, cfg.dq_bm), row_tiles(k, cfg.dq_bn), row_tiles(v, cfg.dq_bn), row_tiles(dout, cfg.dq_bm),
         *common, dq, *consts, *_strides(dq), nq, nk, h, h // hk,
         BM=cfg.dq_bm, BN=cfg.dq_bn, num_warps=cfg.dq_warps, **flags)
     return dq, dk, dv
