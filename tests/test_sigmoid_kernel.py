@@ -120,6 +120,18 @@ def test_softmax_kernel_matches_sdpa(dtype, fwd_tol, bwd_tol):
     assert max(errs["dq"], errs["dk"], errs["dv"]) <= bwd_tol, errs
 
 
+@pytest.mark.parametrize("kernel", [sigmoid_attention, softmax_attention])
+def test_gradient_of_any_layout(kernel):
+    """dO whose last dimension is not contiguous (the gradient of a transposed view) gives the same gradients."""
+    q, k, v = make(1, 2, 1, 40, 40, 16, torch.float32, seed=6)
+    out = kernel(q, k, v, scale=0.25, causal=True)
+    dout = torch.randn(1, 2, 16, 40, generator=torch.Generator().manual_seed(7)).to(DEV).transpose(-1, -2)
+    assert dout.stride(-1) != 1
+    for a, b in zip(grads(out, (q, k, v), dout), grads(kernel(q, k, v, scale=0.25, causal=True), (q, k, v),
+                                                       dout.contiguous())):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_softmax_rows_without_keys_are_zero():
     q, k, v = make(2, 2, 1, 20, 20, 16, torch.float32, seed=5)
     out = softmax_attention(q, k, v, scale=0.25, causal=True, key_start=torch.tensor([0, 12], device=DEV))

@@ -150,6 +150,7 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     zscale, bias_mul = _z_units(scale, sigmoid, fast)
+    dout = _rowmajor(dout)  # the Delta kernel reads rows of dO (and the descriptors would copy it twice)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = None
     if not sigmoid:
