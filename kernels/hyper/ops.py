@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..descriptors import row_tiles
 from . import plan as P
 from .naive import HyperSettings
 from .plan import SUPPORTED_HEAD_DIMS
@@ -171,8 +172,8 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
         if plan.leaves:
             tiles = P.diag_tiles(plan, cfg.fwd_bm, True, dev)
             _diag_fwd_kernel[(tiles.shape[0], b * h)](
-                q, k, v, out, lse, kvalid if kvalid is not None else tiles, tiles, qk_scale,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, h, g, sinks, window,
+                row_tiles(q, cfg.fwd_bm), row_tiles(k, cfg.fwd_bn), row_tiles(v, cfg.fwd_bn), out, lse,
+                kvalid if kvalid is not None else tiles, tiles, qk_scale, *_strides(out), n, h, g, sinks, window,
                 HAS_VALID=kvalid is not None, EXTRA=extra, BM=cfg.fwd_bm, BN=cfg.fwd_bn, D=d, PREC=prec,
                 num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     levels = []
@@ -296,14 +297,16 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
             assert cfg.dq_bm % cfg.dq_bn == 0
             qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
             _diag_dq_kernel[(qt.shape[0], cb * ch)](
-                qc, kc, vc, doc, lsec, deltac, dqa if has_acc else dqc, dqc, kv if kv is not None else qt, qt,
-                sm_scale, qk_scale, *sd, n, ch, g, sinks, window,
+                row_tiles(qc, cfg.dq_bm), row_tiles(kc, cfg.dq_bn), row_tiles(vc, cfg.dq_bn), row_tiles(doc, cfg.dq_bm),
+                lsec, deltac, dqa if has_acc else dqc, dqc, kv if kv is not None else qt, qt,
+                sm_scale, qk_scale, n, ch, g, sinks, window,
                 HAS_ACC=has_acc, HAS_VALID=kv is not None, EXTRA=extra, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d,
                 PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
             kt = P.diag_tiles(plan, cfg.dkdv_bn, False, dev)
             _diag_dkdv_kernel[(kt.shape[0], cb * ck)](
-                qc, kc, vc, doc, lsec, deltac, dka if has_acc else dkc, dva if has_acc else dvc, dkc, dvc,
-                kv if kv is not None else kt, kt, sm_scale, qk_scale, *sd, n, ch, ck, g,
+                row_tiles(qc, cfg.dkdv_bm), row_tiles(kc, cfg.dkdv_bn), row_tiles(vc, cfg.dkdv_bn),
+                row_tiles(doc, cfg.dkdv_bm), lsec, deltac, dka if has_acc else dkc, dva if has_acc else dvc, dkc, dvc,
+                kv if kv is not None else kt, kt, sm_scale, qk_scale, n, ch, ck, g,
                 HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                 num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
         else:

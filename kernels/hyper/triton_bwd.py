@@ -260,16 +260,15 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
 
 
 @triton.jit
-def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, qk_scale,
-                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                    N, H, G, SINKS, WINDOW,
+def _diag_dq_kernel(QD, KD, VD, DOD, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, qk_scale, N, H, G, SINKS, WINDOW,
                     HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, EXTRA: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """Q, K, V, dO by tensor descriptor as in ``_diag_fwd_kernel`` (rows read past the leaf are masked out)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
-    kvh = hh // G
+    b32, h32 = bh // H, bh % H  # descriptor coordinates are 32-bit
+    kvh = h32 // G
+    b = b32.to(tl.int64)
     leaf_start = tl.load(TILES + tile * 3)
     leaf_len = tl.load(TILES + tile * 3 + 1)
     off = tl.load(TILES + tile * 3 + 2)
@@ -277,35 +276,31 @@ def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, q
     row_ok = rows < leaf_len
     grow = (leaf_start + rows).to(tl.int64)
     dcol = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + hh * sqh + grow[:, None] * sqn + dcol[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + hh * sdh + grow[:, None] * sdn + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    q = QD.load([b32, h32, leaf_start + off, 0]).reshape(BM, D)
+    do = DOD.load([b32, h32, leaf_start + off, 0]).reshape(BM, D)
     lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + grow, row_ok)
-    kb = K + b * skb + kvh * skh + leaf_start.to(tl.int64) * skn
-    vb = V + b * svb + kvh * svh + leaf_start.to(tl.int64) * svn
     dq = tl.zeros([BM, D], tl.float32)
     if EXTRA:  # exact-set keys before the leaf (sinks, then the window band), as in _diag_fwd_kernel
-        kb0 = K + b * skb + kvh * skh
-        vb0 = V + b * svb + kvh * svh
         hi = tl.minimum(SINKS, leaf_start)
         for start in range(0, hi, BN):
             cols, col_ok, ok = _extra_cols(start, grow, 0, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
-            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            k = KD.load([b32, kvh, start, 0]).reshape(BN, D)
+            v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(ok, s, float("-inf"))
             dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
         lo = tl.maximum(SINKS, leaf_start + off - WINDOW + 1)
         for start in range(lo, leaf_start, BN):
             cols, col_ok, ok = _extra_cols(start, grow, lo, leaf_start, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
-            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            k = KD.load([b32, kvh, start, 0]).reshape(BN, D)
+            v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(ok, s, float("-inf"))
             dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     for start in range(0, off, BN):
         cols = start + tl.arange(0, BN)
-        k = tl.load(kb + cols[:, None] * skn + dcol[None, :])
-        v = tl.load(vb + cols[:, None] * svn + dcol[None, :])
+        k = KD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
+        v = VD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HAS_VALID:
             kv = tl.load(KVALID + b * N + leaf_start + cols)
@@ -315,8 +310,8 @@ def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, q
     for start in range(off, hi, BN):
         cols = start + tl.arange(0, BN)
         col_ok = cols < leaf_len
-        k = tl.load(kb + cols[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(vb + cols[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        k = KD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)  # keys past the leaf are masked out of s
+        v = VD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         ok = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
         if HAS_VALID:
@@ -333,15 +328,15 @@ def _diag_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, DQ, KVALID, TILES, sm_scale, q
 
 
 @triton.jit
-def _diag_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, sm_scale, qk_scale,
-                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                      N, H, HK, G,
+def _diag_dkdv_kernel(QD, KD, VD, DOD, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, sm_scale, qk_scale, N, H, HK, G,
                       HAS_ACC: tl.constexpr, HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       D: tl.constexpr, PREC: tl.constexpr):
+    """Q, K, V, dO by tensor descriptor as in ``_diag_fwd_kernel``: keys and queries read past the leaf are masked
+    out of the scores or get P = 0 (their lse is +inf), and their dK/dV rows are not stored."""
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
-    b = (bkv // HK).to(tl.int64)
-    kvh = (bkv % HK).to(tl.int64)
+    b32, kvh32 = bkv // HK, bkv % HK  # descriptor coordinates are 32-bit
+    b = b32.to(tl.int64)
     leaf_start = tl.load(TILES + tile * 3)
     leaf_len = tl.load(TILES + tile * 3 + 1)
     off = tl.load(TILES + tile * 3 + 2)
@@ -351,22 +346,20 @@ def _diag_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, 
     dcol = tl.arange(0, D)
     if HAS_VALID:
         col_ok = col_ok & (tl.load(KVALID + b * N + gcol, mask=col_ok, other=0) != 0)
-    k = tl.load(K + b * skb + kvh * skh + gcol[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + gcol[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+    k = KD.load([b32, kvh32, leaf_start + off, 0]).reshape(BN, D)
+    v = VD.load([b32, kvh32, leaf_start + off, 0]).reshape(BN, D)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     for gi in range(G):
-        hh = kvh * G + gi
-        bh = b * H + hh
-        qb = Q + b * sqb + hh * sqh + leaf_start.to(tl.int64) * sqn
-        db = DO + b * sdb + hh * sdh + leaf_start.to(tl.int64) * sdn
+        h32 = kvh32 * G + gi
+        bh = b * H + h32
         # queries of the diagonal tile (causal mask), then every later query of the leaf (no mask)
         mid = tl.minimum(off + BN, leaf_len)
         for qs in range(off, mid, BM):
             r = qs + tl.arange(0, BM)
             rok = r < leaf_len
-            q = tl.load(qb + r[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
-            do = tl.load(db + r[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            q = QD.load([b32, h32, leaf_start + qs, 0]).reshape(BM, D)
+            do = DOD.load([b32, h32, leaf_start + qs, 0]).reshape(BM, D)
             lse2, delta = _lse2(LSE, DELTA, bh * N + leaf_start + r, rok)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             ok = col_ok[:, None] & rok[None, :] & (cols[:, None] <= r[None, :])
@@ -375,8 +368,8 @@ def _diag_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, DK, DV, KVALID, TILES, 
         for qs in range(mid, leaf_len, BM):
             r = qs + tl.arange(0, BM)
             rok = r < leaf_len
-            q = tl.load(qb + r[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
-            do = tl.load(db + r[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
+            q = QD.load([b32, h32, leaf_start + qs, 0]).reshape(BM, D)  # rows past the leaf: P = 0 (lse +inf)
+            do = DOD.load([b32, h32, leaf_start + qs, 0]).reshape(BM, D)
             lse2, delta = _lse2(LSE, DELTA, bh * N + leaf_start + r, rok)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             if HAS_VALID:

@@ -125,58 +125,53 @@ def _extra_cols(start, rows, lo, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID: tl.
 
 
 @triton.jit
-def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                     N, H, G, SINKS, WINDOW,
+def _diag_fwd_kernel(QD, KD, VD, O, LSE, KVALID, TILES, qk_scale, sob, soh, son, N, H, G, SINKS, WINDOW,
                      HAS_VALID: tl.constexpr, EXTRA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      D: tl.constexpr, PREC: tl.constexpr):
     """Exact causal attention inside one leaf for a BM-row query tile. ``EXTRA`` (sinks / local window): the
     tile also attends to the exact-set keys that lie *before* its leaf (sinks ``[0, min(SINKS, ls))`` and the
     band ``[max(SINKS, ls + off - WINDOW + 1), ls)``, masked per row); inside the leaf everything is exact
-    anyway, and the estimator passes exclude these pairs, so the leaf pass is where the exact set lands."""
+    anyway, and the estimator passes exclude these pairs, so the leaf pass is where the exact set lands.
+    Q, K, V are tensor descriptors (one TMA copy a tile on Hopper): rows of the next leaf that a tile reads past its
+    own are masked out of the scores, rows past ``N`` read as zeros."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
-    kvh = hh // G
+    b32, h32 = bh // H, bh % H  # descriptor coordinates are 32-bit
+    kvh = h32 // G
+    b, hh = b32.to(tl.int64), h32.to(tl.int64)
     leaf_start = tl.load(TILES + tile * 3)
     leaf_len = tl.load(TILES + tile * 3 + 1)
     off = tl.load(TILES + tile * 3 + 2)
     rows = off + tl.arange(0, BM)
     row_ok = rows < leaf_len
     dcol = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + hh * sqh + (leaf_start + rows)[:, None].to(tl.int64) * sqn + dcol[None, :],
-                mask=row_ok[:, None], other=0.0)
-    kb = K + b * skb + kvh * skh + leaf_start.to(tl.int64) * skn
-    vb = V + b * svb + kvh * svh + leaf_start.to(tl.int64) * svn
+    q = QD.load([b32, h32, leaf_start + off, 0]).reshape(BM, D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     if EXTRA:
-        kb0 = K + b * skb + kvh * skh
-        vb0 = V + b * svb + kvh * svh
         grows = leaf_start + rows
         hi = tl.minimum(SINKS, leaf_start)
         for start in range(0, hi, BN):  # sinks before the leaf
             cols, col_ok, ok = _extra_cols(start, grows, 0, hi, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
-            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            k = KD.load([b32, kvh, start, 0]).reshape(BN, D)  # keys outside [0, hi) are masked out of s
+            v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(ok, s, float("-inf"))
             acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
         lo = tl.maximum(SINKS, leaf_start + off - WINDOW + 1)
         for start in range(lo, leaf_start, BN):  # local-window band before the leaf
             cols, col_ok, ok = _extra_cols(start, grows, lo, leaf_start, SINKS, WINDOW, KVALID, b, N, HAS_VALID, BN)
-            k = tl.load(kb0 + cols[:, None].to(tl.int64) * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(vb0 + cols[:, None].to(tl.int64) * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+            k = KD.load([b32, kvh, start, 0]).reshape(BN, D)
+            v = VD.load([b32, kvh, start, 0]).reshape(BN, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(ok, s, float("-inf"))
             acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     # keys strictly before the tile: no causal mask (off is a multiple of BM and BN divides BM)
     for start in range(0, off, BN):
         cols = start + tl.arange(0, BN)
-        k = tl.load(kb + cols[:, None] * skn + dcol[None, :])
-        v = tl.load(vb + cols[:, None] * svn + dcol[None, :])
+        k = KD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
+        v = VD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HAS_VALID:
             kv = tl.load(KVALID + b * N + leaf_start + cols)
@@ -187,8 +182,8 @@ def _diag_fwd_kernel(Q, K, V, O, LSE, KVALID, TILES, qk_scale,
     for start in range(off, hi, BN):
         cols = start + tl.arange(0, BN)
         col_ok = cols < leaf_len
-        k = tl.load(kb + cols[:, None] * skn + dcol[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(vb + cols[:, None] * svn + dcol[None, :], mask=col_ok[:, None], other=0.0)
+        k = KD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)  # keys past the leaf are masked out of s
+        v = VD.load([b32, kvh, leaf_start + start, 0]).reshape(BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         ok = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
         if HAS_VALID:
