@@ -176,6 +176,30 @@ def test_tiles_lie_in_one_key_group(kernel_on_cpu, caplog):
     assert sum("tiles need 16 rows inside one group" in r.message for r in caplog.records) == 1
 
 
+def test_each_segment_launch_is_sized_for_one_wave_of_its_own(kernel_on_cpu, monkeypatch):
+    """A salient-first block streams as two launches one after the other: each gets splits for about one wave of
+    programs by itself (a small salient segment split as finely as the large one would leave most of the machine
+    idle), and the result is still the reference's."""
+    import patchattn.kernels.zipcache.triton_decode as decode
+
+    monkeypatch.setattr(ops, "_resident_programs", lambda device: 16)  # 8 programs a (sequence, KV head) pair
+    launches = []
+    launch = decode.launch_segment
+
+    def recorded(*args, seg_len, lead, split_len, **kw):
+        launches.append((lead + seg_len, -(-(lead + seg_len) // split_len)))
+        return launch(*args, seg_len=seg_len, lead=lead, split_len=split_len, **kw)
+
+    monkeypatch.setattr(decode, "launch_segment", recorded)
+    gen = torch.Generator().manual_seed(6)
+    query = randn(1, 4, 1, 32, gen=gen)
+    keys, values = randn(1, 2, 3, 32, gen=gen), randn(1, 2, 3, 32, gen=gen)
+    block = make_block(gen, 1, 2, 640, 32, torch.float32, salient_ratio=0.2)
+    check(query, [block], keys, values, scaling=0.2, softcap=None, dtype=torch.float32, block_n=16)
+    assert len(launches) == 2 and launches[0][0] < launches[1][0] / 3  # salient first, then the rest
+    assert [programs for _, programs in launches] == [8, 8]
+
+
 # ------------------------------------------------------------------------------------------------ inside generate()
 
 
