@@ -183,6 +183,7 @@ def test_each_segment_launch_is_sized_for_one_wave_of_its_own(kernel_on_cpu, mon
     import patchattn.kernels.zipcache.triton_decode as decode
 
     monkeypatch.setattr(ops, "_resident_programs", lambda device: 16)  # 8 programs a (sequence, KV head) pair
+    monkeypatch.setattr(ops, "_SPLIT_ROWS", (16, 1 << 20))  # CUDA's bounds on rows per program: none here
     launches = []
     launch = decode.launch_segment
 
