@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `python -m pytest` from the repository root puts the root first on sys.path, where kernels/ (shipped as
+# patchattn.kernels) would be a top-level `kernels` shadowing the Hub's kernel library, which transformers >= 5.25
+# imports (ImportError: cannot import name 'CUDAProperties' from 'kernels'). The tests import the installed package.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [path for path in sys.path if os.path.abspath(path or os.curdir) != ROOT]
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models helpers
 
 

@@ -19,7 +19,8 @@ from .naive import causal_probe_counts, probe_scores_reference, quantized_decode
 #: send CPU tensors to the Triton kernel too (only under TRITON_INTERPRET=1; see the module docstring)
 KERNEL_ON_CPU = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: segment-kernel programs resident on one multiprocessor at once (127 registers x 128 threads: 4 of 16 warp slots)
+#: segment-kernel programs resident on one multiprocessor at once (d <= 128: 128 registers x 128 threads, capped at
+#: launch: 4 of 16 warp slots)
 _PROGRAMS_PER_SM = 4
 #: rows per program on CUDA: splits for about one wave of programs, within these bounds (H200, d = 128, one segment,
 #: --tiles at 850014b: 512 rows at 32k b = 1, 2,048 at 131k b = 1 and b = 8, the best of 512 / 1,024 / 2,048)

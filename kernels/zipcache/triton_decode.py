@@ -106,15 +106,47 @@ def _zeros_tuple(SHAPE: tl.constexpr, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base,
+def _params(n0, lead, end, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D: tl.constexpr, K_BITS: tl.constexpr,
+            V_ROWWISE: tl.constexpr, BLOCK_N: tl.constexpr, K_WORDS: tl.constexpr):
+    """The quantisation parameters of the tile at row ``n0``, as stored: its key group's step and zero (one
+    ``[BLOCK_G, K_WORDS]`` tensor per code position, in the queries' layout) and, for rowwise values, each row's
+    step and zero. The pipelined loop loads them a tile ahead: Triton streams the codes ahead (``num_stages``) but not
+    these 2-byte-a-thread loads, and waiting on them each tile cost 12 % at 131k tokens, b = 1 (H200)."""
+    k_words_ptr, k_row, v_words_ptr, v_row = rows
+    k_group, k_row_words, stride_kzg, v_group, v_row_words, stride_vzn, kv, scaling, softcap = sizes
+    K_PER: tl.constexpr = 16 // K_BITS
+    offs_kw = tl.arange(0, K_WORDS)
+    kz_ptrs = kz_base + ((k_row + n0) // k_group) * stride_kzg
+    k_steps = ()
+    k_zeros = ()
+    for k in tl.static_range(K_PER):
+        chan = offs_kw * K_PER + k
+        mask = ((chan < D) & (chan * 0 + n0 < end))[None, :]  # past the segment's end: no such key group
+        k_steps = k_steps + (tl.load(KS + kz_ptrs + chan[None, :], mask=mask, other=0.0),)
+        k_zeros = k_zeros + (tl.load(KZ + kz_ptrs + chan[None, :], mask=mask, other=0.0),)
+    v_steps = 0.0  # grouped values: parameters per channel group, loaded with the tile
+    v_zeros = 0.0
+    if V_ROWWISE:
+        r = n0 + tl.arange(0, BLOCK_N)
+        r_mask = (r >= lead) & (r < end)
+        vz_ptrs = vz_base + (v_row + r) * stride_vzn + (kv * D) // v_group
+        v_steps = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0)
+        v_zeros = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0)
+    return k_steps, k_zeros, v_steps, v_zeros
+
+
+@triton.jit
+def _tile(state, params, n0, lead, end, qs, rows, sizes, VS, VZ, vz_base,
           D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_ROWWISE: tl.constexpr,
           BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, K_WORDS: tl.constexpr, SOFTCAP: tl.constexpr,
           MMA: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
     """One tile of ``BLOCK_N`` rows from row ``n0`` into the online-softmax ``state`` ``(max, sum, accumulators,
-    value zero sum)``. ``rows``: the first tile row's key words, key row, value words, value row; ``sizes``: key
-    group, key words per row, key group stride, value group, value words per row, value parameter stride, KV head,
-    scaling, softcap. ``MASKED``: rows outside ``[lead, end)`` are dropped (a segment's first and last tiles)."""
+    value zero sum)``; ``params``: the tile's :func:`_params`. ``rows``: the first tile row's key words, key row,
+    value words, value row; ``sizes``: key group, key words per row, key group stride, value group, value words per
+    row, value parameter stride, KV head, scaling, softcap. ``MASKED``: rows outside ``[lead, end)`` are dropped (a
+    segment's first and last tiles)."""
     m_i, l_i, acc, pz_sum = state
+    k_steps, k_zeros, v_steps, v_zeros = params
     k_words_ptr, k_row, v_words_ptr, v_row = rows
     k_group, k_row_words, stride_kzg, v_group, v_row_words, stride_vzn, kv, scaling, softcap = sizes
     K_PER: tl.constexpr = 16 // K_BITS
@@ -135,13 +167,11 @@ def _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_bas
     # (code - mid)·scale, so q·k = sum_k (q∘step/scale)·operand + q·(zero + mid·step), the last once per tile
     k_words = tl.load(k_words_ptr + r[:, None] * k_row_words + offs_kw[None, :], mask=k_mask, other=0)
     k_codes = _codes(k_words, K_BITS, MMA, ASM)
-    kz_ptrs = kz_base + ((k_row + n0) // k_group) * stride_kzg
     s = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
     bias = tl.zeros((BLOCK_G, K_WORDS), tl.float32)
     for k in tl.static_range(K_PER):
-        chan = offs_kw * K_PER + k
-        k_step = tl.load(KS + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
-        k_zero = tl.load(KZ + kz_ptrs + chan[None, :], mask=(chan < D)[None, :], other=0.0).to(tl.float32)
+        k_step = k_steps[k].to(tl.float32)
+        k_zero = k_zeros[k].to(tl.float32)
         q_step = (qs[k] * k_step * (1.0 / (1 << (k * K_BITS % 8)))).to(MMA)
         bias += qs[k] * (k_zero + (1 << (K_BITS - 1)) * k_step)
         s = tl.dot(q_step, tl.trans(k_codes[k]), s, input_precision=PREC)
@@ -159,9 +189,8 @@ def _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_bas
     v_codes = _codes(v_words, V_BITS, MMA, ASM)
     new_acc = ()
     if V_ROWWISE:  # one zero/step per token: sum_r p·(zero + step·code) = (p∘step)·operand/scale + p·v_mid
-        vz_ptrs = vz_base + v_rows * stride_vzn + (kv * D) // v_group
-        v_step = tl.load(VS + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-        v_mid = tl.load(VZ + vz_ptrs, mask=r_mask, other=0.0).to(tl.float32) + (1 << (V_BITS - 1)) * v_step
+        v_step = v_steps.to(tl.float32)
+        v_mid = v_zeros.to(tl.float32) + (1 << (V_BITS - 1)) * v_step
         p_step = (p * v_step[None, :]).to(MMA)
         for k in tl.static_range(V_PER):
             new_acc = new_acc + (tl.dot(p_step, v_codes[k], acc[k] * alpha[:, None], input_precision=PREC),)
@@ -240,15 +269,25 @@ def _segment_kernel(Q, KC, KZ, KS, VC, VZ, VS, VSCALE, M, L, ACC,
     sizes = (k_group, stride_kcn // 2, stride_kzg, v_group, stride_vcn // 2, stride_vzn, kv, scaling, softcap)
     head = (start == 0) & (lead > 0)
     whole_end = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in range(tl.where(head, start + BLOCK_N, start), whole_end, BLOCK_N):
-        state = _tile(state, n0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_BITS,
-                      V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, False)
-    if head:
-        state = _tile(state, 0, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_BITS,
-                      V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
-    if (whole_end < end) & (whole_end >= tl.where(head, BLOCK_N, 0)):
-        state = _tile(state, whole_end, lead, end, qs, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS,
+    first = tl.where(head, start + BLOCK_N, start)
+    params = _params(first, lead, end, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_ROWWISE, BLOCK_N,
+                     K_WORDS)
+    for n0 in range(first, whole_end, BLOCK_N):
+        ahead = _params(n0 + BLOCK_N, lead, end, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_ROWWISE,
+                        BLOCK_N, K_WORDS)
+        state = _tile(state, params, n0, lead, end, qs, rows, sizes, VS, VZ, vz_base, D, K_BITS,
+                      V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, False)
+        params = ahead
+    if head:  # the masked tiles: the segment's first (rows before ``lead`` are the previous segment's) ...
+        params = _params(0, lead, end, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_ROWWISE, BLOCK_N,
+                         K_WORDS)
+        state = _tile(state, params, 0, lead, end, qs, rows, sizes, VS, VZ, vz_base, D, K_BITS,
                       V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
+    if (whole_end < end) & (whole_end >= tl.where(head, BLOCK_N, 0)):  # ... and the split's last, part of a tile
+        params = _params(whole_end, lead, end, rows, sizes, KS, KZ, kz_base, VS, VZ, vz_base, D, K_BITS, V_ROWWISE,
+                         BLOCK_N, K_WORDS)
+        state = _tile(state, params, whole_end, lead, end, qs, rows, sizes, VS, VZ, vz_base, D,
+                      K_BITS, V_BITS, V_ROWWISE, BLOCK_G, BLOCK_N, K_WORDS, SOFTCAP, MMA, PREC, ASM, True)
     m_i, l_i, acc, pz_sum = state
     slot = pid * n_slots + split0 + split
     tl.store(M + slot * BLOCK_G + offs_g, m_i * 0.6931471805599453)  # natural log units for the merge
@@ -378,7 +417,13 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
                                                          value.step))  # no-ops for the cache's own tensors
     hk = kc.shape[1]
     block_g, block_d = m.shape[2], acc.shape[3]
-    stages = {} if num_stages is None else {"num_stages": num_stages}
+    options = {} if num_stages is None else {"num_stages": num_stages}
+    if query.is_cuda and num_warps >= 4 and value.group % d == 0:
+        # the parameters held a tile ahead (:func:`_params`) take registers: uncapped, Triton 3.6 gave d = 128 168 a
+        # thread (3 programs of 4 warps a multiprocessor, 4 before), d = 256 169 (1 of 8 warps, 2 before); capped at
+        # 128 none spill and 4 / 2 fit (H200, d = 128, 131k, b = 1: 0.0764 -> 0.0671 ms; the cap alone changed
+        # nothing). Not for grouped values (they spill under it) nor narrower programs (fewer warps, more registers)
+        options["maxnreg"] = 128
     _segment_kernel[(b * hk, triton.cdiv(lead + seg_len, split_len))](
         query, kc, kz, ks, vc, vz, vs, value_scale, m, l, acc,
         scaling, 1.0 if softcap is None else softcap, seg_len, k_row0, v_row0, lead, key.group, value.group,
@@ -390,4 +435,4 @@ def launch_segment(query, key, value, value_scale, partials, *, seg_len: int, k_
         BLOCK_G=block_g, BLOCK_N=block_n, K_WORDS=max(16, block_d * key.bits // 16), SOFTCAP=softcap is not None,
         MMA=_mma_dtype(query.dtype),
         PREC=_prec(query.dtype), ASM=query.is_cuda and _mma_dtype(query.dtype) == tl.float16,
-        PDL=pdl, num_warps=num_warps, launch_pdl=pdl and split0 > 0, **stages)  # a step's first launch: as usual
+        PDL=pdl, num_warps=num_warps, launch_pdl=pdl and split0 > 0, **options)  # a step's first launch: as usual
