@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from . import _source_checkout  # noqa: F401 (first: it fixes sys.path before transformers is imported)
 from ._version import __version__
 from .families import FAMILIES
 from .hub import push_to_hub

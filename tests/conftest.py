@@ -11,9 +11,11 @@ if not torch.cuda.is_available():
 
 # `python -m pytest` from the repository root puts the root first on sys.path, where kernels/ (shipped as
 # patchattn.kernels) would be a top-level `kernels` shadowing the Hub's kernel library, which transformers >= 5.25
-# imports (ImportError: cannot import name 'CUDAProperties' from 'kernels'). The tests import the installed package.
+# imports (ImportError: cannot import name 'CUDAProperties' from 'kernels'). The root goes last instead: installed
+# packages first, the checkout's patchattn still found where it is not installed (PYTHONPATH=$PWD on the GPU box).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [path for path in sys.path if os.path.abspath(path or os.curdir) != ROOT]
+at_root = [path for path in sys.path if os.path.abspath(path or os.curdir) == ROOT]
+sys.path[:] = [path for path in sys.path if path not in at_root] + at_root
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models helpers
 
 

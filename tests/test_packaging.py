@@ -2,8 +2,10 @@
 where a plot is drawn."""
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -57,6 +59,21 @@ print(bad)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_checkouts_kernels_do_not_shadow_the_hubs_kernels_library():
+    """``python -c`` from the checkout's root puts the root first on sys.path, where ``kernels/`` (patchattn.kernels)
+    would shadow the Hub's ``kernels`` library that transformers >= 5.25 imports: importing patchattn failed there."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hub's kernels library is not installed (transformers < 5.25 does not need it)")
+    code = "import patchattn, kernels, patchattn.kernels as ours; print(kernels.__file__); print(ours.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hubs, ours = proc.stdout.strip().splitlines()[-2:]
+    assert not Path(hubs).resolve().is_relative_to((ROOT / "kernels").resolve())
+    assert Path(ours).resolve().is_relative_to((ROOT / "kernels").resolve())
 
 
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
