@@ -102,7 +102,8 @@ def main():
     dev = "cuda" if CUDA else "cpu"
     dt = torch.bfloat16 if CUDA else torch.float32
     meta = environment(CUDA)
-    old = dataclasses.replace(default_config(args.d), perm16=False, acc_budget_mb=1 << 30)
+    old = dataclasses.replace(default_config(args.d), qperm16=False, kperm16=False, acc_budget_mb=1 << 30,
+                              sample_budget_mb=1 << 30)
     impls = [("hyper", hyper_fn())] + ([] if args.no_old else [("hyper[int32,unchunked]", hyper_fn(old))])
     impls.append(("cudnn", cudnn_fn))
     rows = []

@@ -112,7 +112,14 @@ def test_backward_kv_head_chunks_int32_orders():
     """The backward's fp32 accumulators one KV head of one row at a time (zero budget), int32 sort orders, with
     levers (the exact-set dK/dV kernel runs per chunk too), GQA and padding: same gradients as the reference."""
     check(2, 4, 2, 300, 16, torch.float32, LEVERS, pad={0: (2, 4), 1: (70, 90)}, bwd_tol=1e-4,
-          config=_cfg(acc_budget_mb=0, perm16=False))
+          config=_cfg(acc_budget_mb=0, qperm16=False))
+
+
+def test_forward_sample_chunks_int16_key_orders():
+    """The forward's sample buffers gathered one KV head of one row at a time (zero budget) and int16 key sort
+    orders, with levers, GQA and padding: same outputs and gradients as the reference."""
+    check(2, 4, 2, 300, 16, torch.float32, LEVERS, pad={0: (2, 4), 1: (70, 90)}, bwd_tol=1e-4,
+          config=_cfg(sample_budget_mb=0, kperm16=True))
 
 
 def test_backward_row_chunks_noncausal():

@@ -52,8 +52,18 @@ class KernelConfig:
     # at a time, at most this many MiB together (at least one KV head of one row); the final gradients are written
     # in the input dtype. 131k, h=32, d=128: 5 KV heads per chunk, 0.94 GiB instead of 6 GiB for all heads.
     acc_budget_mb: int = 1024
-    # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32).
-    perm16: bool = True
+    # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32). The query orders are
+    # read once per tile; the key orders are read inside the level dQ loop, where an int16 load (under 4 bytes a
+    # thread) is not pipelined and stalls every step: int32 key orders measured fwd+bwd 118.4 vs 127.0 ms at 131k
+    # (d=128, h=32, H200; results/hyper_level_fwd_ab.json) for 20 MiB more (an int32 per key, KV head and level).
+    qperm16: bool = True
+    kperm16: bool = False
+    # Pipeline stages of the loops over the gathered sample buffers (their tiles need no index load); 2 keeps the
+    # d=128 forward at two programs per SM.
+    sample_stages: int = 2
+    # The level passes read each level's sampled keys and values from buffers gathered per KV head (``[b, hk,
+    # nodes * sample_size, d]``); the forward gathers them for at most this many MiB of KV heads at a time.
+    sample_budget_mb: int = 16
 
 
 def default_config(d: int) -> KernelConfig:
@@ -62,7 +72,8 @@ def default_config(d: int) -> KernelConfig:
         return KernelConfig(64, 32, 4, 1, 64, 32, 4, 1, 32, 32, 4, 32, 32, 4, 1, 256, 64, 4)
     if d <= 64:
         return KernelConfig(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 32, 64, 4, 3)
-    if d <= 128:  # picked by scripts/bench_hyper.py --sweep on the H200 (n=32k)
+    if d <= 128:  # picked by scripts/bench_hyper.py --sweep on the H200 (n=32k), level tiles re-checked with the
+        # gathered sample buffers (results/hyper_level_fwd_ab.json: key tiles of 32 lose 2 ms at 131k)
         return KernelConfig(128, 64, 8, 3, 64, 64, 4, 3, 64, 64, 4, 32, 64, 4, 3)
     return KernelConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 4, 32, 32, 8, 1)
 
@@ -85,11 +96,12 @@ class _State:
     settings: HyperSettings
     cfg: KernelConfig
     scaling: float
-    qperm: torch.Tensor | None  # [levels, b, h, ncols] node-local offsets, int16 (perm16) or int32
-    kperm: torch.Tensor | None
+    qperm: torch.Tensor | None  # [levels, b, h, ncols] node-local offsets, int16 (qperm16) or int32
+    kperm: torch.Tensor | None  # [levels, b, hk, ncols], int16 (kperm16) or int32
     levels: list  # LevelData per level
     kvalid: torch.Tensor | None  # [b, n] int8
-    perm16: bool = False
+    qperm16: bool = False
+    kperm16: bool = False
 
 
 def _levers(settings: HyperSettings):
@@ -98,8 +110,31 @@ def _levers(settings: HyperSettings):
     return s, w, bool(s or w)
 
 
-def _perm16(plan, cfg) -> bool:
-    return bool(cfg.perm16 and P.perm16_ok(plan))
+def _perm16(plan, cfg, role) -> bool:
+    """Whether the query (``role="q"``) or key (``"k"``) sort orders are stored as int16."""
+    return bool((cfg.qperm16 if role == "q" else cfg.kperm16) and P.perm16_ok(plan))
+
+
+def _head_chunks(b, hk, unit_bytes, budget_mb):
+    """``(b0, b1, kv0, kv1)`` pieces whose per-KV-head buffers (``unit_bytes`` each) fit ``budget_mb``: whole batch
+    rows where they fit, else KV-head ranges of one row (the kernels index ``[b, heads, ...]`` rows of a piece as
+    one contiguous block, which holds for both shapes)."""
+    units = max(1, int(budget_mb * 2**20) // max(1, unit_bytes))
+    if units >= b * hk:
+        return [(0, b, 0, hk)]
+    if units >= hk:
+        nb = units // hk
+        return [(b0, min(b, b0 + nb), 0, hk) for b0 in range(0, b, nb)]
+    c = -(-hk // -(-hk // units))  # balanced: ceil(hk / number of chunks)
+    return [(bi, bi + 1, k0, min(hk, k0 + c)) for bi in range(b) for k0 in range(0, hk, c)]
+
+
+def _sample_rows(k, v, sorig, bn):
+    """Descriptors of a level's sampled keys and values gathered into ``[b, hk, nodes * m, d]`` (``sorig`` ``[b, hk,
+    nodes, m]`` original positions), loaded as ``bn``-row tiles. Returns ``(kd, vd)``; each keeps its buffer alive."""
+    b, hk, _, d = k.shape
+    idx = sorig.reshape(b, hk, -1, 1).long().expand(-1, -1, -1, d)
+    return row_tiles(k.gather(2, idx), bn), row_tiles(v.gather(2, idx), bn)
 
 
 def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
@@ -117,7 +152,7 @@ def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
     if split:
         proj = P.split_projections(proj, x.dtype)
     qmap, kmap, _, _, node_bits = P.compact_maps(plan, x.device)
-    qback, kback = P.back_maps(plan, torch.int16 if _perm16(plan, cfg) else torch.int32, x.device)
+    qback, kback = P.back_maps(plan, torch.int16 if _perm16(plan, cfg, role) else torch.int32, x.device)
     cmap, back = (qmap, qback) if role == "q" else (kmap, kback)
     bits = node_bits + settings.lsh_num_projs + 1
     kdt, top = (torch.int16, 2**15 - 1) if bits <= 15 else (torch.int32, 2**31 - 1)
@@ -154,7 +189,7 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
     extra = levers and len(plan.leaves) > 1  # exact-set keys before a leaf exist only past the first leaf
     if extra:
         diag_impl = "triton"  # the leaf pass also carries the exact set (cuDNN cannot mask it)
-    perm16 = _perm16(plan, cfg)
+    qperm16, kperm16 = _perm16(plan, cfg, "q"), _perm16(plan, cfg, "k")
     qperm = kperm = None
     if plan.levels:  # sorts first: their temporaries are gone before the outputs exist (lower peak memory)
         qperm = _hash_sort(q, plan, settings, None, cfg, "q")
@@ -181,14 +216,20 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
         ld = P.level_data(plan, li, kperm[li], settings, key_valid, hk)
         levels.append(ld)
         tiles = P.query_tiles(plan, li, cfg.lvl_bm, settings.sample_size, dev)
-        nodes = len(plan.levels[li].nodes)
-        _level_fwd_kernel[(tiles.shape[0], b * h)](
-            q, k, v, out, lse, qperm[li], kperm[li], P.node_starts(plan, li, dev), tiles, ld.nvalid, ld.sorig,
-            ld.sblk, ld.sbias, qk_scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), n, plan.ncols, h, hk, g, nodes,
-            ld.sorig.shape[-1], sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, PERM16=perm16,
-            BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d, PREC=prec, num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
-    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid, perm16)
+        nodes, m = len(plan.levels[li].nodes), ld.sorig.shape[-1]
+        for b0, b1, k0, k1 in _head_chunks(b, hk, 2 * nodes * m * d * k.element_size(), cfg.sample_budget_mb):
+            h0, h1 = k0 * g, k1 * g
+            qc, kc, vc, oc = q[b0:b1, h0:h1], k[b0:b1, k0:k1], v[b0:b1, k0:k1], out[b0:b1, h0:h1]
+            sorig = ld.sorig[b0:b1, k0:k1]
+            _level_fwd_kernel[(tiles.shape[0], (b1 - b0) * (h1 - h0))](
+                qc, kc, vc, oc, lse[b0:b1, h0:h1], qperm[li, b0:b1, h0:h1], kperm[li, b0:b1, k0:k1],
+                P.node_starts(plan, li, dev), tiles, ld.nvalid[b0:b1], sorig, ld.sblk[b0:b1, k0:k1], ld.sbias[b0:b1],
+                *_sample_rows(kc, vc, sorig, cfg.lvl_bn), qk_scale,
+                *_strides(qc), *_strides(kc), *_strides(vc), *_strides(oc), n, plan.ncols, h1 - h0, k1 - k0, g, nodes,
+                m, sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, QPERM16=qperm16,
+                KPERM16=kperm16, SAMPLE_STAGES=cfg.sample_stages, BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d, PREC=prec,
+                num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
+    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid, qperm16, kperm16)
     return out, lse, state
 
 
@@ -201,20 +242,6 @@ def _diag_cudnn(q, k, v, plan, scaling):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, True, False,
                                                               scale=scaling)
     return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous()
-
-
-def _acc_chunks(b, hk, g, n, d, cfg):
-    """``(b0, b1, kv0, kv1)`` pieces of the backward whose fp32 accumulators (dQ of ``g`` query heads, dK and dV
-    per KV head) fit ``cfg.acc_budget_mb``: whole batch rows where they fit, else KV-head ranges of one row."""
-    per = (g + 2) * n * d * 4
-    units = max(1, int(cfg.acc_budget_mb * 2**20) // per)
-    if units >= b * hk:
-        return [(0, b, 0, hk)]
-    if units >= hk:
-        nb = units // hk
-        return [(b0, min(b, b0 + nb), 0, hk) for b0 in range(0, b, nb)]
-    c = -(-hk // -(-hk // units))  # balanced: ceil(hk / number of chunks)
-    return [(bi, bi + 1, k0, min(hk, k0 + c)) for bi in range(b) for k0 in range(0, hk, c)]
 
 
 def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
@@ -239,7 +266,7 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
     dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
     dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
-    chunks = _acc_chunks(b, hk, g, n, d, cfg) if has_acc else [(0, b, 0, hk)]
+    chunks = _head_chunks(b, hk, (g + 2) * n * d * 4, cfg.acc_budget_mb) if has_acc else [(0, b, 0, hk)]
     if has_acc:  # one flat fp32 buffer for the largest chunk, reused (zeroed) by every chunk
         units = max((b1 - b0) * (k1 - k0) for b0, b1, k0, k1 in chunks)
         buf = torch.empty(units * (g + 2) * n * d, dtype=torch.float32, device=dev)
@@ -268,22 +295,23 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
                 _level_dq_kernel[(qt.shape[0], cb * ch)](
                     qc, kc, vc, doc, lsec, deltac, dqa, qperm, kperm, ns, qt, nvalid, sorig, sblk, sbias,
-                    sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, m, sinks, window,
-                    EXCL=levers, PERM16=st.perm16, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
+                    *_sample_rows(kc, vc, sorig, cfg.dq_bn), sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes,
+                    m, sinks, window, EXCL=levers, QPERM16=st.qperm16, KPERM16=st.kperm16,
+                    SAMPLE_STAGES=cfg.sample_stages, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
                     num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
                 kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
                 if kt.shape[0]:
                     _level_dkdv_kernel[(kt.shape[0], cb * ck)](
                         qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, kperm, ns, kt, nvalid,
                         sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, sinks, window,
-                        EXCL=levers, PERM16=st.perm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
-                        num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+                        EXCL=levers, QPERM16=st.qperm16, KPERM16=st.kperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d,
+                        PREC=prec, num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
                 stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
                 if stl.shape[0]:
                     _level_dkdv_samples_kernel[(stl.shape[0], cb * ck)](
                         qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, ns, stl, nvalid, sorig, sblk, sbias,
                         sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, m, sinks, window,
-                        EXCL=levers, PERM16=st.perm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                        EXCL=levers, QPERM16=st.qperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
             if extra:
                 et = P.extra_key_tiles(plan, sinks, window, cfg.dkdv_bn, split, dev)

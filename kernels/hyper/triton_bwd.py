@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _extra_cols, _in_exact_set, _perm_pos
+from .triton_fwd import _extra_cols, _in_exact_set, _perm_pos, _sample_chunk
 
 
 @triton.jit
@@ -75,12 +75,12 @@ def _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC: tl.constexpr):
 
 
 @triton.jit
-def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS,
+def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS, SKD, SVD,
                      sm_scale, qk_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                     EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                     PREC: tl.constexpr):
+                     EXCL: tl.constexpr, QPERM16: tl.constexpr, KPERM16: tl.constexpr, SAMPLE_STAGES: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -100,7 +100,7 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVAL
     row_ok = r < q_cnt
     dcol = tl.arange(0, D)
     b64 = b.to(tl.int64)
-    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), PERM16)
+    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), QPERM16)
     ks0 = tl.load(NS + NODES + node)
     q = tl.load(Q + b64 * sqb + hh.to(tl.int64) * sqh + qidx[:, None] * sqn + dcol[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -116,7 +116,7 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVAL
         c = start + tl.arange(0, BN)
         kpos = k_start + c
         kok = (c < k_cnt) & (kpos - node_ks < nv)
-        kidx = _perm_pos(kperm, kpos, kok, ks0, PERM16)
+        kidx = _perm_pos(kperm, kpos, kok, ks0, KPERM16)
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -126,19 +126,10 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVAL
         s = tl.where(ok, s, float("-inf"))
         dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
-    sbase = (bkv.to(tl.int64) * NODES + node) * M
-    for start in range(0, m_cnt, BN):
-        j = start + tl.arange(0, BN)
-        jok = j < m_cnt
-        sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
-        sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
-        jok = jok & (sblk != blk) & ((j * 0 + nv) > 0)
-        k = tl.load(kb + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None], other=0.0)
-        v = tl.load(vb + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None], other=0.0)
+    for start in tl.range(0, m_cnt, BN, num_stages=SAMPLE_STAGES):
+        k, v, ok = _sample_chunk(SKD, SVD, SORIG, SBLK, b, kvh, bkv, node, NODES, M, start, m_cnt, blk, nv, qidx,
+                                 SINKS, WINDOW, EXCL, BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-        ok = jok[None, :]
-        if EXCL:
-            ok = ok & ~_in_exact_set(qidx[:, None], sidx[None, :], SINKS, WINDOW)
         s = tl.where(ok, s, float("-inf"))
         dq = _dq_step(dq, q, do, k, v, lse2, delta, s, PREC)
     ptr = DQA + bh.to(tl.int64) * N * D + qidx[:, None] * D + dcol[None, :]
@@ -150,8 +141,8 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILE
                        sm_scale, qk_scale,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                        N, NC, H, HK, G, NODES, SINKS, WINDOW,
-                       EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                       PREC: tl.constexpr):
+                       EXCL: tl.constexpr, QPERM16: tl.constexpr, KPERM16: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK
@@ -170,7 +161,7 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILE
     kpos = k_start + c
     kok = (c < k_cnt) & (kpos - node_ks < nv)
     qs0 = tl.load(NS + node)
-    kidx = _perm_pos(KPERM, bkv.to(tl.int64) * NC + kpos, kok, tl.load(NS + NODES + node), PERM16)
+    kidx = _perm_pos(KPERM, bkv.to(tl.int64) * NC + kpos, kok, tl.load(NS + NODES + node), KPERM16)
     k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None],
                 other=0.0)
     v = tl.load(V + b64 * svb + kvh.to(tl.int64) * svh + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None],
@@ -185,7 +176,7 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILE
         for qs in range(0, q_cnt, BM):
             r = qs + tl.arange(0, BM)
             rok = r < q_cnt
-            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, rok, qs0, PERM16)
+            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, rok, qs0, QPERM16)
             q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
             do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
@@ -205,7 +196,7 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
                                sm_scale, qk_scale,
                                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                                N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                               EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                               EXCL: tl.constexpr, QPERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -244,7 +235,7 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
             rok = r < q_cnt
             spos = q_start + r
             qblk = (spos - node_qs) // bq
-            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + spos, rok, qs0, PERM16)
+            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + spos, rok, qs0, QPERM16)
             q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
             do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
             lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)

@@ -9,8 +9,9 @@ Same estimator as ``naive.py`` (see ``plan.py`` for how the causal recursion is 
      ``[b, h * leaves, leaf, d]`` view (ops.py picks), writing the running ``(out, lse)`` straight into the outputs.
   3. ``_level_fwd_kernel`` (one launch per level): a tile of sorted queries gathers its rows, resumes the online
      softmax from their running ``(out, lse)``, runs over the keys of its own sorted block and then over the sampled
-     keys (log-weight ``log(n_valid/m)`` added to the scores, samples in the own block masked), and scatters the
-     merged ``(out, lse)`` back to the original positions. No unsort/merge passes and no partial buffers.
+     keys (log-weight ``log(n_valid/m)`` added to the scores, samples in the own block masked; read from per-level
+     buffers of the sampled rows, gathered on the host, so their loads pipeline), and scatters the merged
+     ``(out, lse)`` back to the original positions. No unsort/merge passes and no partial buffers.
 Quality levers: ``sink_tokens`` / ``local_window`` make every query's exact set (sinks + causal band) an exact part:
 the level kernels mask those (query, key) pairs out of blocks and samples by original position (``EXCL``) and the
 leaf kernel adds the exact-set keys that lie before each leaf (``EXTRA``); ``center_keys`` subtracts each node's
@@ -96,6 +97,26 @@ def _perm_pos(PERM, off, mask, start, PERM16: tl.constexpr):
 def _in_exact_set(qpos, kpos, SINKS, WINDOW):
     """The estimator's exclusion (naive.exact_set_mask) for key positions before their queries: sinks or window."""
     return (kpos < SINKS) | (kpos > qpos - WINDOW)
+
+
+@triton.jit
+def _sample_chunk(SKD, SVD, SORIG, SBLK, b, kvh, bkv, node, NODES, M, start, m_cnt, blk, nv, qidx, SINKS, WINDOW,
+                  EXCL: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    """Sampled keys ``[start, start + BN)`` of ``node`` for a query tile of sorted block ``blk``: ``(k, v, ok)``,
+    ``ok`` ``[BM or 1, BN]`` the pairs that count (samples inside the tile's own block are left out, the own-block
+    pass covers them; with the levers, so are exact-set pairs). K / V rows come from the gathered sample buffers."""
+    j = start + tl.arange(0, BN)
+    row = node * M + start
+    k = SKD.load([b, kvh, row, 0]).reshape(BN, D)
+    v = SVD.load([b, kvh, row, 0]).reshape(BN, D)
+    sbase = (bkv.to(tl.int64) * NODES + node) * M
+    jok = j < m_cnt
+    sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
+    ok = (jok & (sblk != blk) & (nv > 0))[None, :]
+    if EXCL:
+        sidx = tl.load(SORIG + sbase + j, mask=jok, other=0)
+        ok = ok & ~_in_exact_set(qidx[:, None], sidx[None, :], SINKS, WINDOW)
+    return k, v, ok
 
 
 @triton.jit
@@ -201,11 +222,16 @@ def _diag_fwd_kernel(QD, KD, VD, O, LSE, KVALID, TILES, qk_scale, sob, soh, son,
 
 
 @triton.jit
-def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS, qk_scale,
+def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS, SKD, SVD, qk_scale,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                      FIRST: tl.constexpr, EXCL: tl.constexpr, PERM16: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                      FIRST: tl.constexpr, EXCL: tl.constexpr, QPERM16: tl.constexpr, KPERM16: tl.constexpr,
+                      SAMPLE_STAGES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                      PREC: tl.constexpr):
+    """One level for a BM-row tile of sorted queries (see the module docstring); ``SKD`` / ``SVD`` are the level's
+    sampled keys / values gathered into ``[b, hk, nodes * M, d]`` (``ops._sample_rows``), so the sample loop reads
+    contiguous tiles (TMA on Hopper) instead of gathering through the sample positions, which would make its loads
+    wait on an index load every step."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -224,7 +250,7 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, S
     r = tl.arange(0, BM)
     row_ok = r < q_cnt
     dcol = tl.arange(0, D)
-    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), PERM16)
+    qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, row_ok, tl.load(NS + node), QPERM16)
     ks0 = tl.load(NS + NODES + node)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + hh.to(tl.int64) * sqh + qidx[:, None] * sqn + dcol[None, :],
@@ -251,7 +277,7 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, S
         c = start + tl.arange(0, BN)
         kpos = k_start + c
         kok = (c < k_cnt) & (kpos - node_ks < nv)
-        kidx = _perm_pos(kperm, kpos, kok, ks0, PERM16)
+        kidx = _perm_pos(kperm, kpos, kok, ks0, KPERM16)
         k = tl.load(kb + kidx[:, None] * skn + dcol[None, :], mask=kok[:, None], other=0.0)
         v = tl.load(vb + kidx[:, None] * svn + dcol[None, :], mask=kok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -261,19 +287,10 @@ def _level_fwd_kernel(Q, K, V, O, LSE, QPERM, KPERM, NS, TILES, NVALID, SORIG, S
         s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
-    sbase = (bkv.to(tl.int64) * NODES + node) * M
-    for start in range(0, m_cnt, BN):
-        j = start + tl.arange(0, BN)
-        jok = j < m_cnt
-        sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
-        sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
-        jok = jok & (sblk != blk) & ((j * 0 + nv) > 0)
-        k = tl.load(kb + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None], other=0.0)
-        v = tl.load(vb + sidx[:, None] * svn + dcol[None, :], mask=jok[:, None], other=0.0)
+    for start in tl.range(0, m_cnt, BN, num_stages=SAMPLE_STAGES):
+        k, v, ok = _sample_chunk(SKD, SVD, SORIG, SBLK, b, kvh, bkv, node, NODES, M, start, m_cnt, blk, nv, qidx,
+                                 SINKS, WINDOW, EXCL, BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-        ok = jok[None, :]
-        if EXCL:
-            ok = ok & ~_in_exact_set(qidx[:, None], sidx[None, :], SINKS, WINDOW)
         s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, PREC)
     l_ok = l_i > 0
