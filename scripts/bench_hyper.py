@@ -88,16 +88,23 @@ def sweep_configs(d, settings, n, log):
 
 
 def profile(n, d, settings, cfg, log):
-    """Per-kernel CUDA time of one hyper forward+backward (torch.profiler), plus the cuDNN-diagonal variant."""
+    """Per-kernel CUDA time of one hyper forward (no grad) and forward+backward (torch.profiler), plus the
+    cuDNN-diagonal variant."""
     q, k, v, do = inputs(n, d)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     fn = hyper_fn(settings, cfg)
-    rows = kernel_times(lambda: fn(qg, kg, vg).backward(do), steps=3, warmup=2)
-    print(f"\nprofile n={n} d={d} (ms per fwd+bwd, kernel, calls):")
-    for key, us, cnt in rows[:22]:
-        ms = us / 1000.0
-        print(f"  {ms:8.3f}  {key[:90]}  x{cnt}")
-        log.append({"profile_n": n, "d": d, "kernel": key[:120], "ms": ms, "calls": cnt})
+
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    for mode, call in (("fwd", forward), ("fwd+bwd", lambda: fn(qg, kg, vg).backward(do))):
+        rows = kernel_times(call, steps=3, warmup=2)
+        print(f"\nprofile n={n} d={d} (ms per {mode}, kernel, calls):")
+        for key, us, cnt in rows[:22]:
+            ms = us / 1000.0
+            print(f"  {ms:8.3f}  {key[:90]}  x{cnt}")
+            log.append({"profile_n": n, "d": d, "mode": mode, "kernel": key[:120], "ms": ms, "calls": cnt})
     with torch.no_grad():
         outs = {}
         for diag in ("triton", "cudnn"):

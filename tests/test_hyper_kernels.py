@@ -100,12 +100,12 @@ def test_centre_keys_fp32_noncausal():
           bwd_tol=1e-4)
 
 
-def _cfg(**kw):
+def _cfg(d=16, **kw):
     import dataclasses
 
     from patchattn.kernels.hyper.ops import default_config
 
-    return dataclasses.replace(default_config(16), **kw)
+    return dataclasses.replace(default_config(d), **kw)
 
 
 def test_backward_kv_head_chunks_int32_orders():
@@ -197,3 +197,27 @@ def test_gpu_cudnn_leaves_mha():
     """MHA without padding: the exact leaves come from cuDNN SDPA (diag_impl='cudnn'), the rest from Triton."""
     settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=512)
     check(2, 4, 4, 4096, 128, torch.bfloat16, settings, fwd_tol=1e-2, bwd_tol=2e-2, diag_impl="cudnn")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b, chunk_mb", [(2, 1024), (1, 0)])
+def test_gpu_cudnn_leaves_backward(b, chunk_mb):
+    """Loss on the output only (no gradient into the lse): the leaves' gradients come from cuDNN's backward fed
+    the final out / lse, the levels' from Triton on top; same gradients as the reference and as Triton leaves.
+    ``chunk_mb=0``: one head at a time through both."""
+    settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=512)
+    q, k, v = make(b, 4, 4, 4096, 128, torch.bfloat16)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    grads = {}
+    for diag in ("cudnn", "triton"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, _ = hyper_attention_triton(*xs, settings=settings, diag_impl=diag, config=_cfg(128, acc_budget_mb=chunk_mb))
+        (out.float() * dout.float()).sum().backward()
+        grads[diag] = [x.grad for x in xs]
+    _, _, rdq, rdk, rdv = reference(q, k, v, settings, True, None, dout, torch.zeros(q.shape[:3], device=DEV))
+    for got, want in zip(grads["cudnn"], (rdq, rdk, rdv)):
+        assert rel_err(got, want) <= 2e-2
+    for got, want in zip(grads["cudnn"], grads["triton"]):
+        assert rel_err(got, want) <= 1e-2
+

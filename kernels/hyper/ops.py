@@ -23,6 +23,7 @@ from .triton_bwd import (
     _level_dkdv_kernel,
     _level_dkdv_samples_kernel,
     _level_dq_kernel,
+    _widen_kernel,
 )
 from .triton_fwd import _diag_fwd_kernel, _hash_kernel, _level_fwd_kernel
 
@@ -48,9 +49,10 @@ class KernelConfig:
     sample_split: int = 4096  # query rows (all heads of a group together) per sampled-key dK/dV program
     hash_rows: int = 128
     hash_warps: int = 8
-    # Backward: the fp32 dQ/dK/dV accumulators of the level passes cover only a chunk of KV heads (and batch rows)
-    # at a time, at most this many MiB together (at least one KV head of one row); the final gradients are written
-    # in the input dtype. 131k, h=32, d=128: 5 KV heads per chunk, 0.94 GiB instead of 6 GiB for all heads.
+    # Backward: the fp32 dQ/dK/dV accumulators of the level passes (and, with cuDNN leaves, cuDNN's leaf gradients
+    # and workspace) cover only a chunk of KV heads (and batch rows) at a time, at most this many MiB together (at
+    # least one KV head of one row); the final gradients are written in the input dtype. 131k, h=32, d=128: 5 KV
+    # heads per chunk with Triton leaves, 0.94 GiB instead of 6 GiB for all heads.
     acc_budget_mb: int = 1024
     # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32). The query orders are
     # read once per tile; the key orders are read inside the level dQ loop, where an int16 load (under 4 bytes a
@@ -102,6 +104,7 @@ class _State:
     kvalid: torch.Tensor | None  # [b, n] int8
     qperm16: bool = False
     kperm16: bool = False
+    cudnn_rng: tuple | None = None  # the leaves' cuDNN forward (philox seed, offset); None: Triton leaves
 
 
 def _levers(settings: HyperSettings):
@@ -194,10 +197,10 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
     if plan.levels:  # sorts first: their temporaries are gone before the outputs exist (lower peak memory)
         qperm = _hash_sort(q, plan, settings, None, cfg, "q")
         kperm = _hash_sort(k, plan, settings, kvalid, cfg, "k", key_valid)
-    out = lse = None
+    out = lse = cudnn_rng = None
     if plan.leaves and diag_impl in ("cudnn", "auto"):
         try:
-            out, lse = _diag_cudnn(q, k, v, plan, scaling)
+            out, lse, cudnn_rng = _diag_cudnn(q, k, v, plan, scaling)
         except RuntimeError:
             if diag_impl == "cudnn":
                 raise
@@ -229,19 +232,37 @@ def hyper_forward(q, k, v, scaling, settings: HyperSettings, causal: bool, key_v
                 m, sinks, window, FIRST=(not plan.leaves and li == 0), EXCL=levers, QPERM16=qperm16,
                 KPERM16=kperm16, SAMPLE_STAGES=cfg.sample_stages, BM=cfg.lvl_bm, BN=cfg.lvl_bn, D=d, PREC=prec,
                 num_warps=cfg.lvl_warps, num_stages=cfg.lvl_stages)
-    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid, qperm16, kperm16)
+    state = _State(plan, settings, cfg, scaling, qperm, kperm, levels, kvalid, qperm16, kperm16, cudnn_rng)
     return out, lse, state
 
 
-def _diag_cudnn(q, k, v, plan, scaling):
-    """Exact leaves through cuDNN SDPA (equal leaves, MHA, no padding): every (head, leaf) pair is one head of a
-    contiguous ``[b, h * leaves, leaf, d]`` view, so no copies; returns the running ``(out, lse)``."""
-    b, h, n, d = q.shape
+def _leaf_view(x, plan):
+    """``[b, heads, n, d]`` (contiguous) as ``[b, heads * leaves, leaf, d]``: one cuDNN head per (head, leaf)."""
     nl, m = len(plan.leaves), plan.leaves[0][1]
-    qs, ks, vs = (x.view(b, h * nl, m, d) for x in (q, k, v))
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True, 0.0, True, False,
-                                                              scale=scaling)
-    return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous()
+    return x.view(x.shape[0], x.shape[1] * nl, m, x.shape[-1])
+
+
+def _diag_cudnn(q, k, v, plan, scaling):
+    """Exact leaves through cuDNN SDPA (equal leaves, MHA, no padding) on the leaf views, so no copies; returns
+    the running ``(out, lse)`` and the forward's philox ``(seed, offset)`` for the backward."""
+    b, h, n, d = q.shape
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(*(_leaf_view(x, plan) for x in (q, k, v)), None, True,
+                                                              0.0, True, False, scale=scaling)
+    return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous(), (res[6], res[7])
+
+
+def _leaf_grads_cudnn(q, k, v, out, lse, dout, plan, scaling, rng):
+    """The exact leaves' share of dQ, dK, dV through cuDNN's SDPA backward (``[b, heads, n, d]`` chunks, contiguous).
+    Given the *final* out and lse, cuDNN's probabilities exp(s - lse) and its rowsum(dO * O) are the whole
+    estimator's, so what it returns is exactly the leaves' part of the gradient (the way ring attention combines
+    blocks). A gradient through the lse output is not expressible there: the caller keeps Triton for that."""
+    b, h, n, d = q.shape
+    m = plan.leaves[0][1]
+    views = [_leaf_view(x, plan) for x in (dout, q, k, v, out)]
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *views, lse.reshape(views[1].shape[:3] + (1,)), rng[0], rng[1], None, None, None, m, m, 0.0, True,
+        scale=scaling)
+    return [g.view(x.shape) for g, x in zip(grads, (q, k, v))]
 
 
 def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
@@ -253,7 +274,10 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     prec = _prec(q.dtype)
     sm_scale = st.scaling
     qk_scale = sm_scale * 1.4426950408889634
-    dout = _rowmajor(dout)
+    # leaves from cuDNN in the forward: their gradients from cuDNN too (measured faster than ours on the H200),
+    # unless a gradient flows into the lse output
+    cudnn_leaves = st.cudnn_rng is not None and dlse is None
+    dout = dout.contiguous() if cudnn_leaves else _rowmajor(dout)
     delta = torch.empty(b, h, n, dtype=torch.float32, device=dev)
     bt = 64
     _bwd_pre_kernel[(triton.cdiv(n, bt), b * h)](
@@ -266,7 +290,9 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
     dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
     dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
-    chunks = _head_chunks(b, hk, (g + 2) * n * d * 4, cfg.acc_budget_mb) if has_acc else [(0, b, 0, hk)]
+    # per KV head: the fp32 accumulators, plus cuDNN's leaf gradients and its fp32 dQ workspace
+    unit = (g + 2) * n * d * 4 + ((g + 2) * n * d * q.element_size() + g * n * d * 4 if cudnn_leaves else 0)
+    chunks = _head_chunks(b, hk, unit, cfg.acc_budget_mb) if has_acc else [(0, b, 0, hk)]
     if has_acc:  # one flat fp32 buffer for the largest chunk, reused (zeroed) by every chunk
         units = max((b1 - b0) * (k1 - k0) for b0, b1, k0, k1 in chunks)
         buf = torch.empty(units * (g + 2) * n * d, dtype=torch.float32, device=dev)
@@ -279,12 +305,19 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
         kv = None if st.kvalid is None else st.kvalid[b0:b1]
         dqc, dkc, dvc = dq[b0:b1, h0:h1], dk[b0:b1, k0:k1], dv[b0:b1, k0:k1]
         sd = (*_strides(qc), *_strides(kc), *_strides(vc), *_strides(doc))
+        leaf = _leaf_grads_cudnn(qc, kc, vc, out[b0:b1, h0:h1], lsec, doc, plan, sm_scale, st.cudnn_rng) \
+            if cudnn_leaves else None
         if has_acc:
             m_q, m_k = cb * ch * n * d, cb * ck * n * d
-            buf[: m_q + 2 * m_k].zero_()
             dqa = buf[:m_q].view(cb, ch, n, d)
             dka = buf[m_q: m_q + m_k].view(cb, ck, n, d)
             dva = buf[m_q + m_k: m_q + 2 * m_k].view(cb, ck, n, d)
+            if leaf is None:
+                buf[: m_q + 2 * m_k].zero_()
+            else:  # the levels accumulate onto the leaves' gradients
+                for acc, grad in zip((dqa, dka, dva), leaf):
+                    _widen_kernel[(triton.cdiv(acc.numel(), 4096),)](grad, acc, acc.numel(), BLOCK=4096, num_warps=8)
+                leaf = None  # freed before the level passes
             for li, ld in enumerate(st.levels):
                 nodes = len(plan.levels[li].nodes)
                 m = ld.sorig.shape[-1]
@@ -321,7 +354,7 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                         sm_scale, qk_scale, *sd, n, ch, ck, g, sinks, window,
                         HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-        if plan.leaves:
+        if plan.leaves and not cudnn_leaves:
             assert cfg.dq_bm % cfg.dq_bn == 0
             qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
             _diag_dq_kernel[(qt.shape[0], cb * ch)](
@@ -337,10 +370,9 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 kv if kv is not None else kt, kt, sm_scale, qk_scale, n, ch, ck, g,
                 HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                 num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-        else:
-            dqc.copy_(dqa)
-            dkc.copy_(dka)
-            dvc.copy_(dva)
+        else:  # no leaves, or cuDNN's: the accumulated gradients in the input dtype
+            for dst, src in zip((dqc, dkc, dvc), (dqa, dka, dva) if has_acc else leaf):
+                dst.copy_(src)
     return dq, dk, dv
 
 
@@ -370,7 +402,9 @@ def hyper_attention_triton(q, k, v, scaling=None, settings: HyperSettings = Hype
     ``diag_impl``: who computes the exact causal leaves. ``"auto"`` (default) takes cuDNN SDPA where it applies
     (CUDA, fp16/bf16, MHA, no key padding, contiguous inputs, equal leaves) and the Triton kernel otherwise;
     measured on the H200 at d=128, cuDNN on the leaves is ~15% faster than ours (see scripts/bench_hyper.py
-    --profile), and the leaf outputs become the running (out, lse) without copies. ``"triton"`` forces ours.
+    --profile), and the leaf outputs become the running (out, lse) without copies; the backward then takes the
+    leaves' gradients from cuDNN's SDPA backward too (unless a gradient flows into the returned lse), ~10% faster
+    forward+backward at 32k-131k (benchmarks/results/hyper_cudnn_leaf_bwd.json). ``"triton"`` forces ours.
     With ``sink_tokens`` / ``local_window`` (past the first leaf) the leaves are always ours: the exact set
     (sinks + causal band) rides in that pass."""
     b, h, n, d = q.shape

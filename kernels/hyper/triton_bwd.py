@@ -6,15 +6,16 @@ gradient is therefore a sparse flash-attention backward with the *final* row LSE
   ``P = exp(S + bias - LSE)``, ``dV += P^T dO``, ``dS = P * (dO V^T - Delta)``, ``dQ += dS K``, ``dK += dS^T Q``
 with ``Delta = rowsum(dO * O) - dLSE`` (the LSE's own gradient folded into the preprocessing term). The gradient
 goes through the merge weights of every part; nothing is detached. Kernels:
-  * ``_bwd_pre_kernel``: Delta;
+  * ``_bwd_pre_kernel``: Delta; ``_widen_kernel``: cuDNN's leaf gradients (when the forward's leaves were
+    cuDNN's) as the accumulators' starting values;
   * per level: ``_level_dq_kernel`` (query tiles, like the forward), ``_level_dkdv_kernel`` (key tiles of each
     sorted block, looping over the block's queries of every head of the group) and ``_level_dkdv_samples_kernel``
     (sample tiles x query splits, atomically added: samples repeat and are shared by all blocks of a node);
     they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write).
     ops.py runs them per chunk of KV heads (and batch rows) whose fp32 buffers fit ``KernelConfig.acc_budget_mb``,
     so the accumulators never cover the whole problem (peak memory of training at long lengths);
-  * ``_diag_dq_kernel`` / ``_diag_dkdv_kernel``: the exact leaves, adding the level accumulators and writing the
-    final gradients in the input dtype;
+  * ``_diag_dq_kernel`` / ``_diag_dkdv_kernel``: the exact leaves (Triton leaves), adding the level accumulators
+    and writing the final gradients in the input dtype;
   * levers (sinks / local window): the level kernels mask the exact-set pairs (``EXCL``), ``_diag_dq_kernel`` adds
     the exact-set keys before the leaf (``EXTRA``) and ``_extra_dkdv_kernel`` their dK/dV (atomics into the
     accumulators, before the leaf kernels read them).
@@ -25,6 +26,15 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import _extra_cols, _in_exact_set, _perm_pos, _sample_chunk
+
+
+@triton.jit
+def _widen_kernel(SRC, DST, N, BLOCK: tl.constexpr):
+    """``DST[:N] = SRC[:N]`` for flat buffers, in DST's dtype: seeds the fp32 accumulators with cuDNN's leaf
+    gradients (torch's bf16 -> fp32 copy is an unvectorised kernel, about half the bandwidth on the H200)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(DST + offs, tl.load(SRC + offs, mask=ok).to(DST.dtype.element_ty), mask=ok)
 
 
 @triton.jit
