@@ -201,11 +201,12 @@ def test_gpu_cudnn_leaves_mha():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("b, chunk_mb", [(2, 1024), (1, 0)])
+@pytest.mark.parametrize("b, chunk_mb", [(2, 1024), (2, 20), (1, 0)])
 def test_gpu_cudnn_leaves_backward(b, chunk_mb):
     """Loss on the output only (no gradient into the lse): the leaves' gradients come from cuDNN's backward fed
     the final out / lse, the levels' from Triton on top; same gradients as the reference and as Triton leaves.
-    ``chunk_mb=0``: one head at a time through both."""
+    ``chunk_mb=20``: accumulator chunks of two heads of one row, cuDNN one head at a time inside them; ``0``: one
+    head at a time through both."""
     settings = HyperSettings(block_size=64, sample_size=64, min_seq_len=512)
     q, k, v = make(b, 4, 4, 4096, 128, torch.bfloat16)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)

@@ -49,10 +49,10 @@ class KernelConfig:
     sample_split: int = 4096  # query rows (all heads of a group together) per sampled-key dK/dV program
     hash_rows: int = 128
     hash_warps: int = 8
-    # Backward: the fp32 dQ/dK/dV accumulators of the level passes (and, with cuDNN leaves, cuDNN's leaf gradients
-    # and workspace) cover only a chunk of KV heads (and batch rows) at a time, at most this many MiB together (at
-    # least one KV head of one row); the final gradients are written in the input dtype. 131k, h=32, d=128: 5 KV
-    # heads per chunk with Triton leaves, 0.94 GiB instead of 6 GiB for all heads.
+    # Backward: the fp32 dQ/dK/dV accumulators of the level passes cover only a chunk of KV heads (and batch rows)
+    # at a time, at most this many MiB together (at least one KV head of one row); the final gradients are written
+    # in the input dtype. 131k, h=32, d=128: 5 KV heads per chunk, 0.94 GiB instead of 6 GiB for all heads. With
+    # cuDNN leaves, its leaf gradients come a quarter of this budget at a time.
     acc_budget_mb: int = 1024
     # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32). The query orders are
     # read once per tile; the key orders are read inside the level dQ loop, where an int16 load (under 4 bytes a
@@ -251,18 +251,23 @@ def _diag_cudnn(q, k, v, plan, scaling):
     return res[0].reshape(b, h, n, d), res[1].reshape(b, h, n).float().contiguous(), (res[6], res[7])
 
 
-def _leaf_grads_cudnn(q, k, v, out, lse, dout, plan, scaling, rng):
-    """The exact leaves' share of dQ, dK, dV through cuDNN's SDPA backward (``[b, heads, n, d]`` chunks, contiguous).
-    Given the *final* out and lse, cuDNN's probabilities exp(s - lse) and its rowsum(dO * O) are the whole
-    estimator's, so what it returns is exactly the leaves' part of the gradient (the way ring attention combines
-    blocks). A gradient through the lse output is not expressible there: the caller keeps Triton for that."""
+def _leaf_grads_cudnn(accs, q, k, v, out, lse, dout, plan, scaling, rng, budget_mb):
+    """Writes the exact leaves' share of dQ, dK, dV into the fp32 accumulators ``accs`` (their starting values)
+    through cuDNN's SDPA backward, on ``[b, heads, n, d]`` chunks (contiguous, MHA). Given the *final* out and lse,
+    cuDNN's probabilities exp(s - lse) and its rowsum(dO * O) are the whole estimator's, so what it returns is
+    exactly the leaves' part of the gradient (the way ring attention combines blocks); a gradient through the lse
+    output is not expressible there (the caller keeps Triton leaves for that). cuDNN's gradients and its fp32 dQ
+    workspace cover at most ``budget_mb`` of heads at a time."""
     b, h, n, d = q.shape
     m = plan.leaves[0][1]
-    views = [_leaf_view(x, plan) for x in (dout, q, k, v, out)]
-    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        *views, lse.reshape(views[1].shape[:3] + (1,)), rng[0], rng[1], None, None, None, m, m, 0.0, True,
-        scale=scaling)
-    return [g.view(x.shape) for g, x in zip(grads, (q, k, v))]
+    for b0, b1, h0, h1 in _head_chunks(b, h, n * d * (3 * q.element_size() + 4), budget_mb):
+        views = [_leaf_view(x[b0:b1, h0:h1], plan) for x in (dout, q, k, v, out)]
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            *views, lse[b0:b1, h0:h1].reshape(views[1].shape[:3] + (1,)), rng[0], rng[1], None, None, None, m, m,
+            0.0, True, scale=scaling)
+        for acc, grad in zip(accs, grads):
+            _widen_kernel[(triton.cdiv(grad.numel(), 4096),)](grad, acc[b0:b1, h0:h1], grad.numel(), BLOCK=4096,
+                                                              num_warps=8)
 
 
 def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
@@ -290,9 +295,7 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
     dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
     dv = torch.empty(b, hk, n, d, dtype=v.dtype, device=dev)
-    # per KV head: the fp32 accumulators, plus cuDNN's leaf gradients and its fp32 dQ workspace
-    unit = (g + 2) * n * d * 4 + ((g + 2) * n * d * q.element_size() + g * n * d * 4 if cudnn_leaves else 0)
-    chunks = _head_chunks(b, hk, unit, cfg.acc_budget_mb) if has_acc else [(0, b, 0, hk)]
+    chunks = _head_chunks(b, hk, (g + 2) * n * d * 4, cfg.acc_budget_mb) if has_acc else [(0, b, 0, hk)]
     if has_acc:  # one flat fp32 buffer for the largest chunk, reused (zeroed) by every chunk
         units = max((b1 - b0) * (k1 - k0) for b0, b1, k0, k1 in chunks)
         buf = torch.empty(units * (g + 2) * n * d, dtype=torch.float32, device=dev)
@@ -305,19 +308,16 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
         kv = None if st.kvalid is None else st.kvalid[b0:b1]
         dqc, dkc, dvc = dq[b0:b1, h0:h1], dk[b0:b1, k0:k1], dv[b0:b1, k0:k1]
         sd = (*_strides(qc), *_strides(kc), *_strides(vc), *_strides(doc))
-        leaf = _leaf_grads_cudnn(qc, kc, vc, out[b0:b1, h0:h1], lsec, doc, plan, sm_scale, st.cudnn_rng) \
-            if cudnn_leaves else None
         if has_acc:
             m_q, m_k = cb * ch * n * d, cb * ck * n * d
             dqa = buf[:m_q].view(cb, ch, n, d)
             dka = buf[m_q: m_q + m_k].view(cb, ck, n, d)
             dva = buf[m_q + m_k: m_q + 2 * m_k].view(cb, ck, n, d)
-            if leaf is None:
+            if cudnn_leaves:  # the levels accumulate onto the leaves' gradients
+                _leaf_grads_cudnn((dqa, dka, dva), qc, kc, vc, out[b0:b1, h0:h1], lsec, doc, plan, sm_scale,
+                                  st.cudnn_rng, cfg.acc_budget_mb / 4)
+            else:
                 buf[: m_q + 2 * m_k].zero_()
-            else:  # the levels accumulate onto the leaves' gradients
-                for acc, grad in zip((dqa, dka, dva), leaf):
-                    _widen_kernel[(triton.cdiv(acc.numel(), 4096),)](grad, acc, acc.numel(), BLOCK=4096, num_warps=8)
-                leaf = None  # freed before the level passes
             for li, ld in enumerate(st.levels):
                 nodes = len(plan.levels[li].nodes)
                 m = ld.sorig.shape[-1]
@@ -354,7 +354,7 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                         sm_scale, qk_scale, *sd, n, ch, ck, g, sinks, window,
                         HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-        if plan.leaves and not cudnn_leaves:
+        if plan.leaves and not (cudnn_leaves and has_acc):
             assert cfg.dq_bm % cfg.dq_bn == 0
             qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
             _diag_dq_kernel[(qt.shape[0], cb * ch)](
@@ -371,8 +371,9 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 HAS_ACC=has_acc, HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                 num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
         else:  # no leaves, or cuDNN's: the accumulated gradients in the input dtype
-            for dst, src in zip((dqc, dkc, dvc), (dqa, dka, dva) if has_acc else leaf):
-                dst.copy_(src)
+            dqc.copy_(dqa)
+            dkc.copy_(dka)
+            dvc.copy_(dva)
     return dq, dk, dv
 
 
