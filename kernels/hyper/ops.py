@@ -55,9 +55,11 @@ class KernelConfig:
     # cuDNN leaves, its leaf gradients come a quarter of this budget at a time.
     acc_budget_mb: int = 1024
     # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32). The query orders are
-    # read once per tile; the key orders are read inside the level dQ loop, where an int16 load (under 4 bytes a
-    # thread) is not pipelined and stalls every step: int32 key orders measured fwd+bwd 118.4 vs 127.0 ms at 131k
-    # (d=128, h=32, H200; results/hyper_level_fwd_ab.json) for 20 MiB more (an int32 per key, KV head and level).
+    # read once per tile; the key orders are read inside the level loops, where an int16 load (under 4 bytes a
+    # thread) is not pipelined and stalls every step. int32 key orders, for 20 MiB more at 131k (an int32 per key,
+    # KV head and level), measured at d=128, h=32 on the H200: forward 22.0 vs 22.7 ms at 131k and 4.30 vs 4.44 ms
+    # at 32k (results/hyper_fwd_variants.json), fwd+bwd 118.4 vs 127.0 ms at 131k (with 32-key level tiles,
+    # results/hyper_level_fwd_ab.json).
     qperm16: bool = True
     kperm16: bool = False
     # Pipeline stages of the loops over the gathered sample buffers (their tiles need no index load); 2 keeps the
