@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""A/B of the HyperAttention kernels between source trees and KernelConfig variants, interleaved in one lease.
+
+    git archive --format=tar REV kernels patchattn | tar -x -C /tmp/base      # the tree to compare against
+    python scripts/ab_hyper.py --base /tmp/base --d 128 64 --n 32768 131072 --rounds 2 --out ab.json
+    python scripts/ab_hyper.py --variant qperm16=False --variant lvl_bm=64,lvl_warps=4 --out ab.json
+
+Every (tree, variant) arm runs in its own subprocess with the tree first on PYTHONPATH (so the base tree's
+``patchattn`` is imported, not the installed one); the arms' order alternates between rounds so clock or thermal
+drift falls on both sides. Each row: forward (no grad) and fwd+bwd medians (``do_bench``), the peak memory of one
+fwd+bwd, and the relative difference of the output and of dQ/dK/dV to the first arm's (the working tree's
+defaults) on the same inputs. Published settings, b=1, h=32, bf16, causal, random N(0,1) Q/K/V. Writes JSON and
+prints a table. Without CUDA (the Triton interpreter, tests only) the times are one wall-clock call in fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _bench import environment, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_variant(text: str) -> dict:
+    """``"qperm16=False,lvl_bm=64"`` -> ``{"qperm16": False, "lvl_bm": 64}`` (values read as Python literals)."""
+    import ast
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: expected key=value pairs separated by commas")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--variant {text!r}: {value!r} is not a Python literal") from None
+    return out
+
+
+def prepare_tree(path: Path) -> Path:
+    """A source tree importable from PYTHONPATH: ``patchattn/kernels`` must reach the top-level ``kernels/``."""
+    path = path.resolve()
+    if not (path / "patchattn").is_dir() or not (path / "kernels").is_dir():
+        raise SystemExit(f"{path}: not a source tree (needs patchattn/ and kernels/; make one with "
+                         "`git archive --format=tar REV kernels patchattn | tar -x -C DIR`)")
+    link = path / "patchattn" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels")
+    return path
+
+
+def child(args) -> None:
+    """One arm: times every (d, n) and saves the outputs/gradients of each for the comparison."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from patchattn.kernels.hyper import HyperSettings
+    from patchattn.kernels.hyper.ops import default_config, hyper_attention_triton
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    settings = HyperSettings(**json.loads(args.settings))
+    overrides = json.loads(args.config)
+    rows = []
+    for d in args.d:
+        cfg = dataclasses.replace(default_config(d), **overrides)
+        for n in args.n:
+            g = torch.Generator(device=dev).manual_seed(0)
+            q, k, v, do = (torch.randn(1, args.heads, n, d, device=dev, generator=g, dtype=dtype) for _ in range(4))
+            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+            def fwd():
+                with torch.no_grad():
+                    return hyper_attention_triton(q, k, v, settings=settings, config=cfg)[0]
+
+            def fwd_bwd():
+                hyper_attention_triton(qg, kg, vg, settings=settings, config=cfg)[0].backward(do)
+
+            out = fwd()
+            fwd_bwd()
+            save_file({"out": out.float().cpu(), **{f"d{x}": t.grad.float().cpu() for x, t in zip("qkv", (qg, kg, vg))}},
+                      f"{args.tensors}_{d}_{n}.safetensors")
+            row = dict(d=d, n=n)
+            if cuda:
+                from triton.testing import do_bench
+
+                grads = [qg, kg, vg]
+                row["fwd_ms"] = do_bench(fwd, warmup=25, rep=args.rep, return_mode="median")
+                row["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=args.rep, grad_to_none=grads,
+                                            return_mode="median")
+                for t in grads:
+                    t.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fwd_bwd()
+                torch.cuda.synchronize()
+                row["fwdbwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            else:
+                for key, fn in (("fwd_ms", fwd), ("fwdbwd_ms", fwd_bwd)):
+                    t0 = time.perf_counter()
+                    fn()
+                    row[key] = (time.perf_counter() - t0) * 1e3
+            rows.append(row)
+            del q, k, v, do, qg, kg, vg, out
+            if cuda:
+                torch.cuda.empty_cache()
+    print("AB_ROWS " + json.dumps(rows), flush=True)
+
+
+def rel_diffs(path_a: str, path_b: str) -> dict:
+    from safetensors.torch import load_file
+
+    a, b = load_file(path_a), load_file(path_b)
+    return {key: ((a[key] - b[key]).norm() / b[key].norm().clamp_min(1e-30)).item() for key in b}
+
+
+def run_arm(tree: Path, config: dict, args, tensors: str) -> list[dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--config", json.dumps(config),
+           "--settings", json.dumps(args.settings_dict), "--tensors", tensors, "--heads", str(args.heads),
+           "--rep", str(args.rep), "--d", *map(str, args.d), "--n", *map(str, args.n)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(Path(__file__).resolve().parent)])}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("AB_ROWS ")]
+    if res.returncode or not lines:
+        raise SystemExit(f"arm {tree} {config} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1][len("AB_ROWS "):])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, help="source tree to compare against (patchattn/ + kernels/)")
+    ap.add_argument("--variant", action="append", default=[], help="KernelConfig overrides (key=value,...) to run "
+                    "on the working tree; repeatable")
+    ap.add_argument("--d", type=int, nargs="+", default=[128])
+    ap.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rep", type=int, default=100, help="do_bench time budget per measurement (ms)")
+    ap.add_argument("--hyper", default="{}", help="HyperSettings overrides as JSON (default: the published ones)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--tensors", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    args.settings_dict = json.loads(args.hyper)
+    arms = [("working", prepare_tree(ROOT), {})]
+    arms += [(f"working {v}", prepare_tree(ROOT), parse_variant(v)) for v in args.variant]
+    if args.base is not None:
+        arms.append(("base", prepare_tree(args.base), {}))
+    if len(arms) < 2:
+        raise SystemExit("nothing to compare: give --base and/or --variant")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            order = arms if rnd % 2 == 0 else arms[::-1]
+            for name, tree, config in order:
+                tensors = os.path.join(tmp, f"{rnd}_{len(rows)}")
+                for r in run_arm(tree, config, args, tensors):
+                    ref = os.path.join(tmp, f"ref_{r['d']}_{r['n']}.safetensors")
+                    mine = f"{tensors}_{r['d']}_{r['n']}.safetensors"
+                    if not os.path.exists(ref):
+                        os.replace(mine, ref)  # the first arm measured is the reference
+                    diff = rel_diffs(mine, ref) if os.path.exists(mine) else None
+                    rows.append(dict(arm=name, tree=str(tree), config=config, round=rnd, **r,
+                                     rel_diff=diff))
+                    print(f"round {rnd} {name:>28} d={r['d']:>3} n={r['n']:>7}  fwd {r['fwd_ms']:9.3f} ms  "
+                          f"fwd+bwd {r['fwdbwd_ms']:9.3f} ms", flush=True)
+    meta = environment(cuda=None, argv=sys.argv)
+    if args.out:
+        write_json(args.out, {"meta": meta, "settings": args.settings_dict, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
