@@ -56,63 +56,70 @@ def prepare_tree(path: Path) -> Path:
     return path
 
 
-def child(args) -> None:
-    """One arm: times every (d, n) and saves the outputs/gradients of each for the comparison."""
-    import dataclasses
-
+def measure(d, n, heads, settings, cfg, rep, tensors) -> dict:
+    """Times one (d, n) on the current tree and saves its output and gradients to ``tensors``."""
     import torch
     from safetensors.torch import save_file
 
-    from patchattn.kernels.hyper import HyperSettings
-    from patchattn.kernels.hyper.ops import default_config, hyper_attention_triton
+    from patchattn.kernels.hyper.ops import hyper_attention_triton
 
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (torch.randn(1, heads, n, d, device=dev, generator=g, dtype=dtype) for _ in range(4))
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            return hyper_attention_triton(q, k, v, settings=settings, config=cfg)[0]
+
+    def fwd_bwd():
+        hyper_attention_triton(qg, kg, vg, settings=settings, config=cfg)[0].backward(do)
+
+    out = fwd()
+    fwd_bwd()
+    grads = {f"d{x}": t.grad.float().cpu() for x, t in zip("qkv", (qg, kg, vg))}
+    save_file({"out": out.float().cpu(), **grads}, tensors)
+    row = dict(d=d, n=n)
+    if not cuda:  # the interpreter: one wall-clock call each, for the tests only
+        for key, fn in (("fwd_ms", fwd), ("fwdbwd_ms", fwd_bwd)):
+            t0 = time.perf_counter()
+            fn()
+            row[key] = (time.perf_counter() - t0) * 1e3
+        return row
+    from triton.testing import do_bench
+
+    leaves = [qg, kg, vg]
+    row["fwd_ms"] = do_bench(fwd, warmup=25, rep=rep, return_mode="median")
+    row["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=rep, grad_to_none=leaves, return_mode="median")
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    row["fwdbwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def child(args) -> None:
+    """One arm: every (d, n) on the tree first on PYTHONPATH, rows printed for the parent."""
+    import dataclasses
+
+    import torch
+
+    from patchattn.kernels.hyper import HyperSettings
+    from patchattn.kernels.hyper.ops import default_config
+
     settings = HyperSettings(**json.loads(args.settings))
     overrides = json.loads(args.config)
     rows = []
     for d in args.d:
         cfg = dataclasses.replace(default_config(d), **overrides)
         for n in args.n:
-            g = torch.Generator(device=dev).manual_seed(0)
-            q, k, v, do = (torch.randn(1, args.heads, n, d, device=dev, generator=g, dtype=dtype) for _ in range(4))
-            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-
-            def fwd():
-                with torch.no_grad():
-                    return hyper_attention_triton(q, k, v, settings=settings, config=cfg)[0]
-
-            def fwd_bwd():
-                hyper_attention_triton(qg, kg, vg, settings=settings, config=cfg)[0].backward(do)
-
-            out = fwd()
-            fwd_bwd()
-            save_file({"out": out.float().cpu(), **{f"d{x}": t.grad.float().cpu() for x, t in zip("qkv", (qg, kg, vg))}},
-                      f"{args.tensors}_{d}_{n}.safetensors")
-            row = dict(d=d, n=n)
-            if cuda:
-                from triton.testing import do_bench
-
-                grads = [qg, kg, vg]
-                row["fwd_ms"] = do_bench(fwd, warmup=25, rep=args.rep, return_mode="median")
-                row["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=args.rep, grad_to_none=grads,
-                                            return_mode="median")
-                for t in grads:
-                    t.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fwd_bwd()
-                torch.cuda.synchronize()
-                row["fwdbwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            else:
-                for key, fn in (("fwd_ms", fwd), ("fwdbwd_ms", fwd_bwd)):
-                    t0 = time.perf_counter()
-                    fn()
-                    row[key] = (time.perf_counter() - t0) * 1e3
-            rows.append(row)
-            del q, k, v, do, qg, kg, vg, out
-            if cuda:
+            rows.append(measure(d, n, args.heads, settings, cfg, args.rep, f"{args.tensors}_{d}_{n}.safetensors"))
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print("AB_ROWS " + json.dumps(rows), flush=True)
 
