@@ -20,10 +20,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _bench import environment, write_json
+from _bench import Timer, bench_attention_ms, environment, peak_mb, rel_err, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,39 +66,29 @@ def measure(d, n, heads, settings, cfg, rep, tensors) -> dict:
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v, do = (torch.randn(1, heads, n, d, device=dev, generator=g, dtype=dtype) for _ in range(4))
+
+    def fn(q, k, v):
+        return hyper_attention_triton(q, k, v, settings=settings, config=cfg)[0]
+
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-
-    def fwd():
-        with torch.no_grad():
-            return hyper_attention_triton(q, k, v, settings=settings, config=cfg)[0]
-
-    def fwd_bwd():
-        hyper_attention_triton(qg, kg, vg, settings=settings, config=cfg)[0].backward(do)
-
-    out = fwd()
-    fwd_bwd()
+    out = fn(qg, kg, vg)
+    out.backward(do)
     grads = {f"d{x}": t.grad.float().cpu() for x, t in zip("qkv", (qg, kg, vg))}
-    save_file({"out": out.float().cpu(), **grads}, tensors)
+    save_file({"out": out.detach().float().cpu(), **grads}, tensors)
     row = dict(d=d, n=n)
-    if not cuda:  # the interpreter: one wall-clock call each, for the tests only
-        for key, fn in (("fwd_ms", fwd), ("fwdbwd_ms", fwd_bwd)):
-            t0 = time.perf_counter()
-            fn()
-            row[key] = (time.perf_counter() - t0) * 1e3
-        return row
-    from triton.testing import do_bench
-
-    leaves = [qg, kg, vg]
-    row["fwd_ms"] = do_bench(fwd, warmup=25, rep=rep, return_mode="median")
-    row["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=rep, grad_to_none=leaves, return_mode="median")
-    for t in leaves:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    row["fwdbwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for mode, key in (("fwd", "fwd_ms"), ("fwd+bwd", "fwdbwd_ms")):
+        if cuda:
+            row[key] = bench_attention_ms(fn, q, k, v, mode, do, rep=rep)
+        else:  # the interpreter: one wall-clock call, for the tests only
+            timer = Timer(cuda=False)
+            timer.start()
+            with torch.set_grad_enabled(mode != "fwd"):
+                o = fn(qg, kg, vg)
+                if mode != "fwd":
+                    o.backward(do)
+            row[key] = timer.stop_ms()
+    if cuda:
+        row["fwdbwd_peak_mb"] = peak_mb(fn, q, k, v, "fwd+bwd", do)
     return row
 
 
@@ -128,7 +117,7 @@ def rel_diffs(path_a: str, path_b: str) -> dict:
     from safetensors.torch import load_file
 
     a, b = load_file(path_a), load_file(path_b)
-    return {key: ((a[key] - b[key]).norm() / b[key].norm().clamp_min(1e-30)).item() for key in b}
+    return {key: rel_err(a[key], b[key]) for key in b}
 
 
 def run_arm(tree: Path, config: dict, args, tensors: str) -> list[dict]:
