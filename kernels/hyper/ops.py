@@ -142,6 +142,17 @@ def _sample_rows(k, v, sorig, bn):
     return row_tiles(k.gather(2, idx), bn), row_tiles(v.gather(2, idx), bn)
 
 
+def _query_blocks(qperm, plan, li, perm16):
+    """``[b, h, ncols]`` int32: the sorted block (inside its node) of each of a level's queries, the columns in
+    original order (column ``cqs + offset`` holds the node's query at that offset); ``qperm`` is the level's query
+    sort order ``[b, h, ncols]``. The sampled-key dK/dV kernel reads its queries in original order."""
+    first, bq = P.query_columns(plan, li, qperm.device)
+    local = qperm.long() & 0xFFFF if perm16 else qperm.long()
+    cols = torch.arange(plan.ncols, device=qperm.device)
+    blocks = ((cols - first) // bq).to(torch.int32).expand(qperm.shape)
+    return torch.empty(qperm.shape, dtype=torch.int32, device=qperm.device).scatter_(-1, first + local, blocks)
+
+
 def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
     """Every level's sorted order of the queries (``role="q"``) or keys (``"k"``) of ``x [b, heads, n, d]``:
     ``[levels, b, heads, ncols]`` node-local offsets (original position minus the node's first one), each node's
@@ -344,9 +355,10 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
                 if stl.shape[0]:
                     _level_dkdv_samples_kernel[(stl.shape[0], cb * ck)](
-                        qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, ns, stl, nvalid, sorig, sblk, sbias,
-                        sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, m, sinks, window,
-                        EXCL=levers, QPERM16=st.qperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
+                        row_tiles(qc, cfg.dkdv_bm), kc, vc, row_tiles(doc, cfg.dkdv_bm), lsec, deltac, dka, dva,
+                        _query_blocks(qperm, plan, li, st.qperm16), ns, stl, nvalid, sorig, sblk, sbias,
+                        sm_scale, qk_scale, *_strides(kc), *_strides(vc), n, plan.ncols, ch, ck, g, nodes, m, sinks,
+                        window, EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
             if extra:
                 et = P.extra_key_tiles(plan, sinks, window, cfg.dkdv_bn, split, dev)

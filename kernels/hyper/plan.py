@@ -293,15 +293,30 @@ def key_tiles(plan: Plan, li: int, bn: int, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1024)
 def sample_tiles(plan: Plan, li: int, bn: int, split: int, sample_size: int, device) -> torch.Tensor:
-    """dK/dV tiles of the sampled part of one level: ``(node, j_start, q_start, q_cnt, node_qs, bq)``."""
+    """dK/dV tiles of the sampled part of one level: ``(node, j_start, q_start, q_cnt, node_qs)``; the queries are
+    the node's columns ``[q_start, q_start + q_cnt)`` in original order (see ``query_columns``)."""
     rows = []
     for j, nd in enumerate(plan.levels[li].nodes):
         if nd.num_blocks <= 1 or sample_size <= 0:
             continue
         for js in range(0, sample_size, bn):
             for t in range(0, nd.nq, split):
-                rows.append((j, js, nd.cqs + t, min(split, nd.nq - t), nd.cqs, nd.bq))
-    return _dev(rows, 6, device)
+                rows.append((j, js, nd.cqs + t, min(split, nd.nq - t), nd.cqs))
+    return _dev(rows, 5, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def query_columns(plan: Plan, li: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, bq)``, ``[ncols]`` int64 each, for one level's compact query columns: the first column of the
+    column's node (``cqs``; a padding column: its own index) and the node's query block size (1 in the padding).
+    A query at node-local offset ``o`` sits at column ``first + o`` in original order; sorted to column ``c``, it
+    is in block ``(c - first) // bq``."""
+    first = torch.arange(plan.ncols, dtype=torch.int64)
+    bq = torch.ones(plan.ncols, dtype=torch.int64)
+    for nd in plan.levels[li].nodes:
+        first[nd.cqs:nd.cqs + nd.nq] = nd.cqs
+        bq[nd.cqs:nd.cqs + nd.nq] = nd.bq
+    return first.to(device), bq.to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -408,5 +423,5 @@ def rough_cost(plan: Plan, settings: HyperSettings) -> float:
 
 
 __all__ = ["Plan", "Node", "Level", "LevelData", "make_plan", "compact_maps", "diag_tiles", "query_tiles", "key_tiles",
-           "sample_tiles", "extra_key_tiles", "centring_offsets", "node_starts", "back_maps", "perm16_ok",
-           "projections", "level_data", "settings_supported", "rough_cost"]
+           "sample_tiles", "query_columns", "extra_key_tiles", "centring_offsets", "node_starts", "back_maps",
+           "perm16_ok", "projections", "level_data", "settings_supported", "rough_cost"]

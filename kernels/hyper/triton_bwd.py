@@ -10,7 +10,8 @@ goes through the merge weights of every part; nothing is detached. Kernels:
     cuDNN's) as the accumulators' starting values;
   * per level: ``_level_dq_kernel`` (query tiles, like the forward), ``_level_dkdv_kernel`` (key tiles of each
     sorted block, looping over the block's queries of every head of the group) and ``_level_dkdv_samples_kernel``
-    (sample tiles x query splits, atomically added: samples repeat and are shared by all blocks of a node);
+    (sample tiles x query splits of the node's queries in original order, atomically added: samples repeat and are
+    shared by all blocks of a node);
     they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write).
     ops.py runs them per chunk of KV heads (and batch rows) whose fp32 buffers fit ``KernelConfig.acc_budget_mb``,
     so the accumulators never cover the whole problem (peak memory of training at long lengths);
@@ -202,23 +203,26 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILE
 
 
 @triton.jit
-def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS,
-                               sm_scale, qk_scale,
-                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+def _level_dkdv_samples_kernel(QD, K, V, DOD, LSE, DELTA, DKA, DVA, QBLK, NS, TILES, NVALID, SORIG, SBLK, SBIAS,
+                               sm_scale, qk_scale, skb, skh, skn, svb, svh, svn,
                                N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
-                               EXCL: tl.constexpr, QPERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                               D: tl.constexpr, PREC: tl.constexpr):
+                               EXCL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                               PREC: tl.constexpr):
+    """dK/dV of a BN-tile of one node's sampled keys over a split of the node's queries. Every query of the node
+    sees the same samples (less those in its own sorted block), so the queries are taken in original order:
+    contiguous rows, loaded through the descriptors ``QD`` / ``DOD`` (TMA on Hopper), each with its sorted block
+    from ``QBLK`` (int32 ``[b, h, ncols]``, columns in original order: ``ops._query_blocks``). Taking them in sorted
+    order instead would make every step's Q / dO gathers wait on an index load."""
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK
     kvh = bkv % HK
-    t = TILES + tile * 6
+    t = TILES + tile * 5
     node = tl.load(t)
     j_start = tl.load(t + 1)
     q_start = tl.load(t + 2)
     q_cnt = tl.load(t + 3)
     node_qs = tl.load(t + 4)
-    bq = tl.load(t + 5)
     j = j_start + tl.arange(0, BN)
     dcol = tl.arange(0, D)
     b64 = b.to(tl.int64)
@@ -226,7 +230,7 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
     bias = tl.load(SBIAS + b * NODES + node) * 1.4426950408889634
     sbase = (bkv.to(tl.int64) * NODES + node) * M
     jok = (j < M) & ((j * 0 + nv) > 0)
-    qs0 = tl.load(NS + node)
+    row0 = tl.load(NS + node) + q_start - node_qs  # original position of the split's first query
     sidx = tl.load(SORIG + sbase + j, mask=jok, other=0).to(tl.int64)
     sblk = tl.load(SBLK + sbase + j, mask=jok, other=-1)
     k = tl.load(K + b64 * skb + kvh.to(tl.int64) * skh + sidx[:, None] * skn + dcol[None, :], mask=jok[:, None],
@@ -237,18 +241,15 @@ def _level_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, NS, TIL
     dv = tl.zeros([BN, D], tl.float32)
     for gi in range(G):
         hh = kvh * G + gi
-        bh = b * H + hh
-        qb = Q + b64 * sqb + hh.to(tl.int64) * sqh
-        db = DO + b64 * sdb + hh.to(tl.int64) * sdh
+        bh = (b * H + hh).to(tl.int64)
         for qs in range(0, q_cnt, BM):
             r = qs + tl.arange(0, BM)
             rok = r < q_cnt
-            spos = q_start + r
-            qblk = (spos - node_qs) // bq
-            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + spos, rok, qs0, QPERM16)
-            q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
-            do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
-            lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
+            qidx = row0 + r
+            q = QD.load([b, hh, row0 + qs, 0]).reshape(BM, D)  # rows past the split are masked out below
+            do = DOD.load([b, hh, row0 + qs, 0]).reshape(BM, D)
+            qblk = tl.load(QBLK + bh * NC + q_start + r, mask=rok, other=-1)
+            lse2, delta = _lse2(LSE, DELTA, bh * N + qidx, rok)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale + bias
             ok = jok[:, None] & rok[None, :] & (sblk[:, None] != qblk[None, :])
             if EXCL:
