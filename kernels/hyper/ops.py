@@ -55,7 +55,8 @@ class KernelConfig:
     # cuDNN leaves, its leaf gradients come a quarter of this budget at a time.
     acc_budget_mb: int = 1024
     # Sort orders as int16 node-local offsets where every node is <= 65536 long (else int32). The query orders are
-    # read once per tile; the key orders are read inside the level loops, where an int16 load (under 4 bytes a
+    # read once per tile in the forward (the level dK/dV pass, which reads them inside its loop, gets an int32 copy
+    # of each level's slice); the key orders are read inside the level loops, where an int16 load (under 4 bytes a
     # thread) is not pipelined and stalls every step. int32 key orders, for 20 MiB more at 131k (an int32 per key,
     # KV head and level), measured at d=128, h=32 on the H200: forward 22.0 vs 22.7 ms at 131k and 4.30 vs 4.44 ms
     # at 32k (results/hyper_fwd_variants.json), fwd+bwd 118.4 vs 127.0 ms at 131k (with 32-key level tiles,
@@ -142,12 +143,18 @@ def _sample_rows(k, v, sorig, bn):
     return row_tiles(k.gather(2, idx), bn), row_tiles(v.gather(2, idx), bn)
 
 
+def _perm32(perm, perm16):
+    """A sort order as int32 node-local offsets (int16 ones read as unsigned): kernels that load it inside their
+    loops pipeline int32 loads, not int16 ones."""
+    return perm.to(torch.int32) & 0xFFFF if perm16 else perm
+
+
 def _query_blocks(qperm, plan, li, perm16):
     """``[b, h, ncols]`` int32: the sorted block (inside its node) of each of a level's queries, the columns in
     original order (column ``cqs + offset`` holds the node's query at that offset); ``qperm`` is the level's query
     sort order ``[b, h, ncols]``. The sampled-key dK/dV kernel reads its queries in original order."""
     first, bq = P.query_columns(plan, li, qperm.device)
-    local = qperm.long() & 0xFFFF if perm16 else qperm.long()
+    local = _perm32(qperm, perm16).long()
     cols = torch.arange(plan.ncols, device=qperm.device)
     blocks = ((cols - first) // bq).to(torch.int32).expand(qperm.shape)
     return torch.empty(qperm.shape, dtype=torch.int32, device=qperm.device).scatter_(-1, first + local, blocks)
@@ -348,9 +355,9 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
                 if kt.shape[0]:
                     _level_dkdv_kernel[(kt.shape[0], cb * ck)](
-                        qc, kc, vc, doc, lsec, deltac, dka, dva, qperm, kperm, ns, kt, nvalid,
+                        qc, kc, vc, doc, lsec, deltac, dka, dva, _perm32(qperm, st.qperm16), kperm, ns, kt, nvalid,
                         sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, sinks, window,
-                        EXCL=levers, QPERM16=st.qperm16, KPERM16=st.kperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d,
+                        EXCL=levers, QPERM16=False, KPERM16=st.kperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d,
                         PREC=prec, num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
                 stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
                 if stl.shape[0]:
