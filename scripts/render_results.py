@@ -19,6 +19,9 @@ new defaults.
 ``longctx_e2e``: ``benchmarks/results/longctx_e2e.json`` (``scripts/bench_longctx.py``), the long-context job;
 ``zipcache_kernel``: ``benchmarks/results/zipcache_kernel_h200.json`` (``scripts/bench_zipcache_kernel.py``), one
 ZipCache decode attention vs bf16 SDPA.
+
+``hyper_kernels``: ``benchmarks/results/hyper_attention.json`` (``scripts/bench_hyper.py``), one HyperAttention layer
+vs cuDNN / flash SDPA.
 """
 from __future__ import annotations
 
@@ -165,7 +168,27 @@ def render_zipcache_kernel(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_hyper_kernels(rows: list) -> str:
+    """``benchmarks/results/hyper_attention.json`` (``scripts/bench_hyper.py``): per head dim, mode and length the
+    hyper, cuDNN and flash SDPA medians, the speed-ups, and hyper with the quality levers where the run has them
+    (their speed-up and their cost relative to plain hyper)."""
+    ms = {(r["impl"], r["d"], r["mode"], r["n"]): r["ms"] for r in rows}
+    lines = ["| d | mode | n | hyper | cuDNN | flash | x cuDNN | x flash | hyper+levers | levers x cuDNN | levers "
+             "cost |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    shapes = sorted({(d, mode, n) for impl, d, mode, n in ms if impl == "hyper"}, key=lambda s: (-s[0], s[1], s[2]))
+    for d, mode, n in shapes:
+        hyper, cudnn, flash = (ms.get((impl, d, mode, n)) for impl in ("hyper", "cudnn", "flash"))
+        cells = [f"{hyper:.3f}", f"{cudnn:.3f}", f"{flash:.3f}", f"{cudnn / hyper:.2f}", f"{flash / hyper:.2f}"]
+        levers = ms.get(("hyper+levers", d, mode, n))
+        cells += ([f"{levers:.3f}", f"{cudnn / levers:.2f}", f"{(levers / hyper - 1) * 100:+.0f}%"] if levers
+                  else ["", "", ""])
+        lines.append(f"| {d} | {mode} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
+    "hyper_kernels": (RESULTS / "hyper_attention.json", render_hyper_kernels),
     "longctx_e2e": (RESULTS / "longctx_e2e.json", render_longctx_e2e),
     "zipcache_kernel": (RESULTS / "zipcache_kernel_h200.json", render_zipcache_kernel),
     "longctx_tasks": (RESULTS / "longctx_tasks.json", render_longctx_tasks),

@@ -39,3 +39,17 @@ def test_longctx_table_mean_delta_paired_and_labels():
     assert lines[2] == "| exact (SDPA) | 75% | 50% | 62.5 | – | – | 2.0 s | 1 MiB |"
     # new vs exact: a gains sample 1, loses sample 0; b loses sample 2
     assert lines[3] == "| new | 75% | 25% | 50.0 | −12.5 | +1 / −2 | 2.8 s | 1 MiB / 3 MiB |"
+
+
+def test_hyper_kernels_table_speedups_levers_and_order():
+    def row(impl, d, mode, n, ms):
+        return {"impl": impl, "d": d, "mode": mode, "n": n, "ms": ms}
+
+    rows = [row("cudnn", 64, "fwd", 8192, 3.0), row("hyper", 64, "fwd", 8192, 1.5), row("flash", 64, "fwd", 8192, 6.0),
+            row("hyper", 128, "fwd", 8192, 2.0), row("cudnn", 128, "fwd", 8192, 5.0), row("flash", 128, "fwd", 8192, 8.0),
+            row("hyper+levers", 128, "fwd", 8192, 2.5)]
+    lines = render.render_hyper_kernels(rows).splitlines()
+    assert lines[0].startswith("| d | mode | n | hyper | cuDNN | flash |")
+    assert lines[2] == "| 128 | fwd | 8192 | 2.000 | 5.000 | 8.000 | 2.50 | 4.00 | 2.500 | 2.00 | +25% |"
+    assert lines[3] == "| 64 | fwd | 8192 | 1.500 | 3.000 | 6.000 | 2.00 | 4.00 |  |  |  |"
+    assert len(lines) == 4
