@@ -3,6 +3,7 @@
 
     git archive --format=tar REV kernels patchattn | tar -x -C /tmp/base      # the tree to compare against
     python scripts/ab_hyper.py --base /tmp/base --d 128 64 --n 32768 131072 --rounds 2 --out ab.json
+    python scripts/ab_hyper.py --base /tmp/main --base /tmp/wip1 --out ab.json     # several trees at once
     python scripts/ab_hyper.py --variant qperm16=False --variant lvl_bm=64,lvl_warps=4 --out ab.json
 
 Every (tree, variant) arm runs in its own subprocess with the tree first on PYTHONPATH (so the base tree's
@@ -134,7 +135,8 @@ def run_arm(tree: Path, config: dict, args, tensors: str) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=Path, help="source tree to compare against (patchattn/ + kernels/)")
+    ap.add_argument("--base", type=Path, action="append", default=[], help="source tree to compare against "
+                    "(patchattn/ + kernels/); repeatable")
     ap.add_argument("--variant", action="append", default=[], help="KernelConfig overrides (key=value,...) to run "
                     "on the working tree; repeatable")
     ap.add_argument("--d", type=int, nargs="+", default=[128])
@@ -154,8 +156,7 @@ def main():
     args.settings_dict = json.loads(args.hyper)
     arms = [("working", prepare_tree(ROOT), {})]
     arms += [(f"working {v}", prepare_tree(ROOT), parse_variant(v)) for v in args.variant]
-    if args.base is not None:
-        arms.append(("base", prepare_tree(args.base), {}))
+    arms += [(f"base {path}" if len(args.base) > 1 else "base", prepare_tree(path), {}) for path in args.base]
     if len(arms) < 2:
         raise SystemExit("nothing to compare: give --base and/or --variant")
     rows = []

@@ -42,3 +42,14 @@ def test_variant_arm_matches_the_defaults(tmp_path, monkeypatch):
         assert r["rel_diff"] == {"out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
     assert out.exists()
+
+
+def test_several_base_trees(tmp_path, monkeypatch):
+    """Each --base is an arm of its own, named by its path; the same tree as a base computes the same numbers."""
+    monkeypatch.setattr(sys, "argv", [
+        "ab_hyper.py", "--base", str(ab.ROOT), "--base", str(ab.ROOT), "--d", "16", "--n", "200", "--heads", "2",
+        "--rounds", "1", "--hyper", '{"lsh_num_projs": 4, "block_size": 32, "sample_size": 16, "min_seq_len": 64}'])
+    rows = ab.main()
+    assert [r["arm"] for r in rows] == ["working", f"base {ab.ROOT}", f"base {ab.ROOT}"]
+    for r in rows[1:]:
+        assert r["rel_diff"] == {"out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
