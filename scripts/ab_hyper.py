@@ -169,12 +169,12 @@ def main():
                 for r in run_arm(tree, config, args, tensors):
                     ref = os.path.join(tmp, f"ref_{r['d']}_{r['n']}.safetensors")
                     mine = f"{tensors}_{r['d']}_{r['n']}.safetensors"
-                    if not os.path.exists(ref):
-                        os.replace(mine, ref)  # the first arm measured is the reference
-                    diff = None
-                    if os.path.exists(mine):
+                    if os.path.exists(ref):
                         diff = rel_diffs(mine, ref)
                         os.remove(mine)  # only the references stay on disk
+                    else:  # the first arm measured is the reference
+                        os.replace(mine, ref)
+                        diff = None
                     rows.append(dict(arm=name, tree=str(tree), config=config, round=rnd, **r,
                                      rel_diff=diff))
                     print(f"round {rnd} {name:>28} d={r['d']:>3} n={r['n']:>7}  fwd {r['fwd_ms']:9.3f} ms  "
