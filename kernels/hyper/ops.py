@@ -149,15 +149,16 @@ def _perm32(perm, perm16):
     return perm.to(torch.int32) & 0xFFFF if perm16 else perm
 
 
-def _query_blocks(qperm, plan, li, perm16):
+def _query_blocks(qperm32, plan, li):
     """``[b, h, ncols]`` int32: the sorted block (inside its node) of each of a level's queries, the columns in
-    original order (column ``cqs + offset`` holds the node's query at that offset); ``qperm`` is the level's query
-    sort order ``[b, h, ncols]``. The sampled-key dK/dV kernel reads its queries in original order."""
-    first, bq = P.query_columns(plan, li, qperm.device)
-    local = _perm32(qperm, perm16).long()
-    cols = torch.arange(plan.ncols, device=qperm.device)
-    blocks = ((cols - first) // bq).to(torch.int32).expand(qperm.shape)
-    return torch.empty(qperm.shape, dtype=torch.int32, device=qperm.device).scatter_(-1, first + local, blocks)
+    original order (column ``cqs + offset`` holds the node's query at that offset); ``qperm32`` is the level's
+    query sort order ``[b, h, ncols]`` from ``_perm32``. The sampled-key dK/dV kernel reads its queries in
+    original order."""
+    dev = qperm32.device
+    first, bq = P.query_columns(plan, li, dev)
+    cols = torch.arange(plan.ncols, device=dev)
+    blocks = ((cols - first) // bq).to(torch.int32).expand(qperm32.shape)
+    return torch.empty(qperm32.shape, dtype=torch.int32, device=dev).scatter_(-1, first + qperm32.long(), blocks)
 
 
 def _hash_sort(x, plan, settings, valid, cfg, role, key_valid=None):
@@ -299,9 +300,10 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     prec = _prec(q.dtype)
     sm_scale = st.scaling
     qk_scale = sm_scale * 1.4426950408889634
+    has_acc = bool(plan.levels)
     # leaves from cuDNN in the forward: their gradients from cuDNN too (measured faster than ours on the H200),
-    # unless a gradient flows into the lse output
-    cudnn_leaves = st.cudnn_rng is not None and dlse is None
+    # as the accumulators' starting values, unless a gradient flows into the lse output
+    cudnn_leaves = st.cudnn_rng is not None and dlse is None and has_acc
     dout = dout.contiguous() if cudnn_leaves else _rowmajor(dout)
     delta = torch.empty(b, h, n, dtype=torch.float32, device=dev)
     bt = 64
@@ -310,7 +312,6 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
         HAS_DLSE=dlse is not None, BT=bt, D=d, num_warps=4)
     sinks, window, levers = _levers(st.settings)
     extra = levers and len(plan.leaves) > 1
-    has_acc = bool(plan.levels)
     assert has_acc or not extra
     dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
     dk = torch.empty(b, hk, n, d, dtype=k.dtype, device=dev)
@@ -319,6 +320,12 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     if has_acc:  # one flat fp32 buffer for the largest chunk, reused (zeroed) by every chunk
         units = max((b1 - b0) * (k1 - k0) for b0, b1, k0, k1 in chunks)
         buf = torch.empty(units * (g + 2) * n * d, dtype=torch.float32, device=dev)
+        # the dQ pass's sorted copies of each level's queries, read by the dK/dV pass; zeros to start with, so the
+        # rows a tile reads past its block are finite (then always some level's data)
+        qrows = units * g * plan.ncols
+        sorted_q = torch.zeros(qrows * d, dtype=q.dtype, device=dev)
+        sorted_do = torch.zeros(qrows * d, dtype=dout.dtype, device=dev)
+        sorted_stats = torch.zeros(2 * qrows, dtype=torch.float32, device=dev)
     split = max(cfg.dkdv_bm, (cfg.sample_split // g) // cfg.dkdv_bm * cfg.dkdv_bm)
     for b0, b1, k0, k1 in chunks:
         cb, ck = b1 - b0, k1 - k0
@@ -338,16 +345,23 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                                   st.cudnn_rng, cfg.acc_budget_mb / 4)
             else:
                 buf[: m_q + 2 * m_k].zero_()
+            rows = cb * ch * plan.ncols
+            qs_c = sorted_q[: rows * d].view(cb, ch, plan.ncols, d)
+            dos_c = sorted_do[: rows * d].view(cb, ch, plan.ncols, d)
+            ls2_c, ds_c = sorted_stats[:rows], sorted_stats[rows: 2 * rows]
+            qs_tiles, dos_tiles = row_tiles(qs_c, cfg.dkdv_bm), row_tiles(dos_c, cfg.dkdv_bm)
             for li, ld in enumerate(st.levels):
                 nodes = len(plan.levels[li].nodes)
                 m = ld.sorig.shape[-1]
                 ns = P.node_starts(plan, li, dev)
                 qperm, kperm = st.qperm[li, b0:b1, h0:h1], st.kperm[li, b0:b1, k0:k1]
+                qperm32 = _perm32(qperm, st.qperm16)  # for the levers' mask and the sampled keys' query blocks
                 nvalid, sbias = ld.nvalid[b0:b1], ld.sbias[b0:b1]
                 sorig, sblk = ld.sorig[b0:b1, k0:k1], ld.sblk[b0:b1, k0:k1]
                 qt = P.query_tiles(plan, li, cfg.dq_bm, st.settings.sample_size, dev)
                 _level_dq_kernel[(qt.shape[0], cb * ch)](
-                    qc, kc, vc, doc, lsec, deltac, dqa, qperm, kperm, ns, qt, nvalid, sorig, sblk, sbias,
+                    qc, kc, vc, doc, lsec, deltac, dqa, qs_c, dos_c, ls2_c, ds_c, qperm, kperm, ns, qt, nvalid, sorig,
+                    sblk, sbias,
                     *_sample_rows(kc, vc, sorig, cfg.dq_bn), sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes,
                     m, sinks, window, EXCL=levers, QPERM16=st.qperm16, KPERM16=st.kperm16,
                     SAMPLE_STAGES=cfg.sample_stages, BM=cfg.dq_bm, BN=cfg.dq_bn, D=d, PREC=prec,
@@ -355,15 +369,16 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                 kt = P.key_tiles(plan, li, cfg.dkdv_bn, dev)
                 if kt.shape[0]:
                     _level_dkdv_kernel[(kt.shape[0], cb * ck)](
-                        qc, kc, vc, doc, lsec, deltac, dka, dva, _perm32(qperm, st.qperm16), kperm, ns, kt, nvalid,
-                        sm_scale, qk_scale, *sd, n, plan.ncols, ch, ck, g, nodes, sinks, window,
-                        EXCL=levers, QPERM16=False, KPERM16=st.kperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d,
+                        qs_tiles, dos_tiles, ls2_c, ds_c, kc, vc, dka, dva, qperm32, kperm, ns, kt, nvalid,
+                        sm_scale, qk_scale, *_strides(kc), *_strides(vc), n,
+                        plan.ncols, ch, ck, g, nodes, sinks, window,
+                        EXCL=levers, KPERM16=st.kperm16, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d,
                         PREC=prec, num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
                 stl = P.sample_tiles(plan, li, cfg.dkdv_bn, split, st.settings.sample_size, dev)
                 if stl.shape[0]:
                     _level_dkdv_samples_kernel[(stl.shape[0], cb * ck)](
                         row_tiles(qc, cfg.dkdv_bm), kc, vc, row_tiles(doc, cfg.dkdv_bm), lsec, deltac, dka, dva,
-                        _query_blocks(qperm, plan, li, st.qperm16), ns, stl, nvalid, sorig, sblk, sbias,
+                        _query_blocks(qperm32, plan, li), ns, stl, nvalid, sorig, sblk, sbias,
                         sm_scale, qk_scale, *_strides(kc), *_strides(vc), n, plan.ncols, ch, ck, g, nodes, m, sinks,
                         window, EXCL=levers, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
@@ -375,7 +390,7 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
                         sm_scale, qk_scale, *sd, n, ch, ck, g, sinks, window,
                         HAS_VALID=kv is not None, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, D=d, PREC=prec,
                         num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-        if plan.leaves and not (cudnn_leaves and has_acc):
+        if plan.leaves and not cudnn_leaves:
             assert cfg.dq_bm % cfg.dq_bn == 0
             qt = P.diag_tiles(plan, cfg.dq_bm, True, dev)
             _diag_dq_kernel[(qt.shape[0], cb * ch)](

@@ -8,8 +8,9 @@ with ``Delta = rowsum(dO * O) - dLSE`` (the LSE's own gradient folded into the p
 goes through the merge weights of every part; nothing is detached. Kernels:
   * ``_bwd_pre_kernel``: Delta; ``_widen_kernel``: cuDNN's leaf gradients (when the forward's leaves were
     cuDNN's) as the accumulators' starting values;
-  * per level: ``_level_dq_kernel`` (query tiles, like the forward), ``_level_dkdv_kernel`` (key tiles of each
-    sorted block, looping over the block's queries of every head of the group) and ``_level_dkdv_samples_kernel``
+  * per level: ``_level_dq_kernel`` (query tiles, like the forward; it also writes the tile's Q, dO, LSE and
+    Delta in sorted order), ``_level_dkdv_kernel`` (key tiles of each sorted block, looping over the block's
+    queries of every head of the group, contiguous in those sorted copies) and ``_level_dkdv_samples_kernel``
     (sample tiles x query splits of the node's queries in original order, atomically added: samples repeat and are
     shared by all blocks of a node);
     they accumulate into fp32 buffers at original positions (one launch per level, so plain read-add-write).
@@ -86,8 +87,8 @@ def _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC: tl.constexpr):
 
 
 @triton.jit
-def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK, SBIAS, SKD, SVD,
-                     sm_scale, qk_scale,
+def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QS, DOS, LS2, DS, QPERM, KPERM, NS, TILES, NVALID, SORIG, SBLK,
+                     SBIAS, SKD, SVD, sm_scale, qk_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      N, NC, H, HK, G, NODES, M, SINKS, WINDOW,
                      EXCL: tl.constexpr, QPERM16: tl.constexpr, KPERM16: tl.constexpr, SAMPLE_STAGES: tl.constexpr,
@@ -118,6 +119,11 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVAL
     do = tl.load(DO + b64 * sdb + hh.to(tl.int64) * sdh + qidx[:, None] * sdn + dcol[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, row_ok)
+    col = bh.to(tl.int64) * NC + q_start + r  # the tile's sorted columns: copies for the level dK/dV pass
+    tl.store(QS + col[:, None] * D + dcol[None, :], q, mask=row_ok[:, None])
+    tl.store(DOS + col[:, None] * D + dcol[None, :], do, mask=row_ok[:, None])
+    tl.store(LS2 + col, lse2, mask=row_ok)
+    tl.store(DS + col, delta, mask=row_ok)
     nv = tl.load(NVALID + b * NODES + node)
     kb = K + b64 * skb + kvh.to(tl.int64) * skh
     vb = V + b64 * svb + kvh.to(tl.int64) * svh
@@ -148,12 +154,16 @@ def _level_dq_kernel(Q, K, V, DO, LSE, DELTA, DQA, QPERM, KPERM, NS, TILES, NVAL
 
 
 @triton.jit
-def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILES, NVALID,
-                       sm_scale, qk_scale,
-                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+def _level_dkdv_kernel(QSD, DOSD, LS2, DS, K, V, DKA, DVA, QPERM, KPERM, NS, TILES, NVALID,
+                       sm_scale, qk_scale, skb, skh, skn, svb, svh, svn,
                        N, NC, H, HK, G, NODES, SINKS, WINDOW,
-                       EXCL: tl.constexpr, QPERM16: tl.constexpr, KPERM16: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                       EXCL: tl.constexpr, KPERM16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       D: tl.constexpr, PREC: tl.constexpr):
+    """dK/dV of a BN-tile of one sorted block's keys over the block's queries of every head of the group. The
+    queries come from the sorted copies the level's dQ pass wrote (``QSD`` / ``DOSD`` descriptors of ``[b, h, NC,
+    D]``, ``LS2`` / ``DS`` the rows' log2 LSE and Delta): a block's queries are adjacent columns there, so each
+    step is a contiguous tile (TMA on Hopper) instead of a gather behind an index load. ``QPERM`` (int32) is read
+    only for the levers' exact-set mask."""
     tile = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HK
@@ -181,19 +191,19 @@ def _level_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKA, DVA, QPERM, KPERM, NS, TILE
     dv = tl.zeros([BN, D], tl.float32)
     for gi in range(G):
         hh = kvh * G + gi
-        bh = b * H + hh
-        qb = Q + b64 * sqb + hh.to(tl.int64) * sqh
-        db = DO + b64 * sdb + hh.to(tl.int64) * sdh
+        bh = (b * H + hh).to(tl.int64)
         for qs in range(0, q_cnt, BM):
             r = qs + tl.arange(0, BM)
             rok = r < q_cnt
-            qidx = _perm_pos(QPERM, bh.to(tl.int64) * NC + q_start + r, rok, qs0, QPERM16)
-            q = tl.load(qb + qidx[:, None] * sqn + dcol[None, :], mask=rok[:, None], other=0.0)
-            do = tl.load(db + qidx[:, None] * sdn + dcol[None, :], mask=rok[:, None], other=0.0)
-            lse2, delta = _lse2(LSE, DELTA, bh.to(tl.int64) * N + qidx, rok)
+            q = QSD.load([b, hh, q_start + qs, 0]).reshape(BM, D)  # rows past the block are masked out below
+            do = DOSD.load([b, hh, q_start + qs, 0]).reshape(BM, D)
+            col = bh * NC + q_start + r
+            lse2 = tl.load(LS2 + col, mask=rok, other=float("inf"))
+            delta = tl.load(DS + col, mask=rok, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             ok = kok[:, None] & rok[None, :]
             if EXCL:
+                qidx = _perm_pos(QPERM, col, rok, qs0, False)
                 ok = ok & ~_in_exact_set(qidx[None, :], kidx[:, None], SINKS, WINDOW)
             sT = tl.where(ok, sT, float("-inf"))
             dk, dv = _dkdv_step(dk, dv, q, do, v, lse2, delta, sT, PREC)
