@@ -4,6 +4,8 @@
 Impls (bf16, causal, MHA, one attention layer):
   * ``flashsigmoid``        patchattn.kernels.sigmoid, σ(x) via the hardware tanh (the default on CUDA)
   * ``flashsigmoid_exact``  same kernels, σ(x) = 1 / (1 + 2^(−x·log2 e))
+  * ``flashsigmoid_dq_atomic``  ``flashsigmoid`` with dQ added from the dK/dV kernel (``KernelConfig.dq_atomic``;
+                            timed forward+backward only: the forward is the same kernel)
   * ``softmax_triton``      the flash softmax built in the same kernels (like-for-like baseline)
   * ``cudnn`` / ``flash2``  torch SDPA with the cuDNN / FlashAttention-2 backend
 The sigmoid bias is the paper's constant b = −log n. Shapes follow the FlashAttention-2 paper's benchmark: batch ×
@@ -37,16 +39,18 @@ from _bench import bench_attention_ms, environment, pyplot, save_figure, write_j
 
 DEVICE = "cuda"
 CHECK_DTYPE = torch.bfloat16
-IMPLS = ["flashsigmoid", "flashsigmoid_exact", "softmax_triton", "cudnn", "flash2"]
+IMPLS = ["flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton", "cudnn", "flash2"]
+BWD_ONLY = {"flashsigmoid_dq_atomic"}  # impls whose forward is another impl's
 MODES = ["fwd", "fwd+bwd"]
 TUNE_N = 8192
 # tried after ops.default_config's own tiles: (bm, bn, warps, stages) and
-# (dq_bm, dq_bn, dq_warps, dkdv_bm, dkdv_bn, dkdv_warps, stages)
+# (dq_bm, dq_bn, dq_warps, dkdv_bm, dkdv_bn, dkdv_warps, stages, dq_atomic)
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
                   (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)]
-BWD_CANDIDATES = [(128, 32, 8, 32, 128, 8, 2), (128, 32, 8, 32, 64, 8, 2)]
+BWD_CANDIDATES = [(128, 32, 8, 32, 128, 8, 2, False), (128, 32, 8, 32, 64, 8, 2, False),
+                  (128, 32, 8, 32, 128, 8, 2, True), (128, 32, 8, 64, 128, 8, 2, True)]
 # correctness cases (name, nq, nk, key_start per sequence, head dims, impls): b=2, h=8, hk=2
-ALL3 = ("flashsigmoid", "flashsigmoid_exact", "softmax_triton")
+ALL3 = ("flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton")
 CHECK_CASES = [("prefill+rowbias+leftpad", 1000, 1000, [0, 123], (64, 128), ALL3),
                ("chunk_over_cache", 300, 1000, [0, 57], (128,), ("flashsigmoid", "softmax_triton")),
                ("decode", 1, 1000, [0, 5], (128,), ("flashsigmoid",))]
@@ -80,9 +84,11 @@ def make_fn(impl, n, cfgs):
     from patchattn.kernels.sigmoid import sigmoid_attention, softmax_attention
 
     bias = -math.log(n)
-    if impl in ("flashsigmoid", "flashsigmoid_exact"):
-        approx = impl == "flashsigmoid" and DEVICE == "cuda"  # (the CPU interpreter has no hardware tanh)
+    if impl.startswith("flashsigmoid"):
+        approx = impl != "flashsigmoid_exact" and DEVICE == "cuda"  # (the CPU interpreter has no hardware tanh)
         cfg = cfgs.get("sigmoid")
+        if impl == "flashsigmoid_dq_atomic":
+            cfg = dataclasses.replace(cfgs["sigmoid"], dq_atomic=True)
         return lambda q, k, v: sigmoid_attention(q, k, v, scale=q.shape[-1] ** -0.5, row_bias=bias,
                                                  approx_sigmoid=approx, config=cfg)
     if impl == "softmax_triton":
@@ -111,6 +117,7 @@ def flops(b, h, n, d, mode):
 def correctness(ds):
     """Our bf16 kernels vs fp32 references; returns rows with the relative errors and pass flags."""
     from patchattn.kernels.sigmoid import naive, sigmoid_attention, softmax_attention
+    from patchattn.kernels.sigmoid.ops import default_config
 
     rows = []
     for name, nq, nk, starts, dims, impls in CHECK_CASES:
@@ -137,8 +144,10 @@ def correctness(ds):
                                                              vr.repeat_interleave(h // hk, 1), attn_mask=mask,
                                                              scale=d**-0.5)
                     else:
-                        out = sigmoid_attention(qg, kg, vg, scale=d**-0.5, row_bias=bias, key_start=ks,
-                                                approx_sigmoid=impl == "flashsigmoid" and DEVICE == "cuda")
+                        atomic = impl == "flashsigmoid_dq_atomic"
+                        cfg = dataclasses.replace(default_config(d, CHECK_DTYPE), dq_atomic=True) if atomic else None
+                        out = sigmoid_attention(qg, kg, vg, scale=d**-0.5, row_bias=bias, key_start=ks, config=cfg,
+                                                approx_sigmoid=impl != "flashsigmoid_exact" and DEVICE == "cuda")
                         ref = naive.sigmoid_attention(qr, kr, vr, scale=d**-0.5, row_bias=bias, key_start=ks)
                     out.backward(do)
                     ref.backward(do.float())
@@ -174,14 +183,15 @@ def tune(d, heads, tokens, rep, log):
             ms = _try(make_fn(impl, n, {kind: cfg}), q, k, v, do, "fwd", rep, log, d, kind, [bm, bn, w, s])
             if ms is not None and ms < best_ms:
                 winner, best_ms = cfg, ms
-        bwd = [(base.dq_bm, base.dq_bn, base.dq_warps, base.dkdv_bm, base.dkdv_bn, base.dkdv_warps, base.bwd_stages)]
+        bwd = [(base.dq_bm, base.dq_bn, base.dq_warps, base.dkdv_bm, base.dkdv_bn, base.dkdv_warps, base.bwd_stages,
+                base.dq_atomic)]
         bwd += [c for c in BWD_CANDIDATES if c not in bwd]
         fwd_winner, best_ms = winner, float("inf")
-        for dqm, dqn, dqw, km, kn, kw, s in bwd:
+        for dqm, dqn, dqw, km, kn, kw, s, atomic in bwd:
             cfg = dataclasses.replace(fwd_winner, dq_bm=dqm, dq_bn=dqn, dq_warps=dqw, dkdv_bm=km, dkdv_bn=kn,
-                                      dkdv_warps=kw, bwd_stages=s)
+                                      dkdv_warps=kw, bwd_stages=s, dq_atomic=atomic)
             ms = _try(make_fn(impl, n, {kind: cfg}), q, k, v, do, "fwd+bwd", rep, log, d, kind,
-                      [dqm, dqn, dqw, km, kn, kw, s])
+                      [dqm, dqn, dqw, km, kn, kw, s, atomic])
             if ms is not None and ms < best_ms:
                 winner, best_ms = cfg, ms
         best[kind] = winner
@@ -294,7 +304,8 @@ def main():
     save()
 
     print("step 3: timing", flush=True)
-    jobs = [(d, n, impl, mode) for d in ds for n in ns for mode in args.modes for impl in args.impls]
+    jobs = [(d, n, impl, mode) for d in ds for n in ns for mode in args.modes for impl in args.impls
+            if not (mode == "fwd" and impl in BWD_ONLY)]
     current = None
     for d, n, impl, mode in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=5):
         heads = max(1, args.hidden // d)

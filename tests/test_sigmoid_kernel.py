@@ -8,6 +8,8 @@ tanh path, d = 64/128).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from tiny_models import VOCAB, tiny_model  # noqa: E402
 import patchattn  # noqa: E402
 from patchattn import logging_utils  # noqa: E402
 from patchattn.kernels.sigmoid import naive, sigmoid_attention, softmax_attention  # noqa: E402
-from patchattn.kernels.sigmoid.ops import KernelConfig  # noqa: E402
+from patchattn.kernels.sigmoid.ops import KernelConfig, default_config  # noqa: E402
 from patchattn.variants import sigmoid as sigmoid_variant  # noqa: E402
 
 
@@ -84,6 +86,24 @@ def test_tile_shapes_do_not_change_the_result():
     other = sigmoid_attention(q, k, v, config=cfg, **kw)
     torch.testing.assert_close(other, base, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads(other, (q, k, v), dout), grads(base, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("name", ["causal_gqa_row_bias", "chunk_over_cache_padding", "noncausal_all_padded_row"])
+def test_dq_added_from_the_dkdv_kernel_matches_the_dq_pass(name, softmax):
+    """``dq_atomic``: dQ added from the dK/dV kernel (one kernel) gives the two-kernel gradients, GQA and padding
+    included (keys hidden by padding must add nothing to dQ)."""
+    q, k, v, kw = _case(name, torch.float32)
+    if softmax:
+        kw = {key: val for key, val in kw.items() if key != "row_bias"}
+        kw["key_start"] = None if kw["key_start"] is None else kw["key_start"].clamp(max=q.shape[2] - 1)
+    fn = softmax_attention if softmax else sigmoid_attention
+    cfg = dataclasses.replace(default_config(q.shape[-1], q.dtype), dq_atomic=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEV)
+    base = grads(fn(q, k, v, **kw), (q, k, v), dout)
+    fused = grads(fn(q, k, v, config=cfg, **kw), (q, k, v), dout)
+    for a, b in zip(fused, base):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -253,14 +273,16 @@ def test_variant_falls_back_where_the_kernel_does_not_apply(monkeypatch, kernel_
 @needs_cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("approx", [True, False])
-def test_bf16_gpu_matches_reference(d, approx):
+@pytest.mark.parametrize("dq_atomic", [False, True])
+def test_bf16_gpu_matches_reference(d, approx, dq_atomic):
     b, h, hk, n = 2, 8, 2, 1000
     q, k, v = make(b, h, hk, n, n, d, torch.bfloat16, seed=7)
     key_start = torch.tensor([0, 123], device=DEV)
     pos = torch.arange(n, device=DEV) + 1
     bias = -torch.log((pos[None] - key_start[:, None]).clamp(min=1).float())
     kw = dict(scale=d**-0.5, row_bias=bias, causal=True, key_start=key_start)
-    out = sigmoid_attention(q, k, v, approx_sigmoid=approx, **kw)
+    cfg = dataclasses.replace(default_config(d, q.dtype), dq_atomic=dq_atomic)
+    out = sigmoid_attention(q, k, v, approx_sigmoid=approx, config=cfg, **kw)
     dout = torch.randn_like(out)
     got = grads(out, (q, k, v), dout)
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))

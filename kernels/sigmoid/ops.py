@@ -31,6 +31,9 @@ class KernelConfig:
     dkdv_bn: int  # keys owned by one dK/dV program
     dkdv_warps: int
     bwd_stages: int
+    # dQ from the dK/dV kernel (fp32 adds of dS·K, one kernel, 5 matmuls a tile pair) instead of a second kernel
+    # that recomputes S and dP (7 matmuls, no atomics); the dq_* tiles are then unused
+    dq_atomic: bool = False
 
 
 def interpreting() -> bool:
@@ -164,10 +167,16 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
     flags = dict(SIGMOID=sigmoid, CAUSAL=causal, HAS_BIAS=bias is not None, HAS_START=key_start is not None,
                  FAST=fast, D=d, PREC=_prec(q.dtype), num_stages=cfg.bwd_stages)
     consts = (zscale, bias_const * bias_mul, bias_mul, scale)
+    dqa = torch.zeros(b, h, nq, d, dtype=torch.float32, device=q.device) if cfg.dq_atomic else None
+    tma_dq = dqa is not None and not interpreting()  # the interpreter has no descriptor atomics
     _dkdv_kernel[(triton.cdiv(nk, cfg.dkdv_bn), b * hk)](
         row_tiles(q, cfg.dkdv_bm), row_tiles(k, cfg.dkdv_bn), row_tiles(v, cfg.dkdv_bn),
-        row_tiles(dout, cfg.dkdv_bm), *common, dk, dv, *consts, *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
-        BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, num_warps=cfg.dkdv_warps, **flags)
+        row_tiles(dout, cfg.dkdv_bm), *common, dk, dv,
+        row_tiles(dqa, cfg.dkdv_bm) if tma_dq else (dqa if dqa is not None else dummy),
+        *consts, *_strides(dk), *_strides(dv), nq, nk, h, hk, h // hk,
+        ATOMIC_DQ=dqa is not None, TMA_DQ=tma_dq, BM=cfg.dkdv_bm, BN=cfg.dkdv_bn, num_warps=cfg.dkdv_warps, **flags)
+    if dqa is not None:
+        return dq.copy_(dqa), dk, dv
     _dq_kernel[(triton.cdiv(nq, cfg.dq_bm), b * h)](
         row_tiles(q, cfg.dq_bm), row_tiles(k, cfg.dq_bn), row_tiles(v, cfg.dq_bn), row_tiles(dout, cfg.dq_bm),
         *common, dq, *consts, *_strides(dq), nq, nk, h, h // hk,

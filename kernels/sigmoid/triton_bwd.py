@@ -7,10 +7,14 @@ Scores are recomputed tile by tile (nothing ``[n, n]`` is stored). With x = S·s
 Each element of dX needs only its own P: no row statistics at all, where softmax needs the stored log-sum-exp to
 rebuild P and Delta = rowsum(dO ⊙ O) for dX = P ⊙ (dP − Delta) (``_delta_kernel``, softmax only).
 
-Two kernels, FlashAttention-2 style, so neither needs atomics:
-  * ``_dkdv_kernel``: a program owns ``BN`` keys of one key/value head and walks the query tiles of every query
-    head of its GQA group that can see them (diagonal tiles masked, later tiles not);
-  * ``_dq_kernel``: a program owns ``BM`` query rows, walks the keys like the forward.
+Two ways to get dQ (``KernelConfig.dq_atomic``):
+  * two kernels, FlashAttention-2 style, neither with atomics: ``_dkdv_kernel`` (a program owns ``BN`` keys of one
+    key/value head and walks the query tiles of every query head of its GQA group that can see them, diagonal
+    tiles masked, later tiles not) and ``_dq_kernel`` (a program owns ``BM`` query rows, walks the keys like the
+    forward), which recomputes S and dP: 7 matmuls a tile pair;
+  * one kernel (``ATOMIC_DQ``): ``_dkdv_kernel`` also adds each tile pair's dS·K into an fp32 dQ accumulator
+    (a TMA reduce-add on CUDA, element atomics in the interpreter), 5 matmuls a tile pair plus the adds; the host
+    casts the accumulator.
 Q, K, V and dO are read by tensor descriptors, as in the forward. Rows past the end (read as zero) contribute
 nothing: for sigmoid their dO is 0, for softmax their lse is −inf. Keys hidden by left padding get dK = dV = 0
 (their column of dX/P is dropped as a whole).
@@ -51,10 +55,14 @@ def _row_stats(LSE, DELTA, off, mask):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b, hh, bh, cols, off, NQ, zscale, bias_const, bias_mul,
-               SIGMOID: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-               BM: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-    """Add one query tile's contribution to the block's dK, dV (scores transposed: ``[BN keys, BM rows]``)."""
+def _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, DQA, start, b, hh, bh, cols, col_ok, off, NQ, zscale,
+               bias_const, bias_mul, sm_scale,
+               SIGMOID: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
+               FAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_DQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+               PREC: tl.constexpr):
+    """Add one query tile's contribution to the block's dK, dV (scores transposed: ``[BN keys, BM rows]``) and,
+    with ``ATOMIC_DQ``, its dS·K to the dQ accumulator ``DQA`` (fp32 ``[b, h, NQ, D]``; a descriptor when
+    ``TMA_DQ``)."""
     start = tl.multiple_of(start, BM)
     r = start + tl.arange(0, BM)
     rok = r < NQ
@@ -69,6 +77,8 @@ def _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b, hh, bh, cols, 
         pT = tl.math.exp2(sT * zscale - lse2[None, :])
     if MASKED:
         pT = tl.where(cols[:, None] <= r[None, :] + off, pT, 0.0)
+    if ATOMIC_DQ and HAS_START:  # keys hidden by padding add nothing to dQ (their dK, dV are dropped at the end)
+        pT = tl.where(col_ok[:, None], pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if SIGMOID:
@@ -76,15 +86,23 @@ def _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b, hh, bh, cols, 
     else:
         dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale
+        if TMA_DQ:  # rows past NQ fall outside the descriptor and are dropped
+            DQA.atomic_add([b, hh, start, 0], dq.reshape(1, 1, BM, D))
+        else:
+            dcol = tl.arange(0, D)
+            tl.atomic_add(DQA + (bh * NQ + r)[:, None] * D + dcol[None, :], dq, mask=rok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(QD, KD, VD, DOD, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias_const, bias_mul, sm_scale,
+def _dkdv_kernel(QD, KD, VD, DOD, LSE, DELTA, BIAS, KSTART, DK, DV, DQA, zscale, bias_const, bias_mul, sm_scale,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  NQ, NK, H, HK, G,
                  SIGMOID: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
-                 FAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                 FAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_DQ: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     bkv = tl.program_id(1)
     b32, kvh32 = bkv // HK, bkv % HK  # descriptor coordinates are 32-bit
@@ -119,11 +137,13 @@ def _dkdv_kernel(QD, KD, VD, DOD, LSE, DELTA, BIAS, KSTART, DK, DV, zscale, bias
         hh = kvh32 * G + gi
         bh = b * H + hh
         for start in range(r_lo, r_mask_end, BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b32, hh, bh, cols, off, NQ, zscale,
-                                bias_const, bias_mul, SIGMOID, CAUSAL, HAS_BIAS, FAST, BM, D, PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, DQA, start, b32, hh, bh, cols, col_ok, off,
+                                NQ, zscale, bias_const, bias_mul, sm_scale, SIGMOID, CAUSAL, HAS_BIAS, HAS_START,
+                                FAST, ATOMIC_DQ, TMA_DQ, BM, D, PREC)
         for start in range(r_mid, r_end, BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, start, b32, hh, bh, cols, off, NQ, zscale,
-                                bias_const, bias_mul, SIGMOID, False, HAS_BIAS, FAST, BM, D, PREC)
+            dk, dv = _dkdv_tile(dk, dv, k, v, QD, DOD, LSE, DELTA, BIAS, DQA, start, b32, hh, bh, cols, col_ok, off,
+                                NQ, zscale, bias_const, bias_mul, sm_scale, SIGMOID, False, HAS_BIAS, HAS_START,
+                                FAST, ATOMIC_DQ, TMA_DQ, BM, D, PREC)
     dk = dk * sm_scale
     if HAS_START:  # keys hidden by padding: their whole column of P is dropped
         dk = tl.where(col_ok[:, None], dk, 0.0)
