@@ -53,8 +53,9 @@ def default_config(d: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
         return KernelConfig(bm, 32, 4, 1, bm, 32, 4, 16, 32, 4, 1)
     if d <= 64:  # tile search (H200, 8k): forward with 4 warps 1.19 vs 1.24 ms with 8
         return KernelConfig(128, 64, 4, 3, 128, 32, 8, 32, 128, 8, 2)
-    if d <= 128:  # tile search (H200, 8k): dK/dV over 128 keys, fwd+bwd 6.07 vs 9.02 ms over 64
-        return KernelConfig(128, 32, 8, 3, 128, 32, 8, 32, 128, 8, 2)
+    if d <= 128:  # tile search (H200, 8k): dK/dV over 128 keys, fwd+bwd 6.07 vs 9.02 ms over 64; dQ added from the
+        # dK/dV kernel: fwd+bwd 16k 10.20 vs 11.68 ms (bench_sigmoid, 2026-12-04; at d=64 it is slower, 12.95 vs 10.41)
+        return KernelConfig(128, 32, 8, 3, 128, 32, 8, 32, 128, 8, 2, dq_atomic=True)
     return KernelConfig(64, 32, 8, 2, 32, 32, 8, 16, 32, 8, 1)
 
 
