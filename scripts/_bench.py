@@ -186,6 +186,30 @@ def kernel_times(fn, steps: int = 20, warmup: int = 1) -> list[tuple[str, float,
     return sorted(rows, key=lambda row: -row[1])
 
 
+def idle_gaps(fn, top: int = 8) -> dict:
+    """How much of one ``fn()`` call the GPU spends between kernels (torch profiler timeline, after a warm-up call):
+    ``kernels``, ``busy_ms`` (kernel time), ``span_ms`` (first kernel start to last kernel end), ``gaps_ms`` and
+    the ``top`` largest gaps with the kernels on either side. A timed loop that enqueues ahead hides host gaps
+    that a single call shows at its start; the gaps between back-to-back kernels are what launches cost."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0)
+    if not spans:
+        return {"kernels": 0}
+    busy = sum(end - start for start, end, _ in spans)
+    span = spans[-1][1] - spans[0][0]
+    gaps = sorted(((b[0] - a[1], a[2][:60], b[2][:60]) for a, b in zip(spans, spans[1:])), reverse=True)
+    return {"kernels": len(spans), "busy_ms": busy / 1e3, "span_ms": span / 1e3, "gaps_ms": (span - busy) / 1e3,
+            "top_gaps": [{"gap_us": round(g, 1), "after": a, "before": b} for g, a, b in gaps[:top]]}
+
+
 def rel_err(a, b) -> float:
     """``|a - b| / |b|`` (Frobenius norms, in float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -21,7 +21,17 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench import bench_attention_ms, environment, kernel_times, peak_mb, pyplot, rel_err, save_figure, write_json
+from _bench import (
+    bench_attention_ms,
+    environment,
+    idle_gaps,
+    kernel_times,
+    peak_mb,
+    pyplot,
+    rel_err,
+    save_figure,
+    write_json,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from triton.testing import do_bench
@@ -110,6 +120,10 @@ def profile(n, d, settings, cfg, log):
             ms = us / 1000.0
             print(f"  {ms:8.3f}  {key[:90]}  x{cnt}")
             log.append({"profile_n": n, "d": d, "mode": mode, "kernel": key[:120], "ms": ms, "calls": cnt})
+        gaps = idle_gaps(call)
+        print(f"  one call: {gaps['kernels']} kernels, {gaps['busy_ms']:.2f} ms busy in a {gaps['span_ms']:.2f} ms "
+              f"span ({gaps['gaps_ms']:.2f} ms between kernels)")
+        log.append({"profile_n": n, "d": d, "mode": mode, "idle_gaps": gaps})
     with torch.no_grad():
         outs = {}
         for diag in ("triton", "cudnn"):
