@@ -202,7 +202,7 @@ def idle_gaps(fn, top: int = 8) -> dict:
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0)
     if not spans:
-        return {"kernels": 0}
+        return {"kernels": 0, "busy_ms": 0.0, "span_ms": 0.0, "gaps_ms": 0.0, "top_gaps": []}
     busy = sum(end - start for start, end, _ in spans)
     span = spans[-1][1] - spans[0][0]
     gaps = sorted(((b[0] - a[1], a[2][:60], b[2][:60]) for a, b in zip(spans, spans[1:])), reverse=True)

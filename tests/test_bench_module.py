@@ -40,3 +40,38 @@ def test_timer_without_cuda_counts_milliseconds():
     timer = bench.Timer(cuda=False)
     timer.start()
     assert 0 <= timer.stop_ms() < 1e4
+
+
+def test_idle_gaps_from_a_profiler_timeline(monkeypatch):
+    """busy = kernel time, span = first start to last end, gaps = the rest, largest first (a fake timeline: the
+    profiler needs CUDA)."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    class Event:
+        def __init__(self, start, end, name, device=cuda):
+            self.time_range = type("Range", (), {"start": start, "end": end})()
+            self.name, self.device_type, self.device_time_total = name, device, end - start
+
+    class FakeProfile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):  # out of order, plus a CPU op that must not count
+            return [Event(260, 300, "c"), Event(0, 100, "a"), Event(110, 200, "b"),
+                    Event(0, 500, "cpu op", torch.autograd.DeviceType.CPU)]
+
+    monkeypatch.setattr("torch.profiler.profile", FakeProfile)
+    monkeypatch.setattr("torch.cuda.synchronize", lambda: None)
+    calls = []
+    gaps = bench.idle_gaps(lambda: calls.append(1), top=1)
+    assert len(calls) == 2  # a warm-up call, then the profiled one
+    assert gaps["kernels"] == 3 and gaps["top_gaps"] == [{"gap_us": 60, "after": "b", "before": "c"}]
+    assert (gaps["busy_ms"], gaps["span_ms"]) == (0.23, 0.3) and abs(gaps["gaps_ms"] - 0.07) < 1e-12
