@@ -15,8 +15,9 @@ FLOPs: causal forward 2·b·h·n²·d (two matmuls, half the square); forward+ba
 Steps: (1) correctness at small sizes with GQA, a per-row bias, left padding, chunked prefill and a decode step:
 our kernels (bf16) against the fp32 PyTorch reference (sigmoid) and fp32 SDPA (softmax), forward and dQ/dK/dV;
 (2) a small tile-config search for our kernels at n = 8k (``--no-tune`` skips it; the winners are recorded and used
-for every length); (3) the timing sweep (``triton.testing.do_bench`` medians). Every case that fails (OOM, a config
-that does not compile) is recorded and the run goes on.
+for every length); (3) the timing sweep (``triton.testing.do_bench`` medians); (4) with ``--profile N``, the
+per-kernel time of one forward+backward at length N, ours and cuDNN's (torch profiler). Every case that fails
+(OOM, a config that does not compile) is recorded and the run goes on.
 
 Writes ``bench_sigmoid.json`` and ``bench_sigmoid.png`` into ``--out`` and prints a table last.
 
@@ -35,7 +36,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from _bench import bench_attention_ms, environment, pyplot, save_figure, write_json
+from _bench import bench_attention_ms, environment, kernel_times, pyplot, save_figure, write_json
 
 DEVICE = "cuda"
 CHECK_DTYPE = torch.bfloat16
@@ -69,6 +70,8 @@ def parse():
     ap.add_argument("--no-tune", action="store_true", help="use ops.default_config instead of the tile search")
     ap.add_argument("--quick", action="store_true", help="d=128, n in {4k, 16k}, no tuning")
     ap.add_argument("--rep", type=int, default=100, help="do_bench time budget per case (ms)")
+    ap.add_argument("--profile", type=int, nargs="*", default=[],
+                    help="lengths at which to record the per-kernel time of one fwd+bwd (flashsigmoid and cuDNN)")
     ap.add_argument("--budget-s", type=float, default=215,
                     help="stop starting new cases after this many seconds (the rest is recorded as skipped)")
     return ap.parse_args()
@@ -260,6 +263,27 @@ def table(rows):
     return "\n".join(lines)
 
 
+# -- step 4: where the time goes --------------------------------------------------------------------------------------
+def profile(d, n, heads, tokens, cfgs, log):
+    """Per-kernel CUDA time of one forward+backward (grads cleared each step, as in the timings), ours and cuDNN's."""
+    b = max(1, tokens // n)
+    q, k, v, do = inputs(b, heads, n, d)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    for impl in ("flashsigmoid", "cudnn"):
+        fn = make_fn(impl, n, cfgs)
+
+        def step():
+            for x in (qg, kg, vg):
+                x.grad = None
+            fn(qg, kg, vg).backward(do)
+
+        rows = kernel_times(step, steps=5, warmup=2)
+        print(f"  profile d={d} n={n} {impl} fwd+bwd: " + ", ".join(f"{key[:40]} {us / 1e3:.3f} ms x{cnt}"
+                                                                  for key, us, cnt in rows[:6]), flush=True)
+        log.extend({"d": d, "n": n, "impl": impl, "mode": "fwd+bwd", "kernel": key[:120], "ms": us / 1e3,
+                    "calls": cnt} for key, us, cnt in rows)
+
+
 def main():
     args = parse()
     if not torch.cuda.is_available():
@@ -274,7 +298,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     meta = dict(**environment(packages=("torch", "triton", "cuda", "cudnn"), date="seconds"), tokens=args.tokens,
                 hidden=args.hidden, dtype="bfloat16", causal=True, sigmoid_bias="-log(n)")
-    result = {"meta": meta, "check": [], "tuning": [], "configs": {}, "rows": [], "errors": []}
+    result = {"meta": meta, "check": [], "tuning": [], "configs": {}, "rows": [], "profile": [], "errors": []}
     path = os.path.join(args.out, "bench_sigmoid.json")
 
     def save():
@@ -328,6 +352,14 @@ def main():
             row["error"] = f"{type(e).__name__}: {e}"[:400]
             torch.cuda.empty_cache()
         result["rows"].append(row)
+    tensors = None
+    if args.profile:
+        print("step 4: per-kernel profile", flush=True)
+    for d, n in ((d, n) for d in ds for n in args.profile):
+        try:
+            profile(d, n, max(1, args.hidden // d), args.tokens, cfgs[d], result["profile"])
+        except Exception:  # noqa: BLE001
+            result["errors"].append({"step": f"profile d={d} n={n}", "error": traceback.format_exc()[-2000:]})
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     save()
     try:
