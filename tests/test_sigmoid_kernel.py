@@ -107,6 +107,21 @@ def test_dq_added_from_the_dkdv_kernel_matches_the_dq_pass(name, softmax):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_deterministic_mode_takes_the_dq_pass(monkeypatch):
+    """Atomic dQ adds land in any order; under torch.use_deterministic_algorithms the dQ kernel runs instead, so the
+    gradients are bitwise those of the two-kernel path."""
+    q, k, v, kw = _case("causal_gqa_row_bias", torch.float32)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEV)
+    cfg = dataclasses.replace(default_config(q.shape[-1], q.dtype), dq_atomic=True)
+    two_kernel = grads(sigmoid_attention(q, k, v, **kw), (q, k, v), dout)
+    fused = grads(sigmoid_attention(q, k, v, config=cfg, **kw), (q, k, v), dout)
+    assert not torch.equal(fused[0], two_kernel[0])  # the fused sums differ in the last bits
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    deterministic = grads(sigmoid_attention(q, k, v, config=cfg, **kw), (q, k, v), dout)
+    for a, b in zip(deterministic, two_kernel):
+        assert torch.equal(a, b)
+
+
 def test_views_the_descriptors_cannot_take_directly():
     """The forward loads by tensor descriptor: a [b, n, h, d] layout seen as [b, h, n, d] goes as is, and a view at
     an odd element offset (a base TMA cannot take) is copied; both give the contiguous inputs' numbers."""

@@ -32,7 +32,8 @@ class KernelConfig:
     dkdv_warps: int
     bwd_stages: int
     # dQ from the dK/dV kernel (fp32 adds of dS·K, one kernel, 5 matmuls a tile pair) instead of a second kernel
-    # that recomputes S and dP (7 matmuls, no atomics); the dq_* tiles are then unused
+    # that recomputes S and dP (7 matmuls, no atomics); the dq_* tiles are then unused. Not bitwise reproducible
+    # (the adds land in any order), so torch.use_deterministic_algorithms(True) gets the second kernel instead
     dq_atomic: bool = False
 
 
@@ -168,7 +169,9 @@ def flash_backward(q, k, v, out, lse, dout, scale, bias, bias_const, key_start, 
     flags = dict(SIGMOID=sigmoid, CAUSAL=causal, HAS_BIAS=bias is not None, HAS_START=key_start is not None,
                  FAST=fast, D=d, PREC=_prec(q.dtype), num_stages=cfg.bwd_stages)
     consts = (zscale, bias_const * bias_mul, bias_mul, scale)
-    dqa = torch.zeros(b, h, nq, d, dtype=torch.float32, device=q.device) if cfg.dq_atomic else None
+    # float adds in arrival order vary between runs: deterministic mode gets the dQ pass
+    atomic = cfg.dq_atomic and not torch.are_deterministic_algorithms_enabled()
+    dqa = torch.zeros(b, h, nq, d, dtype=torch.float32, device=q.device) if atomic else None
     tma_dq = dqa is not None and not interpreting()  # the interpreter has no descriptor atomics
     _dkdv_kernel[(triton.cdiv(nk, cfg.dkdv_bn), b * hk)](
         row_tiles(q, cfg.dkdv_bm), row_tiles(k, cfg.dkdv_bn), row_tiles(v, cfg.dkdv_bn),
