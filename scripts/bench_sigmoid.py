@@ -50,7 +50,9 @@ FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (128, 128,
                   (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)]
 BWD_CANDIDATES = [(128, 32, 8, 32, 128, 8, 2, False), (128, 32, 8, 32, 64, 8, 2, False),
                   (128, 64, 8, 32, 128, 8, 2, False), (64, 64, 4, 32, 128, 8, 2, False),
-                  (128, 32, 8, 32, 128, 8, 2, True), (128, 32, 8, 64, 128, 8, 2, True)]
+                  (128, 32, 8, 32, 128, 8, 2, True), (128, 32, 8, 64, 128, 8, 2, True),
+                  (128, 32, 8, 128, 128, 8, 2, True), (128, 32, 8, 32, 128, 8, 3, False),
+                  (128, 64, 8, 64, 128, 8, 2, False)]
 # correctness cases (name, nq, nk, key_start per sequence, head dims, impls): b=2, h=8, hk=2
 ALL3 = ("flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton")
 CHECK_CASES = [("prefill+rowbias+leftpad", 1000, 1000, [0, 123], (64, 128), ALL3),
