@@ -14,7 +14,7 @@ FLOPs: causal forward 2·b·h·n²·d (two matmuls, half the square); forward+ba
 
 Steps: (1) correctness at small sizes with GQA, a per-row bias, left padding, chunked prefill and a decode step:
 our kernels (bf16) against the fp32 PyTorch reference (sigmoid) and fp32 SDPA (softmax), forward and dQ/dK/dV;
-(2) a small tile-config search for our kernels at n = 8k (``--no-tune`` skips it; the winners are recorded and used
+(2) a small tile-config search for our kernels at n = ``--tune-n`` (8k) (``--no-tune`` skips it; the winners are recorded and used
 for every length); (3) the timing sweep (``triton.testing.do_bench`` medians); (4) with ``--profile N``, the
 per-kernel time of one forward+backward at length N, ours and cuDNN's (torch profiler). Every case that fails
 (OOM, a config that does not compile) is recorded and the run goes on.
@@ -43,16 +43,15 @@ CHECK_DTYPE = torch.bfloat16
 IMPLS = ["flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton", "cudnn", "flash2"]
 BWD_ONLY = {"flashsigmoid_dq_atomic"}  # impls whose forward is another impl's
 MODES = ["fwd", "fwd+bwd"]
-TUNE_N = 8192
 # tried after ops.default_config's own tiles: (bm, bn, warps, stages) and
 # (dq_bm, dq_bn, dq_warps, dkdv_bm, dkdv_bn, dkdv_warps, stages, dq_atomic)
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
-                  (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)]
-BWD_CANDIDATES = [(128, 32, 8, 32, 128, 8, 2, False), (128, 32, 8, 32, 64, 8, 2, False),
-                  (128, 64, 8, 32, 128, 8, 2, False), (64, 64, 4, 32, 128, 8, 2, False),
-                  (128, 32, 8, 32, 128, 8, 2, True), (128, 32, 8, 64, 128, 8, 2, True),
-                  (128, 32, 8, 128, 128, 8, 2, True), (128, 32, 8, 32, 128, 8, 3, False),
-                  (128, 64, 8, 64, 128, 8, 2, False)]
+                  (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3)]
+# backward: every dK/dV tile × stages, with dQ from a second kernel (each dQ tile) or added by the dK/dV kernel
+DQ_TILES = [(128, 32, 8), (64, 64, 4), (128, 64, 8)]
+DKDV_TILES = [(32, 128, 8), (64, 128, 8)]
+BWD_CANDIDATES = [(*dq, *kv, s, False) for kv in DKDV_TILES for s in (2, 3) for dq in DQ_TILES]
+BWD_CANDIDATES += [(*DQ_TILES[0], *kv, s, True) for kv in DKDV_TILES for s in (2, 3)]
 # correctness cases (name, nq, nk, key_start per sequence, head dims, impls): b=2, h=8, hk=2
 ALL3 = ("flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton")
 CHECK_CASES = [("prefill+rowbias+leftpad", 1000, 1000, [0, 123], (64, 128), ALL3),
@@ -70,6 +69,7 @@ def parse():
     ap.add_argument("--tokens", type=int, default=16384, help="batch × length (batch = max(1, tokens // n))")
     ap.add_argument("--hidden", type=int, default=2048, help="heads × head dim")
     ap.add_argument("--no-tune", action="store_true", help="use ops.default_config instead of the tile search")
+    ap.add_argument("--tune-n", type=int, default=8192, help="length at which the tile search times its candidates")
     ap.add_argument("--quick", action="store_true", help="d=128, n in {4k, 16k}, no tuning")
     ap.add_argument("--rep", type=int, default=100, help="do_bench time budget per case (ms)")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
@@ -170,12 +170,11 @@ def correctness(ds):
 
 
 # -- step 2: tile search -------------------------------------------------------------------------------------------
-def tune(d, heads, tokens, rep, log):
-    """Best KernelConfig per kernel (sigmoid with the tanh path, softmax) at n = 8k: forward tiles by forward time,
+def tune(d, n, heads, tokens, rep, log):
+    """Best KernelConfig per kernel (sigmoid with the tanh path, softmax) at length n: forward tiles by forward time,
     then backward tiles by forward+backward time."""
     from patchattn.kernels.sigmoid.ops import default_config
 
-    n = TUNE_N
     b = max(1, tokens // n)
     q, k, v, do = inputs(b, heads, n, d)
     best = {}
@@ -323,7 +322,7 @@ def main():
         elif tune_on:
             print(f"step 2: tile search d={d}", flush=True)
             try:
-                cfgs[d] = tune(d, heads, args.tokens, args.rep, result["tuning"])
+                cfgs[d] = tune(d, args.tune_n, heads, args.tokens, args.rep, result["tuning"])
             except Exception:  # noqa: BLE001
                 result["errors"].append({"step": f"tune d={d}", "error": traceback.format_exc()[-2000:]})
         cfgs.setdefault(d, {"sigmoid": default_config(d), "softmax": default_config(d)})
