@@ -50,8 +50,8 @@ FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 3), (128, 128,
 # backward: every dK/dV tile × stages, with dQ from a second kernel (each dQ tile) or added by the dK/dV kernel
 DQ_TILES = [(128, 32, 8), (64, 64, 4), (128, 64, 8)]
 DKDV_TILES = [(32, 128, 8), (64, 128, 8)]
-BWD_CANDIDATES = [(*dq, *kv, s, False) for kv in DKDV_TILES for s in (2, 3) for dq in DQ_TILES]
-BWD_CANDIDATES += [(*DQ_TILES[0], *kv, s, True) for kv in DKDV_TILES for s in (2, 3)]
+BWD_CANDIDATES = [(*dq, *kv, s, False) for kv in DKDV_TILES for s in (2, 3, 4) for dq in DQ_TILES]
+BWD_CANDIDATES += [(*DQ_TILES[0], *kv, s, True) for kv in DKDV_TILES for s in (2, 3, 4)]
 # correctness cases (name, nq, nk, key_start per sequence, head dims, impls): b=2, h=8, hk=2
 ALL3 = ("flashsigmoid", "flashsigmoid_exact", "flashsigmoid_dq_atomic", "softmax_triton")
 CHECK_CASES = [("prefill+rowbias+leftpad", 1000, 1000, [0, 123], (64, 128), ALL3),
