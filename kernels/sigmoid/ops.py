@@ -42,9 +42,8 @@ def interpreting() -> bool:
 
 
 def default_config(d: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
-    """Per head dim and dtype, sized for sm_90 (228 KB shared memory, 255 registers a thread). fp16/bf16: tiles
-    whose sm_90 builds have no (or a few bytes of) register spills, checked by compiling for sm_90 with ptxas -v
-    (measured winners of scripts/bench_sigmoid.py's tile search belong here). fp32 (IEEE dots without tensor cores,
+    """Per head dim and dtype, sized for sm_90 (228 KB shared memory, 255 registers a thread). fp16/bf16: the
+    measured winners of scripts/bench_sigmoid.py's tile search. fp32 (IEEE dots without tensor cores,
     a correctness path): small tiles that fit. Forward: BM query rows × BN keys; dQ likewise; dK/dV: BN keys per
     program, BM query rows per step."""
     if interpreting():  # CPU interpreter: small tiles so tests cross several blocks; BN > BM in the dK/dV kernel
@@ -52,11 +51,13 @@ def default_config(d: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     if dtype == torch.float32:
         bm = 32 if d <= 128 else 16
         return KernelConfig(bm, 32, 4, 1, bm, 32, 4, 16, 32, 4, 1)
-    if d <= 64:  # tile search (H200, 8k): forward with 4 warps 1.19 vs 1.24 ms with 8
-        return KernelConfig(128, 64, 4, 3, 128, 32, 8, 32, 128, 8, 2)
-    if d <= 128:  # tile search (H200, 8k): dK/dV over 128 keys, fwd+bwd 6.07 vs 9.02 ms over 64; dQ added from the
-        # dK/dV kernel: fwd+bwd 16k 10.20 vs 11.68 ms (bench_sigmoid, 2026-12-04; at d=64 it is slower, 12.95 vs 10.41)
-        return KernelConfig(128, 32, 8, 3, 128, 32, 8, 32, 128, 8, 2, dq_atomic=True)
+    # tile search at 16k on the H200 (scripts/bench_sigmoid.py --tune-n 16384, two runs, 2026-12-04): backward
+    # pipelines of 3 stages beat 2 at every tile (d=128 fwd+bwd 7.80-8.06 vs 8.87-9.10 ms, d=64 9.28-9.35 vs 9.55-9.59)
+    # and beat adding dQ from the dK/dV kernel (dq_atomic: 8.29-8.31 at d=128, 10.38 at d=64)
+    if d <= 64:
+        return KernelConfig(128, 64, 8, 4, 64, 64, 4, 32, 128, 8, 3)
+    if d <= 128:
+        return KernelConfig(128, 64, 8, 3, 128, 64, 8, 64, 128, 8, 3)
     return KernelConfig(64, 32, 8, 2, 32, 32, 8, 16, 32, 8, 1)
 
 
