@@ -15,9 +15,9 @@ FLOPs: causal forward 2·b·h·n²·d (two matmuls, half the square); forward+ba
 Steps: (1) correctness at small sizes with GQA, a per-row bias, left padding, chunked prefill and a decode step:
 our kernels (bf16) against the fp32 PyTorch reference (sigmoid) and fp32 SDPA (softmax), forward and dQ/dK/dV;
 (2) a tile-config search for our kernels at n = ``--tune-n`` (8k; ``--no-tune`` skips it; the winners are
-recorded and used for every length); (3) the timing sweep (``triton.testing.do_bench`` medians); (4) with ``--profile N``, the
-per-kernel time of one forward+backward at length N, ours and cuDNN's (torch profiler). Every case that fails
-(OOM, a config that does not compile) is recorded and the run goes on.
+recorded and used for every length); (3) the timing sweep (``triton.testing.do_bench`` medians); (4) with
+``--profile N``, the per-kernel time of one forward+backward at length N, ours and cuDNN's (torch profiler).
+Every case that fails (OOM, a config that does not compile) is recorded and the run goes on.
 
 Writes ``bench_sigmoid.json`` and ``bench_sigmoid.png`` into ``--out`` and prints a table last.
 
