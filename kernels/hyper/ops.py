@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import alert_nondeterministic
 from ..descriptors import row_tiles
 from . import plan as P
 from .naive import HyperSettings
@@ -301,6 +302,8 @@ def hyper_backward(q, k, v, out, lse, dout, dlse, st: _State):
     sm_scale = st.scaling
     qk_scale = sm_scale * 1.4426950408889634
     has_acc = bool(plan.levels)
+    if has_acc:  # the sampled keys' dK/dV is added atomically (samples are shared by every block of a node)
+        alert_nondeterministic("HyperAttention's Triton backward")
     # leaves from cuDNN in the forward: their gradients from cuDNN too (measured faster than ours on the H200),
     # as the accumulators' starting values, unless a gradient flows into the lse output
     cudnn_leaves = st.cudnn_rng is not None and dlse is None and has_acc
