@@ -353,7 +353,7 @@ def main():
             row["error"] = f"{type(e).__name__}: {e}"[:400]
             torch.cuda.empty_cache()
         result["rows"].append(row)
-    tensors = None
+    tensors = None  # the sweep's inputs go before the profile allocates its own
     if args.profile:
         print("step 4: per-kernel profile", flush=True)
     for d, n in ((d, n) for d in ds for n in args.profile):

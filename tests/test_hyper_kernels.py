@@ -160,28 +160,29 @@ def test_deterministic_mode_is_told_of_the_atomic_backward():
     """The sampled keys' dK/dV adds floats atomically: under torch.use_deterministic_algorithms(True) the backward
     raises (before any work) naming the op, and with warn_only=True it warns and gives the usual gradients."""
     q, k, v = make(1, 2, 2, 200, 16, torch.float32)
-    grads = []
-    for mode in (None, "raise", "warn"):
-        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-        out, _ = hyper_attention_triton(qs, ks, vs, settings=SMALL)
+
+    def fresh():
+        return [x.clone().requires_grad_() for x in (q, k, v)]
+
+    def backward(leaves, **deterministic):
+        out, _ = hyper_attention_triton(*leaves, settings=SMALL)
         before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
         try:
-            if mode is None:
-                out.square().sum().backward()
-            elif mode == "raise":
-                torch.use_deterministic_algorithms(True)
-                with pytest.raises(RuntimeError, match="HyperAttention's Triton backward adds floats atomically"):
-                    out.square().sum().backward()
-                assert qs.grad is None
-                continue
-            else:
-                torch.use_deterministic_algorithms(True, warn_only=True)
-                with pytest.warns(UserWarning, match="warn_only=True"):
-                    out.square().sum().backward()
+            if deterministic:
+                torch.use_deterministic_algorithms(True, **deterministic)
+            out.square().sum().backward()
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        grads.append((qs.grad, ks.grad, vs.grad))
-    for a, b in zip(*grads):
+        return [x.grad for x in leaves]
+
+    usual = backward(fresh())
+    leaves = fresh()
+    with pytest.raises(RuntimeError, match="HyperAttention's Triton backward adds floats atomically"):
+        backward(leaves, warn_only=False)
+    assert all(x.grad is None for x in leaves)
+    with pytest.warns(UserWarning, match="warn_only=True"):
+        warned = backward(fresh(), warn_only=True)
+    for a, b in zip(warned, usual):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
